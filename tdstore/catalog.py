@@ -1,0 +1,266 @@
+"""The catalogue: SQLAlchemy models, engine setup and the migration runner.
+
+The catalogue is the single source of truth for what exists in a store. Array data that
+no row references is garbage. By default it is a SQLite file in WAL mode next to the
+data; any SQLAlchemy URL can replace it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .errors import SchemaError
+
+# Settings applied to every SQLite connection. synchronous=FULL makes a commit durable
+# across power loss; WAL lets readers proceed while one writer commits.
+SQLITE_PRAGMAS = {
+    "journal_mode": "WAL",
+    "synchronous": "FULL",
+    "foreign_keys": "ON",
+}
+BUSY_TIMEOUT_S = 60.0
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MetaRow(Base):
+    """Store-wide settings and facts (tdstore version that created it, size budget...)."""
+
+    __tablename__ = "store_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class GroupRow(Base):
+    """Agents that share one master. The array layout is fixed by the first master."""
+
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    gid: Mapped[str] = mapped_column(String(32), unique=True)  # directory name under data/
+    diff_threshold: Mapped[float] = mapped_column(Float)
+    allow_nonfinite: Mapped[bool] = mapped_column(Boolean, default=False)
+    compressor: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    chunk_blocks: Mapped[int | None] = mapped_column(Integer, nullable=True)  # most per chunk
+    dtype: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    block_shape: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    n_blocks: Mapped[int] = mapped_column(Integer, default=0)
+    kv_layout: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AgentRow(Base):
+    """One agent: the group's master (full blocks) or a mirror (its differing blocks)."""
+
+    __tablename__ = "agents"
+    __table_args__ = (
+        UniqueConstraint("group_id", "name"),
+        Index(
+            "ix_agents_one_master",
+            "group_id",
+            unique=True,
+            sqlite_where=text("role = 'master'"),
+            postgresql_where=text("role = 'master'"),
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String)
+    role: Mapped[str] = mapped_column(String(8))  # "master" | "mirror"
+    # array path relative to data/: the master's blocks, or a mirror's own differing
+    # blocks; None for a mirror identical to the master.
+    array: Mapped[str | None] = mapped_column(String, nullable=True)
+    chunk_blocks: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of `array`
+    n_diff: Mapped[int] = mapped_column(Integer, default=0)
+    nbytes: Mapped[int] = mapped_column(Integer, default=0)  # bytes on disk of `array`
+    status: Mapped[str] = mapped_column(String(16), default="ok")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    last_access: Mapped[float] = mapped_column(Float)
+
+
+class DiffBlockRow(Base):
+    """The diff-block index of a mirror: block ``block_index`` is stored at ``slot``."""
+
+    __tablename__ = "diff_blocks"
+    agent_id: Mapped[int] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    block_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer)
+
+
+def now() -> float:
+    return time.time()
+
+
+def _sqlite_engine(url: str, readonly: bool) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own handling
+        # would start transactions lazily and as DEFERRED).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        for key, value in SQLITE_PRAGMAS.items():
+            if readonly and key == "journal_mode":
+                continue
+            cur.execute(f"PRAGMA {key} = {value}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        # A writer takes the write lock at BEGIN, so it waits on the busy timeout
+        # instead of failing with "database is locked" when upgrading a read lock.
+        if conn.get_execution_options().get("tdstore_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def make_engine(url: str, *, readonly: bool = False) -> Engine:
+    """An engine for the catalogue at ``url`` with tdstore's connection settings."""
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, readonly)
+    return create_engine(url, pool_pre_ping=True)
+
+
+def sqlite_url(path: Path, *, readonly: bool = False, immutable: bool = False) -> str:
+    if not readonly:
+        return f"sqlite:///{path}"
+    flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+    return f"sqlite:///file:{path}?{flags}&uri=true"
+
+
+class Catalog:
+    """The catalogue of one store: an engine plus transaction helpers."""
+
+    def __init__(self, url: str, *, readonly: bool = False):
+        self.url = url
+        self.readonly = readonly
+        self.engine = make_engine(url, readonly=readonly)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read transaction (a consistent snapshot)."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction: committed on exit, rolled back on error."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(tdstore_write=True)
+            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
+                yield session
+
+    def get_meta(self, key: str) -> str | None:
+        with self.read() as s:
+            row = s.get(MetaRow, key)
+            return row.value if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.write() as s:
+            s.merge(MetaRow(key=key, value=value))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def migrations_dir() -> Path:
+    """The Alembic script directory: inside the installed package, or the source tree."""
+    try:
+        return Path(str(resources.files("tdstore.migrations")))
+    except ModuleNotFoundError:  # running from a source checkout without installing
+        return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _alembic_config(catalog: Catalog):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", catalog.url.replace("%", "%%"))
+    return cfg
+
+
+def schema_status(catalog: Catalog) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(current revisions of the catalogue, head revisions this tdstore knows)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config(catalog))
+    with catalog.engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_heads()
+    return tuple(current), tuple(script.get_heads())
+
+
+def known_revisions(catalog: Catalog) -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config(catalog))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def check_not_newer(catalog: Catalog, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Refuse a catalogue whose schema revision this tdstore does not know."""
+    current, heads = schema_status(catalog)
+    unknown = set(current) - known_revisions(catalog)
+    if unknown:
+        raise SchemaError(
+            f"store {where}: catalogue schema revision {', '.join(sorted(unknown))} is newer "
+            f"than this tdstore knows (latest {', '.join(heads)}); upgrade tdstore to open it"
+        )
+    return current, heads
+
+
+def upgrade(catalog: Catalog, revision: str = "head") -> None:
+    """Upgrade (or downgrade, for a revision below the current one) the schema."""
+    from alembic import command
+
+    cfg = _alembic_config(catalog)
+    current, _ = schema_status(catalog)
+    with catalog.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        if revision != "head" and current and revision in _ancestors(catalog, current[0]):
+            command.downgrade(cfg, revision)
+        else:
+            command.upgrade(cfg, revision)
+
+
+def _ancestors(catalog: Catalog, revision: str) -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config(catalog))
+    return {rev.revision for rev in script.iterate_revisions(revision, "base")} - {revision}

@@ -1,0 +1,43 @@
+"""The tdstore error hierarchy.
+
+Every error derives from :class:`TdStoreError` and from the builtin the seed prototype
+raised in the same situation, so ``except ValueError`` / ``except KeyError`` keep working.
+Messages name the group and agent involved and say what was expected.
+"""
+
+from __future__ import annotations
+
+
+class TdStoreError(Exception):
+    """Base class of every error raised by tdstore."""
+
+
+class InvalidInputError(TdStoreError, ValueError):
+    """An argument has the wrong shape, dtype, values or name."""
+
+
+class NotFoundError(TdStoreError, KeyError):
+    """An unknown group or agent."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoMasterError(TdStoreError, RuntimeError):
+    """The group has no master yet (call ``register_master`` first)."""
+
+
+class StateError(TdStoreError, RuntimeError):
+    """The operation does not fit the current state of the store."""
+
+
+class ReadOnlyError(StateError):
+    """A write was attempted on a store opened with ``readonly=True``."""
+
+
+class SchemaError(TdStoreError, RuntimeError):
+    """The catalogue schema is newer than this tdstore, or cannot be upgraded."""
+
+
+class CorruptionError(TdStoreError, OSError):
+    """Stored data is missing or damaged; it is never returned as data."""

@@ -1,0 +1,122 @@
+"""The read path: rebuild an agent's blocks from the master and its own diff blocks.
+
+A read takes one catalogue snapshot (:class:`AgentSnapshot`), then reads the master's
+chunk files straight into the output buffer and overwrites the mirror's diff blocks:
+O(master + diff) bytes, no per-block Python work, independent of how many agents exist.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arrays import ArraySpec, ArrayStore
+from .dtypes import numpy_dtype
+from .errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """Everything a read of one agent needs, taken from one catalogue transaction."""
+
+    group: str
+    agent: str
+    role: str
+    spec: ArraySpec  # of the master array
+    diff_spec: ArraySpec | None  # of the mirror's own blocks
+    dtype_name: str
+    n_blocks: int
+    master_array: str
+    diff_array: str | None
+    block_indices: np.ndarray  # int64, ascending; the values sit at slots 0..n_diff-1
+
+    @property
+    def label(self) -> str:
+        return f"group {self.group!r} agent {self.agent!r}"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n_blocks, *self.spec.block_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return numpy_dtype(self.dtype_name)
+
+    @property
+    def arrays_key(self) -> tuple[str, str | None]:
+        return (self.master_array, self.diff_array)
+
+
+def check_out(snap: AgentSnapshot, out: np.ndarray) -> np.ndarray:
+    """Validate a caller's output array; returns its stored-dtype view."""
+    if not isinstance(out, np.ndarray):
+        raise InvalidInputError(
+            f"{snap.label}: out must be a numpy.ndarray (or np.memmap), got {type(out).__name__}"
+        )
+    if out.shape != snap.shape or out.dtype != snap.dtype:
+        raise InvalidInputError(
+            f"{snap.label}: out has shape {out.shape} and dtype {out.dtype}; expected shape "
+            f"{snap.shape} and dtype {snap.dtype}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidInputError(f"{snap.label}: out must be C-contiguous and writeable")
+    return out.view(snap.spec.dtype)
+
+
+def reconstruct_into(arrays: ArrayStore, snap: AgentSnapshot, out: np.ndarray) -> None:
+    """Fill ``out`` (already validated with :func:`check_out`) with the agent's blocks."""
+    raw = out.view(snap.spec.dtype)
+    arrays.read(snap.master_array, snap.spec, 0, snap.n_blocks, raw, f"{snap.label} (master)")
+    if snap.diff_array is not None and snap.block_indices.size:
+        values = np.empty((snap.block_indices.size, *snap.spec.block_shape), snap.spec.dtype)
+        arrays.read(snap.diff_array, snap.diff_spec, 0, values.shape[0], values, snap.label)
+        raw[snap.block_indices] = values
+
+
+def read_blocks(arrays: ArrayStore, snap: AgentSnapshot, indices: np.ndarray) -> np.ndarray:
+    """The agent's blocks at ``indices`` (any order, repeats allowed), reading only those."""
+    spec = snap.spec
+    uniq = np.unique(indices)
+    raw = np.empty((uniq.size, *spec.block_shape), spec.dtype)
+    arrays.read_runs(snap.master_array, spec, uniq, raw, f"{snap.label} (master)")
+    if snap.diff_array is not None and snap.block_indices.size:
+        hit = np.isin(uniq, snap.block_indices)
+        if hit.any():
+            slots = np.searchsorted(snap.block_indices, uniq[hit])
+            values = np.empty((slots.size, *spec.block_shape), spec.dtype)
+            arrays.read_runs(snap.diff_array, snap.diff_spec, slots, values, snap.label)
+            raw[hit] = values
+    if uniq.size != indices.size or not np.array_equal(uniq, indices):
+        raw = raw[np.searchsorted(uniq, indices)]
+    return raw.view(snap.dtype)
+
+
+def normalize_index(key, n_blocks: int, label: str) -> tuple[np.ndarray, bool]:  # noqa: ANN001
+    """Block indices selected by ``key``, and whether the result drops the block axis."""
+    if isinstance(key, tuple):
+        if len(key) != 1:
+            raise InvalidInputError(
+                f"{label}: a view selects blocks only; index with one int, slice or list"
+            )
+        key = key[0]
+    if isinstance(key, slice):
+        return np.arange(*key.indices(n_blocks), dtype=np.int64), False
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        i = operator.index(key)
+        if not -n_blocks <= i < n_blocks:
+            raise IndexError(f"{label}: block {i} out of range for {n_blocks} blocks")
+        return np.array([i % n_blocks], dtype=np.int64), True
+    idx = np.asarray(key)
+    if idx.dtype == bool:
+        if idx.shape != (n_blocks,):
+            raise IndexError(f"{label}: boolean index must have shape ({n_blocks},)")
+        return np.flatnonzero(idx).astype(np.int64), False
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise InvalidInputError(
+            f"{label}: index must be an int, a slice or a 1-D list of ints, got {key!r}"
+        )
+    if idx.size and (idx.min() < -n_blocks or idx.max() >= n_blocks):
+        raise IndexError(f"{label}: block index out of range for {n_blocks} blocks")
+    return np.where(idx < 0, idx + n_blocks, idx).astype(np.int64), False

@@ -1,0 +1,946 @@
+"""Store and Group: the write protocol, orchestrating the catalogue and the arrays.
+
+Every write follows the same protocol (DESIGN.md, "Write protocol"):
+
+1. validate the input completely, before anything is written;
+2. take the group's writer lock (an ``flock`` on ``locks/<gid>.lock``), so writers of one
+   group are serialised across threads and processes, and re-read the group's state;
+3. write new array data under a fresh path (or, for a master append, only past the
+   committed length), fsync the files and their directories;
+4. make the new state visible in one catalogue transaction;
+5. remove the data the transaction made unreferenced (``gc`` removes what a crash left).
+
+Readers trust only the catalogue: a read takes one catalogue snapshot and reads the
+arrays it names. Unreferenced data is never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select
+
+from . import __version__
+from .arrays import (
+    ArraySpec,
+    ArrayStore,
+    balanced_chunk_blocks,
+    check_compressor,
+    default_chunk_blocks,
+)
+from .catalog import (
+    AgentRow,
+    Catalog,
+    DiffBlockRow,
+    GroupRow,
+    MetaRow,
+    check_not_newer,
+    now,
+    sqlite_url,
+    upgrade,
+)
+from .diff import BATCH_BYTES, diff_mask
+from .dtypes import is_float, logical_name, numpy_dtype, stored_dtype
+from .errors import (
+    CorruptionError,
+    InvalidInputError,
+    NoMasterError,
+    NotFoundError,
+    ReadOnlyError,
+    SchemaError,
+    StateError,
+)
+from .reconstruct import (
+    AgentSnapshot,
+    check_out,
+    normalize_index,
+    read_blocks,
+    reconstruct_into,
+)
+from .sparse import SparseKVDiff
+
+CATALOG_FILE = "catalog.sqlite"
+DATA_DIR = "data"
+LOCK_DIR = "locks"
+MAX_NAME_CHARS = 1024
+DEFAULT_DIFF_THRESHOLD = 0.0
+READ_RETRIES = 3
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_name(kind: str, name: object, where: str = "") -> str:
+    """Validate a user-given group or agent name (names never become paths)."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(name, str):
+        raise InvalidInputError(f"{prefix}{kind} name must be a str, got {type(name).__name__}")
+    if not name.strip():
+        raise InvalidInputError(f"{prefix}{kind} name {name!r} must not be empty or blank")
+    if name in (".", ".."):
+        raise InvalidInputError(f"{prefix}{kind} name {name!r} is not allowed")
+    bad = sorted({c for c in name if c in "/\\" or unicodedata.category(c) == "Cc"})
+    if bad:
+        raise InvalidInputError(
+            f"{prefix}{kind} name {name[:80]!r} must not contain {', '.join(map(repr, bad))} "
+            "(path separators and control characters such as NUL are refused)"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidInputError(
+            f"{prefix}{kind} name of {len(name)} characters is too long; "
+            f"expected at most {MAX_NAME_CHARS}"
+        )
+    return name
+
+
+def as_blocks(kv: object, what: str) -> tuple[np.ndarray, str]:
+    """Validate a block array; returns it C-contiguous, little-endian, and its dtype name.
+
+    Raises InvalidInputError for non-arrays, fewer than 2 dimensions, unsupported dtypes
+    and blocks with no elements. Values are never converted: byte order and memory
+    layout are normalised exactly.
+    """
+    if not isinstance(kv, np.ndarray):
+        kv = _from_tensor(kv, what)
+    if kv.ndim < 2:
+        raise InvalidInputError(
+            f"{what} must be at least 2D (n_blocks, ...); got shape {kv.shape}"
+        )
+    name = logical_name(kv.dtype, what)
+    if kv.dtype.byteorder == ">":
+        kv = kv.astype(kv.dtype.newbyteorder("<"))
+    if any(d == 0 for d in kv.shape[1:]):
+        raise InvalidInputError(
+            f"{what}: block shape {kv.shape[1:]} has no elements; every block dimension "
+            "must be >= 1"
+        )
+    return np.ascontiguousarray(kv), name
+
+
+def _from_tensor(kv: object, what: str) -> np.ndarray:
+    """Accept array-likes that expose their buffer exactly (torch tensors, memoryviews)."""
+    to_numpy = getattr(kv, "numpy", None)
+    if callable(to_numpy) and type(kv).__module__.startswith("torch"):
+        from .integrations.torch import tensor_to_numpy
+
+        return tensor_to_numpy(kv)
+    raise InvalidInputError(f"{what} must be a numpy.ndarray, got {type(kv).__name__}")
+
+
+def check_finite(kv: np.ndarray, dtype_name: str, what: str) -> None:
+    if not is_float(dtype_name):
+        return
+    step = max(1, BATCH_BYTES // max(1, kv[:1].nbytes))
+    for start in range(0, kv.shape[0], step):
+        part = kv[start : start + step]
+        ok = np.isfinite(part.reshape(part.shape[0], -1)).all(axis=1)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)[:5] + start
+            raise InvalidInputError(
+                f"{what} holds NaN or inf in block(s) {', '.join(map(str, bad))}; "
+                "refused (create the group with allow_nonfinite=True to store them exactly)"
+            )
+
+
+# --------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """An ``flock`` on ``path``: excludes other processes and other threads alike."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """A tdstore directory: ``catalog.sqlite`` plus the zarr hierarchy under ``data/``.
+
+    Use :func:`tdstore.open` to get one. A Store is safe to use from several threads, and
+    any number of processes may open the same directory at once.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        url: str | None = None,
+        readonly: bool = False,
+        verify_reads: bool = False,
+    ):
+        self.path = Path(path).absolute()
+        self.readonly = readonly
+        self._prepare_directory()
+        catalog_file = self.path / CATALOG_FILE
+        if url is None:
+            immutable = readonly and not os.access(self.path, os.W_OK)
+            url = sqlite_url(catalog_file, readonly=readonly, immutable=immutable)
+        self.catalog = Catalog(url, readonly=readonly)
+        self.arrays = ArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
+        try:
+            self._open_schema()
+            if not readonly:
+                self.arrays.ensure_root()
+        except BaseException:
+            self.catalog.close()
+            raise
+
+    def _prepare_directory(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidInputError(f"store {self.path}: exists and is not a directory")
+        if self.readonly:
+            if not (self.path / CATALOG_FILE).exists():
+                raise NotFoundError(f"store {self.path}: no {CATALOG_FILE}; not a tdstore store")
+            return
+        if self.path.exists() and not (self.path / CATALOG_FILE).exists():
+            foreign = [p.name for p in self.path.iterdir() if p.name not in (DATA_DIR, LOCK_DIR)]
+            if foreign:
+                raise InvalidInputError(
+                    f"store {self.path}: directory is not empty and holds no {CATALOG_FILE}; "
+                    "refusing to turn it into a store"
+                )
+        (self.path / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+        (self.path / DATA_DIR).mkdir(exist_ok=True)
+
+    def _open_schema(self) -> None:
+        current, heads = check_not_newer(self.catalog, str(self.path))
+        if set(current) == set(heads):
+            return
+        if self.readonly:
+            raise SchemaError(
+                f"store {self.path}: catalogue schema {current or 'empty'} needs an upgrade to "
+                f"{', '.join(heads)}; open it once without readonly=True or run `tdstore migrate`"
+            )
+        with file_lock(self.path / LOCK_DIR / "store.lock"):
+            current, heads = check_not_newer(self.catalog, str(self.path))
+            if set(current) != set(heads):
+                created = not current
+                upgrade(self.catalog, "head")
+                with self.catalog.write() as s:
+                    if created:
+                        s.merge(MetaRow(key="created_by", value=__version__))
+                    s.merge(MetaRow(key="tdstore_version", value=__version__))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path} is open read-only")
+
+    @contextlib.contextmanager
+    def _group_lock(self, gid: str) -> Iterator[None]:
+        with file_lock(self.path / LOCK_DIR / f"{gid}.lock"):
+            yield
+
+    def _group_row(self, session, name: str) -> GroupRow:  # noqa: ANN001
+        row = session.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
+        if row is None:
+            raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
+        return row
+
+    # ------------------------------------------------------------------ public API
+
+    def group(
+        self,
+        name: str,
+        *,
+        diff_threshold: float | None = None,
+        compressor: str | None = None,
+        chunk_blocks: int | None = None,
+        allow_nonfinite: bool | None = None,
+        kv_layout: dict[str, Any] | None = None,
+        create: bool = True,
+    ) -> Group:
+        """Get or create the group ``name``.
+
+        Settings are persisted with the group. On an existing group, a setting passed
+        explicitly replaces the stored one (it applies to later writes); ``compressor``
+        and ``chunk_blocks`` can only be chosen when the group is created.
+
+        Raises NotFoundError if the group is missing and ``create`` is False, and
+        InvalidInputError for invalid names or settings.
+        """
+        check_name("group", name)
+        if diff_threshold is not None:
+            diff_threshold = _check_threshold(diff_threshold, name)
+        check_compressor(compressor)
+        if chunk_blocks is not None and (not isinstance(chunk_blocks, int) or chunk_blocks < 1):
+            raise InvalidInputError(f"group {name!r}: chunk_blocks must be an int >= 1")
+        with self.catalog.read() as s:
+            row = s.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
+        if row is None:
+            if not create or self.readonly:
+                raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
+            self._create_group(name, diff_threshold, compressor, chunk_blocks,
+                               allow_nonfinite, kv_layout)
+        else:
+            self._update_group(row, diff_threshold, compressor, chunk_blocks,
+                               allow_nonfinite, kv_layout)
+        return Group(self, name)
+
+    def _create_group(self, name, diff_threshold, compressor, chunk_blocks,  # noqa: ANN001
+                      allow_nonfinite, kv_layout) -> None:
+        from sqlalchemy.exc import IntegrityError
+
+        t = now()
+        try:
+            with self.catalog.write() as s:
+                s.add(GroupRow(
+                    name=name, gid=secrets.token_hex(8),
+                    diff_threshold=DEFAULT_DIFF_THRESHOLD if diff_threshold is None
+                    else diff_threshold,
+                    allow_nonfinite=bool(allow_nonfinite), compressor=compressor,
+                    chunk_blocks=chunk_blocks, n_blocks=0, kv_layout=kv_layout,
+                    created_at=t, updated_at=t,
+                ))
+        except IntegrityError:  # another process created it first: use theirs
+            with self.catalog.read() as s:
+                row = self._group_row(s, name)
+            self._update_group(row, diff_threshold, compressor, chunk_blocks,
+                               allow_nonfinite, kv_layout)
+
+    def _update_group(self, row: GroupRow, diff_threshold, compressor, chunk_blocks,  # noqa: ANN001
+                      allow_nonfinite, kv_layout) -> None:
+        if compressor is not None and compressor != row.compressor:
+            raise InvalidInputError(
+                f"group {row.name!r} was created with compressor {row.compressor!r}; "
+                f"the compressor of an existing group cannot change to {compressor!r}"
+            )
+        if chunk_blocks is not None and chunk_blocks != row.chunk_blocks:
+            raise InvalidInputError(
+                f"group {row.name!r} has chunk_blocks {row.chunk_blocks}; the chunking of an "
+                "existing group cannot change"
+            )
+        changes: dict[str, Any] = {}
+        if diff_threshold is not None and diff_threshold != row.diff_threshold:
+            changes["diff_threshold"] = diff_threshold
+        if allow_nonfinite is not None and bool(allow_nonfinite) != row.allow_nonfinite:
+            changes["allow_nonfinite"] = bool(allow_nonfinite)
+        if kv_layout is not None and kv_layout != row.kv_layout:
+            changes["kv_layout"] = kv_layout
+        if changes:
+            self._check_writable()
+            with self.catalog.write() as s:
+                g = self._group_row(s, row.name)
+                for key, value in changes.items():
+                    setattr(g, key, value)
+                g.updated_at = now()
+
+    def groups(self) -> list[str]:
+        """Names of the groups in this store, oldest first."""
+        with self.catalog.read() as s:
+            return list(s.scalars(select(GroupRow.name).order_by(GroupRow.id)))
+
+    def __contains__(self, name: object) -> bool:
+        with self.catalog.read() as s:
+            return s.scalars(select(GroupRow.id).where(GroupRow.name == name)).first() is not None
+
+    def delete_group(self, name: str) -> None:
+        """Delete a group, its agents and their data. Raises NotFoundError if missing."""
+        self._check_writable()
+        with self.catalog.read() as s:
+            gid = self._group_row(s, name).gid
+        with self._group_lock(gid):
+            with self.catalog.write() as s:
+                g = self._group_row(s, name)
+                ids = list(s.scalars(select(AgentRow.id).where(AgentRow.group_id == g.id)))
+                s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
+                s.execute(delete(AgentRow).where(AgentRow.group_id == g.id))
+                s.delete(g)
+            self.arrays.remove_group_dir(gid)
+
+    def close(self) -> None:
+        """Release the catalogue's connections. The store can be opened again later."""
+        self.catalog.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = ", readonly" if self.readonly else ""
+        return f"<tdstore.Store {str(self.path)!r}{mode}>"
+
+
+def _check_threshold(value: object, group: str) -> float:
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"group {group!r}: diff_threshold must be a number, got {value!r}"
+        ) from None
+    if not np.isfinite(t) or t < 0:
+        raise InvalidInputError(f"group {group!r}: diff_threshold must be finite and >= 0, got {t}")
+    return t
+
+
+# --------------------------------------------------------------------------- groups
+
+
+class Group:
+    """Agents that share one master. Get one with :meth:`Store.group`.
+
+    Every method reads the current state from the catalogue, so a Group always reflects
+    what other processes have committed.
+    """
+
+    def __init__(self, store: Store, name: str):
+        self.store = store
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<tdstore.Group {self.name!r} in {str(self.store.path)!r}>"
+
+    # ------------------------------------------------------------------ state
+
+    def _row(self, session) -> GroupRow:  # noqa: ANN001
+        return self.store._group_row(session, self.name)
+
+    @staticmethod
+    def _spec(g: GroupRow, chunk_blocks: int) -> ArraySpec:
+        """The layout of one of the group's arrays (each records its own chunking)."""
+        return ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype), chunk_blocks, g.compressor)
+
+    @staticmethod
+    def _chunk_for(g: GroupRow, spec: ArraySpec, n_blocks: int) -> int:
+        """Blocks per chunk for a new array of ``n_blocks`` blocks in this group."""
+        most = g.chunk_blocks or default_chunk_blocks(spec.block_nbytes)
+        return balanced_chunk_blocks(n_blocks, most)
+
+    @staticmethod
+    def _agents(session, g: GroupRow) -> list[AgentRow]:  # noqa: ANN001
+        return list(session.scalars(
+            select(AgentRow).where(AgentRow.group_id == g.id)
+            .order_by(AgentRow.role != "master", AgentRow.id)
+        ))
+
+    def _where(self, agent: str | None = None) -> str:
+        return f"group {self.name!r}" + (f" agent {agent!r}" if agent is not None else "")
+
+    def _snapshot(self, agent: str) -> AgentSnapshot:
+        with self.store.catalog.read() as s:
+            g = self._row(s)
+            rows = {a.name: a for a in self._agents(s, g)}
+            master = next((a for a in rows.values() if a.role == "master"), None)
+            if master is None:
+                raise NoMasterError(f"group {self.name!r}: no master registered")
+            row = rows.get(agent)
+            if row is None:
+                raise NotFoundError(f"group {self.name!r}: unknown agent {agent!r}")
+            if row.status != "ok":
+                raise CorruptionError(
+                    f"{self._where(agent)} is quarantined ({row.status}); its data is damaged"
+                )
+            idx = np.zeros(0, dtype=np.int64)
+            if row.role == "mirror" and row.n_diff:
+                idx = np.fromiter(
+                    s.scalars(select(DiffBlockRow.block_index)
+                              .where(DiffBlockRow.agent_id == row.id)
+                              .order_by(DiffBlockRow.slot)),
+                    dtype=np.int64, count=row.n_diff,
+                )
+            return AgentSnapshot(
+                group=self.name, agent=agent, role=row.role,
+                spec=self._spec(g, master.chunk_blocks),
+                diff_spec=self._spec(g, row.chunk_blocks) if row.chunk_blocks else None,
+                dtype_name=g.dtype, n_blocks=g.n_blocks, master_array=master.array,
+                diff_array=row.array if row.role == "mirror" else None, block_indices=idx,
+            )
+
+    def _read(self, agent: str, fn):  # noqa: ANN001
+        """Run ``fn(snapshot)``, retrying if a concurrent writer replaced the data read."""
+        snap = self._snapshot(agent)
+        for _ in range(READ_RETRIES):
+            try:
+                return fn(snap)
+            except CorruptionError:
+                fresh = self._snapshot(agent)
+                if fresh.arrays_key == snap.arrays_key and fresh.n_blocks == snap.n_blocks:
+                    raise
+                snap = fresh
+        return fn(snap)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def master_id(self) -> str | None:
+        """Name of the master agent, or None before one is registered."""
+        with self.store.catalog.read() as s:
+            g = self._row(s)
+            return s.scalars(select(AgentRow.name).where(
+                AgentRow.group_id == g.id, AgentRow.role == "master")).first()
+
+    @property
+    def diff_threshold(self) -> float:
+        with self.store.catalog.read() as s:
+            return self._row(s).diff_threshold
+
+    @property
+    def n_blocks(self) -> int:
+        with self.store.catalog.read() as s:
+            return self._row(s).n_blocks
+
+    @property
+    def block_shape(self) -> tuple[int, ...] | None:
+        with self.store.catalog.read() as s:
+            shape = self._row(s).block_shape
+            return None if shape is None else tuple(shape)
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        with self.store.catalog.read() as s:
+            name = self._row(s).dtype
+            return None if name is None else numpy_dtype(name)
+
+    @property
+    def kv_layout(self) -> dict[str, Any] | None:
+        with self.store.catalog.read() as s:
+            return self._row(s).kv_layout
+
+    def set_diff_threshold(self, value: float) -> None:
+        """Change the persisted threshold; it applies to mirrors registered later."""
+        self.store.group(self.name, diff_threshold=value, create=False)
+
+    def agents(self) -> list[str]:
+        """Agent names: the master first, then mirrors in registration order."""
+        with self.store.catalog.read() as s:
+            return [a.name for a in self._agents(s, self._row(s))]
+
+    def __contains__(self, agent: object) -> bool:
+        with self.store.catalog.read() as s:
+            g = self._row(s)
+            return s.scalars(select(AgentRow.id).where(
+                AgentRow.group_id == g.id, AgentRow.name == agent)).first() is not None
+
+    # ------------------------------------------------------------------ writes
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[GroupRow]:
+        self.store._check_writable()
+        with self.store.catalog.read() as s:
+            gid = self._row(s).gid
+        with self.store._group_lock(gid):
+            with self.store.catalog.read() as s:  # state as of holding the lock
+                g = self._row(s)
+                if g.gid != gid:  # deleted and re-created meanwhile
+                    raise StateError(f"group {self.name!r} was replaced concurrently; retry")
+                yield g
+
+    def _prepare(self, kv: object, what: str, g: GroupRow) -> tuple[np.ndarray, str]:
+        kv, dtype_name = as_blocks(kv, what)
+        if not g.allow_nonfinite:
+            check_finite(kv, dtype_name, what)
+        return kv, dtype_name
+
+    def register_master(self, agent_id: str, kv_blocks: object) -> None:
+        """Store ``kv_blocks`` (``(n_blocks, ...)``) as the group's master.
+
+        A different agent replaces the master and removes every mirror (their data
+        becomes unreferenced). Re-registering the current master re-derives each mirror
+        against the new blocks, so every mirror still reconstructs to its own values.
+
+        Raises InvalidInputError for bad arrays or names (nothing is written).
+        """
+        where = self._where(agent_id)
+        check_name("agent", agent_id, f"group {self.name!r}")
+        with self._locked() as g:
+            kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
+            with self.store.catalog.read() as s:
+                agents = self._agents(s, g)
+            master = next((a for a in agents if a.role == "master"), None)
+            mirrors = [a for a in agents if a.role == "mirror"]
+            same_master = master is not None and master.name == agent_id
+            shape_kept = (g.block_shape is not None and tuple(g.block_shape) == kv.shape[1:]
+                          and g.dtype == dtype_name)
+            if same_master and mirrors and not (shape_kept and g.n_blocks == kv.shape[0]):
+                raise InvalidInputError(
+                    f"{where}: re-registering the master with shape {kv.shape} and dtype "
+                    f"{dtype_name} would break its {len(mirrors)} mirror(s) of shape "
+                    f"{(g.n_blocks, *(g.block_shape or ()))} and dtype {g.dtype}; delete "
+                    "them first or register a different master"
+                )
+            spec = ArraySpec(kv.shape[1:], stored_dtype(dtype_name), 1, g.compressor)
+            spec = replace(spec, chunk_blocks=self._chunk_for(g, spec, kv.shape[0]))
+            arrays = self.store.arrays
+            arrays.new_group_dir(g.gid)
+            path = arrays.new_path(g.gid, "m")
+            written = [path]
+            try:
+                nbytes = arrays.create_and_write(path, spec, kv.view(spec.dtype))
+                rederived = []
+                if same_master and mirrors:
+                    for m in mirrors:
+                        old = self._read(m.name, lambda snap: self._full(snap))
+                        rederived.append((m, self._write_diff(g, spec, path, old, written)))
+            except BaseException:
+                for p in written:
+                    arrays.remove(p)
+                raise
+            obsolete = [a.array for a in agents if a.array]
+            t = now()
+            with self.store.catalog.write() as s:
+                row = self._row(s)
+                if not same_master:
+                    ids = [a.id for a in agents]
+                    s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
+                    s.execute(delete(AgentRow).where(AgentRow.id.in_(ids)))
+                    s.flush()
+                    s.add(AgentRow(group_id=row.id, name=agent_id, role="master", array=path,
+                                   chunk_blocks=spec.chunk_blocks, n_diff=0, nbytes=nbytes,
+                                   status="ok", created_at=t, updated_at=t, last_access=t))
+                else:
+                    mrow = s.get(AgentRow, master.id)
+                    mrow.array, mrow.nbytes, mrow.updated_at, mrow.status = path, nbytes, t, "ok"
+                    mrow.chunk_blocks = spec.chunk_blocks
+                    for m, diff in rederived:
+                        self._store_diff_rows(s, s.get(AgentRow, m.id), diff, t)
+                row.dtype, row.block_shape = dtype_name, list(kv.shape[1:])
+                row.n_blocks, row.updated_at = kv.shape[0], t
+            for p in obsolete:
+                arrays.remove(p)
+
+    def _full(self, snap: AgentSnapshot) -> np.ndarray:
+        out = np.empty(snap.shape, snap.dtype)
+        reconstruct_into(self.store.arrays, snap, out)
+        return out
+
+    def _diff_indices(self, g: GroupRow, spec: ArraySpec, master_path: str,
+                      kv: np.ndarray) -> np.ndarray:
+        """Blocks of ``kv`` that differ from the stored master, read in bounded batches."""
+        n = kv.shape[0]
+        step = max(1, BATCH_BYTES // max(1, spec.block_nbytes))
+        buf = np.empty((min(step, n), *spec.block_shape), spec.dtype)
+        mask = np.zeros(n, dtype=bool)
+        label = f"group {self.name!r} (master)"
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            part = buf[: stop - start]
+            self.store.arrays.read(master_path, spec, start, stop, part, label)
+            mask[start:stop] = diff_mask(part.view(kv.dtype), kv[start:stop], g.diff_threshold)
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def _write_diff(self, g: GroupRow, spec: ArraySpec, master_path: str, kv: np.ndarray,
+                    written: list[str]) -> _WrittenDiff:
+        """Write the mirror's own differing blocks (``spec``: the master's layout)."""
+        idx = self._diff_indices(g, spec, master_path, kv)
+        if idx.size == 0:
+            return _WrittenDiff(idx, None, None, 0)
+        dspec = replace(spec, chunk_blocks=self._chunk_for(g, spec, idx.size))
+        path = self.store.arrays.new_path(g.gid, "d")
+        written.append(path)
+        nbytes = self.store.arrays.create_and_write(path, dspec, kv[idx].view(spec.dtype))
+        return _WrittenDiff(idx, path, dspec.chunk_blocks, nbytes)
+
+    @staticmethod
+    def _store_diff_rows(s, row: AgentRow, diff: _WrittenDiff, t: float) -> None:  # noqa: ANN001
+        s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == row.id))
+        if diff.indices.size:
+            s.execute(insert(DiffBlockRow), [
+                {"agent_id": row.id, "block_index": int(b), "slot": i}
+                for i, b in enumerate(diff.indices.tolist())
+            ])
+        row.array, row.chunk_blocks = diff.path, diff.chunk_blocks
+        row.n_diff, row.nbytes = int(diff.indices.size), diff.nbytes
+        row.updated_at = t
+        row.status = "ok"
+
+    def register_mirror(self, agent_id: str, kv_blocks: object) -> SparseKVDiff:
+        """Store ``kv_blocks`` as a mirror: only the blocks that differ from the master.
+
+        Re-registering a mirror replaces it atomically. Returns the stored diff.
+        Raises NoMasterError without a master, InvalidInputError for a shape or dtype
+        that does not match the master (nothing is written).
+        """
+        where = self._where(agent_id)
+        check_name("agent", agent_id, f"group {self.name!r}")
+        with self._locked() as g:
+            with self.store.catalog.read() as s:
+                agents = {a.name: a for a in self._agents(s, g)}
+            master = next((a for a in agents.values() if a.role == "master"), None)
+            if master is None:
+                raise NoMasterError(
+                    f"{where}: register_master() must be called before register_mirror()"
+                )
+            if master.name == agent_id:
+                raise InvalidInputError(
+                    f"{where} is the group's master; use register_master() to replace it"
+                )
+            kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
+            master_shape = (g.n_blocks, *g.block_shape)
+            if kv.shape != master_shape:
+                raise InvalidInputError(
+                    f"{where}: kv_blocks shape {kv.shape} must match master shape {master_shape}"
+                )
+            if dtype_name != g.dtype:
+                raise InvalidInputError(
+                    f"{where}: kv_blocks dtype {dtype_name} must match master dtype {g.dtype}"
+                )
+            spec = self._spec(g, master.chunk_blocks)
+            written: list[str] = []
+            try:
+                diff = self._write_diff(g, spec, master.array, kv, written)
+                t = now()
+                old = agents.get(agent_id)
+                with self.store.catalog.write() as s:
+                    if old is None:
+                        row = AgentRow(group_id=g.id, name=agent_id, role="mirror", n_diff=0,
+                                       nbytes=0, status="ok", created_at=t, updated_at=t,
+                                       last_access=t)
+                        s.add(row)
+                        s.flush()
+                    else:
+                        row = s.get(AgentRow, old.id)
+                    self._store_diff_rows(s, row, diff, t)
+            except BaseException:
+                for p in written:
+                    self.store.arrays.remove(p)
+                raise
+            if old is not None and old.array:
+                self.store.arrays.remove(old.array)
+        idx = diff.indices
+        return SparseKVDiff(
+            block_indices=idx,
+            diff_values=_delta(kv[idx], self._master_blocks(master.name, idx)),
+            total_blocks=kv.shape[0],
+            threshold=g.diff_threshold,
+            values=kv[idx],
+        )
+
+    def _master_blocks(self, master: str, idx: np.ndarray) -> np.ndarray:
+        return self._read(master, lambda snap: read_blocks(self.store.arrays, snap, idx))
+
+    def collective_reuse_step(self, agent_ids: Sequence[str], shared_blocks: object
+                              ) -> dict[str, int]:
+        """Append ``shared_blocks`` to the master once; every mirror adopts them.
+
+        Agents named in ``agent_ids`` that are not in the group join as mirrors identical
+        to the master. Cost is O(new blocks): existing chunks are not rewritten. Returns
+        the number of diff blocks of the master and of each agent named.
+        """
+        names = [check_name("agent", a, f"group {self.name!r}") for a in agent_ids]
+        with self._locked() as g:
+            with self.store.catalog.read() as s:
+                agents = {a.name: a for a in self._agents(s, g)}
+            master = next((a for a in agents.values() if a.role == "master"), None)
+            if master is None:
+                raise NoMasterError(f"group {self.name!r}: no master registered")
+            what = f"group {self.name!r}: shared_blocks"
+            new, dtype_name = self._prepare(shared_blocks, what, g)
+            if new.shape[1:] != tuple(g.block_shape) or dtype_name != g.dtype:
+                raise InvalidInputError(
+                    f"{what} blocks of shape {new.shape[1:]} and dtype {dtype_name} must match "
+                    f"the master's blocks of shape {tuple(g.block_shape)} and dtype {g.dtype}"
+                )
+            spec = self._spec(g, master.chunk_blocks)
+            n_old, n_new = g.n_blocks, g.n_blocks + new.shape[0]
+            arrays = self.store.arrays
+            if new.shape[0]:
+                arrays.resize(master.array, spec, n_new)
+                arrays.write(master.array, spec, n_old, new.view(spec.dtype))
+            t = now()
+            counts = {master.name: 0}
+            with self.store.catalog.write() as s:
+                row = self._row(s)
+                row.n_blocks, row.updated_at = n_new, t
+                s.get(AgentRow, master.id).nbytes = arrays.nbytes(master.array)
+                for name in names:
+                    if name == master.name:
+                        continue
+                    if name not in agents:
+                        s.add(AgentRow(group_id=g.id, name=name, role="mirror", n_diff=0,
+                                       nbytes=0, status="ok", created_at=t, updated_at=t,
+                                       last_access=t))
+                        counts[name] = 0
+                    else:
+                        counts[name] = agents[name].n_diff
+        return counts
+
+    def delete(self, agent_id: str) -> None:
+        """Delete an agent and its data.
+
+        The master can be deleted only once it has no mirrors (delete them, or the whole
+        group with ``Store.delete_group``). Raises NotFoundError for an unknown agent.
+        """
+        with self._locked() as g:
+            with self.store.catalog.write() as s:
+                rows = self._agents(s, g)
+                row = next((a for a in rows if a.name == agent_id), None)
+                if row is None:
+                    raise NotFoundError(f"group {self.name!r}: unknown agent {agent_id!r}")
+                if row.role == "master" and len(rows) > 1:
+                    raise StateError(
+                        f"{self._where(agent_id)} is the master of {len(rows) - 1} mirror(s); "
+                        "delete the mirrors first or delete the whole group"
+                    )
+                path = row.array
+                s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == row.id))
+                s.delete(row)
+                if row.role == "master":
+                    grow = self._row(s)
+                    grow.n_blocks, grow.dtype, grow.block_shape = 0, None, None
+                    grow.updated_at = now()
+            if path:
+                self.store.arrays.remove(path)
+
+    # ------------------------------------------------------------------ reads
+
+    def reconstruct(self, agent_id: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The agent's full KV blocks, bit-exact for every kept block.
+
+        With ``out`` (an ndarray or ``np.memmap`` of the right shape and dtype) the blocks
+        are written into it and ``out`` is returned; no full-size temporary is made.
+        Raises NotFoundError for an unknown agent, CorruptionError for damaged data.
+        """
+
+        def run(snap: AgentSnapshot) -> np.ndarray:
+            target = np.empty(snap.shape, snap.dtype) if out is None else out
+            check_out(snap, target)
+            reconstruct_into(self.store.arrays, snap, target)
+            return target
+
+        return self._read(agent_id, run)
+
+    def view(self, agent_id: str) -> BlockView:
+        """A lazy view of the agent's blocks; indexing reads only the blocks asked for."""
+        self._snapshot(agent_id)  # unknown agents fail here, not on first use
+        return BlockView(self, agent_id)
+
+    def mirror(self, agent_id: str) -> SparseKVDiff:
+        """The stored diff of a mirror (the master has an empty one)."""
+
+        def run(snap: AgentSnapshot) -> SparseKVDiff:
+            idx = snap.block_indices
+            values = read_blocks(self.store.arrays, snap, idx) if idx.size else \
+                np.empty((0, *snap.spec.block_shape), snap.dtype)
+            master = self._master_blocks(self.master_id, idx) if idx.size else values
+            return SparseKVDiff(block_indices=idx, diff_values=_delta(values, master),
+                                total_blocks=snap.n_blocks, threshold=self.diff_threshold,
+                                values=values)
+
+        return self._read(agent_id, run)
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's statistics plus the layout and bytes (logical and on disk)."""
+        with self.store.catalog.read() as s:
+            g = self._row(s)
+            agents = self._agents(s, g)
+        master = next((a for a in agents if a.role == "master"), None)
+        mirrors = [a for a in agents if a.role == "mirror"]
+        n = g.n_blocks if master is not None else 0
+        block_nbytes = self._spec(g, 1).block_nbytes if g.dtype else 0
+        diff_total = sum(a.n_diff for a in mirrors)
+        return {
+            "master_id": master.name if master else "",
+            "master_blocks": n,
+            "n_mirrors": len(mirrors),
+            "diff_blocks_total": diff_total,
+            "compression_ratio": _ratio(len(agents), n, diff_total),
+            "diff_threshold": g.diff_threshold,
+            "n_blocks": n,
+            "block_shape": tuple(g.block_shape) if g.block_shape else None,
+            "dtype": g.dtype,
+            "bytes_logical": len(agents) * n * block_nbytes,
+            "bytes_stored": sum(a.nbytes for a in agents),
+        }
+
+    def compression_ratio(self) -> float:
+        """(agents x master blocks) / (master blocks + diff blocks); 1.0 without a master."""
+        return self.stats()["compression_ratio"]
+
+
+def _ratio(n_agents: int, master_blocks: int, diff_blocks: int) -> float:
+    if n_agents == 0:
+        return 1.0
+    stored = master_blocks + diff_blocks
+    return float(n_agents) if stored == 0 else n_agents * master_blocks / stored
+
+
+def _delta(values: np.ndarray, master: np.ndarray) -> np.ndarray:
+    """The seed's ``diff_values``: mirror minus master, computed in float64."""
+    return values.astype(np.float64) - master.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class _WrittenDiff:
+    """A mirror's differing blocks as just written: indices, array path, chunking, bytes."""
+
+    indices: np.ndarray
+    path: str | None
+    chunk_blocks: int | None
+    nbytes: int
+
+
+class BlockView:
+    """A lazy, read-only view of one agent's blocks: ``view[i:j]``, ``view[[3, 7]]``.
+
+    Each access reads the current catalogue state and only the blocks asked for.
+    """
+
+    def __init__(self, group: Group, agent: str):
+        self.group = group
+        self.agent = agent
+
+    def _snap(self) -> AgentSnapshot:
+        return self.group._snapshot(self.agent)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._snap().shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._snap().dtype
+
+    def __len__(self) -> int:
+        return self._snap().n_blocks
+
+    def __getitem__(self, key) -> np.ndarray:  # noqa: ANN001
+        def run(snap: AgentSnapshot) -> np.ndarray:
+            idx, scalar = normalize_index(key, snap.n_blocks, snap.label)
+            blocks = read_blocks(self.group.store.arrays, snap, idx)
+            return blocks[0] if scalar else blocks
+
+        return self.group._read(self.agent, run)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001
+        full = self.group.reconstruct(self.agent)
+        return full if dtype is None else full.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"<tdstore.BlockView {self.group.name!r}/{self.agent!r} shape={self.shape}>"
+
+
+def open(  # noqa: A001 - the library's entry point mirrors builtins.open on purpose
+    path: str | os.PathLike[str],
+    *,
+    url: str | None = None,
+    readonly: bool = False,
+    verify_reads: bool = False,
+) -> Store:
+    """Open (creating if missing) the store at directory ``path``.
+
+    ``url`` replaces the local SQLite catalogue with any SQLAlchemy URL; ``readonly``
+    opens without writing anything (also on a directory the process cannot write);
+    ``verify_reads`` checks every chunk's crc32c on read.
+    Raises SchemaError if the store was written by a newer tdstore.
+    """
+    return Store(path, url=url, readonly=readonly, verify_reads=verify_reads)
