@@ -142,7 +142,8 @@ def check_finite(kv: np.ndarray, dtype_name: str, what: str) -> None:
     step = max(1, BATCH_BYTES // max(1, kv[:1].nbytes))
     for start in range(0, kv.shape[0], step):
         part = kv[start : start + step]
-        ok = np.isfinite(part.reshape(part.shape[0], -1)).all(axis=1)
+        with np.errstate(invalid="ignore"):  # ml_dtypes warns on the NaNs we look for
+            ok = np.isfinite(part.reshape(part.shape[0], -1)).all(axis=1)
         if not ok.all():
             bad = np.flatnonzero(~ok)[:5] + start
             raise InvalidInputError(

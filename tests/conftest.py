@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tdstore
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with tdstore.open(tmp_path / "store") as s:
+        yield s
+
+
+def fingerprint(path: Path) -> tuple[dict, dict]:
+    """Everything a store holds: every catalogue row and every file's content hash."""
+    rows = {}
+    con = sqlite3.connect(path / "catalog.sqlite")
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for t in tables:
+            rows[t] = sorted(map(repr, con.execute(f'SELECT * FROM "{t}"')))
+    finally:
+        con.close()
+    files = {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.parent.name != "locks" and not p.name.startswith("catalog.sqlite")
+    }
+    return rows, files
+
+
+def kv(n_blocks: int = 32, block=(4, 8), dtype="float32", seed: int = 0) -> np.ndarray:
+    a = np.random.default_rng(seed).standard_normal((n_blocks, *block), np.float32)
+    return a.astype(dtype)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)

@@ -1,0 +1,89 @@
+"""The catalogue: schema creation, upgrades, refusal of newer schemas, engine settings."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from alembic import command
+from conftest import fingerprint, kv
+
+import tdstore
+from tdstore.catalog import Catalog, _alembic_config, schema_status, sqlite_url
+
+
+def test_new_store_has_head_schema_wal_and_metadata(tmp_path):
+    with tdstore.open(tmp_path / "s") as store:
+        current, heads = schema_status(store.catalog)
+        assert current == heads and len(heads) == 1
+        assert store.catalog.get_meta("created_by") == tdstore.__version__
+        with store.catalog.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+    assert (tmp_path / "s" / "catalog.sqlite").exists() and (tmp_path / "s" / "data").is_dir()
+
+
+def test_a_newer_schema_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        store.group("g").register_master("m", kv(4))
+    con = sqlite3.connect(path / "catalog.sqlite")
+    con.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    con.commit()
+    con.close()
+    before = fingerprint(path)
+    for readonly in (False, True):
+        with pytest.raises(tdstore.SchemaError, match="9999_from_the_future is newer than"):
+            tdstore.open(path, readonly=readonly)
+    assert fingerprint(path) == before
+
+
+@pytest.mark.parametrize("revision", ["base"])
+def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path, revision):
+    path = tmp_path / "s"
+    path.mkdir()
+    catalog = Catalog(sqlite_url(path / "catalog.sqlite"))
+    cfg = _alembic_config(catalog)
+    with catalog.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    catalog.close()
+    with pytest.raises(tdstore.SchemaError, match="needs an upgrade"):
+        tdstore.open(path, readonly=True)
+    with tdstore.open(path) as store:
+        current, heads = schema_status(store.catalog)
+        assert current == heads
+        store.group("g").register_master("m", kv(4))
+
+
+def test_the_catalogue_can_live_at_another_sqlalchemy_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with tdstore.open(tmp_path / "s", url=url) as store:
+        store.group("g").register_master("m", kv(4))
+    assert not (tmp_path / "s" / "catalog.sqlite").exists()
+    with tdstore.open(tmp_path / "s", url=url) as store:
+        assert store.group("g").agents() == ["m"]
+
+
+def test_readonly_store_refuses_writes_and_writes_nothing(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        store.group("g").register_master("m", kv(4))
+    before = fingerprint(path)
+    with tdstore.open(path, readonly=True) as store:
+        g = store.group("g")
+        assert g.agents() == ["m"]
+        with pytest.raises(tdstore.ReadOnlyError, match="read-only"):
+            g.register_mirror("a", kv(4))
+        with pytest.raises(tdstore.ReadOnlyError):
+            store.delete_group("g")
+        with pytest.raises(KeyError):
+            store.group("new")
+    assert fingerprint(path) == before
+
+
+def test_readonly_open_of_a_missing_store_fails_clearly(tmp_path):
+    with pytest.raises(tdstore.NotFoundError, match="not a tdstore store"):
+        tdstore.open(tmp_path / "nothing", readonly=True)
+    assert not (tmp_path / "nothing").exists()

@@ -1,0 +1,79 @@
+"""A store written by one process is seen, bit-exact, by later and concurrent processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, ml_dtypes, tdstore
+    path = sys.argv[1]
+    with tdstore.open(path) as store:
+        for dtype in ("float16", "bfloat16", "float32"):
+            g = store.group(dtype, diff_threshold=0.0)
+            rng = np.random.default_rng(5)
+            master = rng.standard_normal((64, 2, 16, 4, 8), np.float32).astype(dtype)
+            g.register_master("retriever", master)
+            for i, name in enumerate(["reranker", "critic", "responder"]):
+                kv = master.copy()
+                kv[-(i + 1):] = rng.standard_normal(kv[-(i + 1):].shape, np.float32).astype(dtype)
+                kv[0, 0, 0, 0, i] = -0.0 if i == 0 else kv[0, 0, 0, 0, i]
+                g.register_mirror(name, kv)
+            g.collective_reuse_step(["retriever", "critic"], master[:3])
+            np.save(f"{path}-{dtype}-expected.npy", np.stack(
+                [g.reconstruct(a).view(np.uint8) for a in g.agents()]))
+""")
+
+READER = textwrap.dedent("""
+    import json, sys, numpy as np, tdstore
+    path = sys.argv[1]
+    out = {}
+    with tdstore.open(path, readonly=True) as store:
+        for dtype in store.groups():
+            g = store.group(dtype, create=False)
+            expected = np.load(f"{path}-{dtype}-expected.npy")
+            got = np.stack([g.reconstruct(a).view(np.uint8) for a in g.agents()])
+            out[dtype] = {"agents": g.agents(), "exact": bool(np.array_equal(got, expected)),
+                          "dtype": str(g.dtype), "n_blocks": g.n_blocks,
+                          "stats": g.stats()["diff_blocks_total"]}
+    print(json.dumps(out))
+""")
+
+
+def run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          check=True, timeout=120)
+
+
+def test_a_new_process_sees_every_agent_bit_exact(tmp_path):
+    path = str(tmp_path / "store")
+    run(WRITER, path)
+    result = json.loads(run(READER, path).stdout)
+    assert set(result) == {"float16", "bfloat16", "float32"}
+    for dtype, r in result.items():
+        assert r["exact"], dtype
+        assert r["agents"] == ["retriever", "reranker", "critic", "responder"]
+        assert r["dtype"] == dtype and r["n_blocks"] == 67
+        assert r["stats"] == 1 + 2 + 3 + 1  # reranker's -0.0 block 0 counts as differing
+
+
+def test_a_concurrent_reader_sees_committed_state(tmp_path):
+    """A reader process opened before the writes sees them without reopening."""
+    path = str(tmp_path / "store")
+    reader = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys, json, tdstore
+            store = tdstore.open(sys.argv[1])
+            g = store.group("float16")
+            sys.stdout.write("ready\\n"); sys.stdout.flush()
+            sys.stdin.readline()
+            print(json.dumps([g.agents(), g.n_blocks]))
+        """), path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert reader.stdout.readline().strip() == "ready"
+    run(WRITER, path)
+    out, _ = reader.communicate("go\n", timeout=60)
+    assert json.loads(out) == [["retriever", "reranker", "critic", "responder"], 67]
