@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,38 @@ COMPRESSORS = {
 }
 # Default chunk size in bytes; see README "Chunking" for the measurement behind it.
 DEFAULT_CHUNK_BYTES = 4 << 20
+# Chunk files are written (and fsynced) and read by this many threads at once: with
+# several fsyncs in flight the disk sees a deeper queue (measured: 64 MiB in 4 MiB chunks,
+# sequential 62-67 ms, 4 threads 46 ms, np.save+fsync of one file 52 ms).
+IO_THREADS = 4
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tdstore-io")
+        return _pool
+
+
+def _forget_pool() -> None:  # a forked child has the pool object but not its threads
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _run_all(jobs: list) -> None:
+    """Run the callables in ``jobs``: inline if there is one, else on the I/O pool."""
+    if len(jobs) == 1:
+        jobs[0]()
+    elif jobs:
+        for future in [_io_pool().submit(job) for job in jobs]:
+            future.result()
 
 
 def default_chunk_blocks(block_nbytes: int) -> int:
@@ -205,34 +239,19 @@ class ArrayStore:
                 _fsync_file(self.chunk_file(path, spec, chunk))
             fsync_dir(self.root / path)
             return
-        pending: list[tuple[Path, Path]] = []
+        jobs, pending = [], []
+        for chunk in spec.chunks_of(start, stop):
+            c0 = chunk * spec.chunk_blocks
+            lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
+            final = self.chunk_file(path, spec, chunk)
+            tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(4)}")
+            body = as_bytes(blocks[lo - start : hi - start])
+            keep = (lo - c0) * spec.block_nbytes  # committed blocks at the front of the chunk
+            jobs.append(lambda f=final, t=tmp, b=body, k=keep, c=chunk: self._write_chunk(
+                f, t, b, k, spec.chunk_nbytes, f"{path} chunk {c}"))
+            pending.append((tmp, final))
         try:
-            for chunk in spec.chunks_of(start, stop):
-                c0 = chunk * spec.chunk_blocks
-                lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
-                final = self.chunk_file(path, spec, chunk)
-                tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(4)}")
-                head = b""
-                if lo > c0:  # keep the committed blocks at the front of this chunk
-                    head = bytearray((lo - c0) * spec.block_nbytes)
-                    self._read_raw(final, memoryview(head), 0, f"{path} chunk {chunk}")
-                body = as_bytes(blocks[lo - start : hi - start])
-                pad = spec.chunk_nbytes - len(head) - len(body)
-                crc = crc32c.crc32c(body, crc32c.crc32c(head))
-                if pad:
-                    crc = crc32c.crc32c(bytes(pad), crc)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    pending.append((tmp, final))
-                    _write_all(fd, head)
-                    _write_all(fd, body)
-                    if pad:
-                        _write_all(fd, bytes(pad))
-                    _write_all(fd, crc.to_bytes(CRC_BYTES, "little"))
-                finally:
-                    os.close(fd)
-            for tmp, _ in pending:
-                _fsync_file(tmp)
+            _run_all(jobs)
             for tmp, final in pending:
                 os.replace(tmp, final)
             pending.clear()
@@ -240,6 +259,28 @@ class ArrayStore:
         finally:
             for tmp, _ in pending:
                 tmp.unlink(missing_ok=True)
+
+    def _write_chunk(self, final: Path, tmp: Path, body: memoryview, keep: int,
+                     chunk_nbytes: int, what: str) -> None:
+        """Write one chunk file to ``tmp`` (fsynced): ``keep`` bytes of ``final``, then
+        ``body``, zero padding to the full chunk size, and the crc32c."""
+        head = bytearray(keep)
+        if keep:
+            self._read_raw(final, memoryview(head), 0, what)
+        pad = chunk_nbytes - keep - len(body)
+        crc = crc32c.crc32c(body, crc32c.crc32c(head))
+        if pad:
+            crc = crc32c.crc32c(bytes(pad), crc)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, head)
+            _write_all(fd, body)
+            if pad:
+                _write_all(fd, bytes(pad))
+            _write_all(fd, crc.to_bytes(CRC_BYTES, "little"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def create_and_write(self, path: str, spec: ArraySpec, blocks: np.ndarray) -> int:
         """A new array holding ``blocks``; returns its bytes on disk."""
@@ -286,17 +327,22 @@ class ArrayStore:
             return
         dst = as_bytes(out)
         bn = spec.block_nbytes
+        jobs = []
         for chunk in spec.chunks_of(start, stop):
             c0 = chunk * spec.chunk_blocks
             lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
-            target = dst[(lo - start) * bn : (hi - start) * bn]
-            file = self.chunk_file(path, spec, chunk)
-            cwhat = f"{what} blocks {lo}-{hi - 1}"
-            if self.verify_reads:
-                data = self._read_chunk_verified(file, spec, cwhat)
-                target[:] = memoryview(data)[(lo - c0) * bn : (hi - c0) * bn]
-            else:
-                self._read_raw(file, target, (lo - c0) * bn, cwhat)
+            jobs.append(lambda c=chunk, c0=c0, lo=lo, hi=hi: self._read_chunk_into(
+                self.chunk_file(path, spec, c), spec, dst[(lo - start) * bn : (hi - start) * bn],
+                (lo - c0) * bn, f"{what} blocks {lo}-{hi - 1}"))
+        _run_all(jobs)
+
+    def _read_chunk_into(self, file: Path, spec: ArraySpec, target: memoryview, offset: int,
+                         what: str) -> None:
+        if self.verify_reads:
+            data = self._read_chunk_verified(file, spec, what)
+            target[:] = memoryview(data)[offset : offset + len(target)]
+        else:
+            self._read_raw(file, target, offset, what)
 
     def _read_zarr(self, path: str, spec: ArraySpec, start: int, stop: int,
                    out: np.ndarray, what: str) -> None:

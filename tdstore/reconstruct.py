@@ -7,6 +7,8 @@ O(master + diff) bytes, no per-block Python work, independent of how many agents
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import operator
 from dataclasses import dataclass
 
@@ -65,14 +67,54 @@ def check_out(snap: AgentSnapshot, out: np.ndarray) -> np.ndarray:
     return out.view(snap.spec.dtype)
 
 
+# Reconstruction proceeds in windows of about this many bytes: the mirror's own blocks
+# of a window are read into a temporary of at most this size, and the pages of a finished
+# window of an np.memmap output are released, so memory beyond `out` stays bounded.
+WINDOW_BYTES = 32 << 20
+
+
 def reconstruct_into(arrays: ArrayStore, snap: AgentSnapshot, out: np.ndarray) -> None:
     """Fill ``out`` (already validated with :func:`check_out`) with the agent's blocks."""
-    raw = out.view(snap.spec.dtype)
-    arrays.read(snap.master_array, snap.spec, 0, snap.n_blocks, raw, f"{snap.label} (master)")
-    if snap.diff_array is not None and snap.block_indices.size:
-        values = np.empty((snap.block_indices.size, *snap.spec.block_shape), snap.spec.dtype)
-        arrays.read(snap.diff_array, snap.diff_spec, 0, values.shape[0], values, snap.label)
-        raw[snap.block_indices] = values
+    spec, idx = snap.spec, snap.block_indices
+    raw = out.view(spec.dtype)
+    window = max(1, WINDOW_BYTES // max(1, spec.block_nbytes))
+    window = max(spec.chunk_blocks, window - window % spec.chunk_blocks)  # whole chunks
+    release = _page_releaser(out)
+    for start in range(0, snap.n_blocks, window):
+        stop = min(snap.n_blocks, start + window)
+        arrays.read(snap.master_array, spec, start, stop, raw[start:stop],
+                    f"{snap.label} (master)")
+        lo, hi = np.searchsorted(idx, [start, stop])
+        if hi > lo:  # the mirror's own blocks in this window sit at slots lo..hi-1
+            values = np.empty((hi - lo, *spec.block_shape), spec.dtype)
+            arrays.read(snap.diff_array, snap.diff_spec, int(lo), int(hi), values, snap.label)
+            raw[idx[lo:hi]] = values
+        if release is not None:
+            release(raw[start:stop])
+
+
+def _page_releaser(out: np.ndarray):  # noqa: ANN202
+    """For an np.memmap output on a shared mapping, a function that drops the pages of a
+    finished region from this process (they stay in the page cache and reach the file),
+    so a cache larger than RAM can be rebuilt with bounded resident memory."""
+    mm = getattr(out, "_mmap", None)
+    if not isinstance(out, np.memmap) or not isinstance(mm, mmap.mmap) or out.mode == "c":
+        return None
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    except (TypeError, ValueError):  # a read-only or closed mapping
+        return None
+    page = mmap.PAGESIZE
+
+    def release(region: np.ndarray) -> None:
+        begin = region.ctypes.data - base
+        end = begin + region.nbytes
+        begin = -(-begin // page) * page  # whole pages inside the region only
+        end -= end % page
+        if end > begin:
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    return release
 
 
 def read_blocks(arrays: ArrayStore, snap: AgentSnapshot, indices: np.ndarray) -> np.ndarray:

@@ -432,17 +432,29 @@ class Group:
             .order_by(AgentRow.role != "master", AgentRow.id)
         ))
 
+    @staticmethod
+    def _master_and(session, g: GroupRow, agent: str) -> tuple[AgentRow | None,  # noqa: ANN001
+                                                               AgentRow | None]:
+        """The group's master row and the row of ``agent`` (either may be None)."""
+        rows = session.scalars(select(AgentRow).where(
+            AgentRow.group_id == g.id, (AgentRow.role == "master") | (AgentRow.name == agent)))
+        master = row = None
+        for r in rows:
+            if r.role == "master":
+                master = r
+            if r.name == agent:
+                row = r
+        return master, row
+
     def _where(self, agent: str | None = None) -> str:
         return f"group {self.name!r}" + (f" agent {agent!r}" if agent is not None else "")
 
     def _snapshot(self, agent: str) -> AgentSnapshot:
         with self.store.catalog.read() as s:
             g = self._row(s)
-            rows = {a.name: a for a in self._agents(s, g)}
-            master = next((a for a in rows.values() if a.role == "master"), None)
+            master, row = self._master_and(s, g, agent)
             if master is None:
                 raise NoMasterError(f"group {self.name!r}: no master registered")
-            row = rows.get(agent)
             if row is None:
                 raise NotFoundError(f"group {self.name!r}: unknown agent {agent!r}")
             if row.status != "ok":
@@ -673,8 +685,7 @@ class Group:
         check_name("agent", agent_id, f"group {self.name!r}")
         with self._locked() as g:
             with self.store.catalog.read() as s:
-                agents = {a.name: a for a in self._agents(s, g)}
-            master = next((a for a in agents.values() if a.role == "master"), None)
+                master, old = self._master_and(s, g, agent_id)
             if master is None:
                 raise NoMasterError(
                     f"{where}: register_master() must be called before register_mirror()"
@@ -698,7 +709,6 @@ class Group:
             try:
                 diff = self._write_diff(g, spec, master.array, kv, written)
                 t = now()
-                old = agents.get(agent_id)
                 with self.store.catalog.write() as s:
                     if old is None:
                         row = AgentRow(group_id=g.id, name=agent_id, role="mirror", n_diff=0,
