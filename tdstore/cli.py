@@ -75,5 +75,17 @@ def demo(path: Path, agents: int, blocks: int, tail: int) -> None:
         raise click.ClickException("some agents did not reconstruct bit-exactly")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmark tdstore against np.save/np.load, safetensors, diskcache and memcpy.
+
+    Options: see `tdstore bench --help`.
+    """
+    from .bench import main as bench_main
+
+    sys.exit(bench_main(list(args)))
+
+
 if __name__ == "__main__":
     main()

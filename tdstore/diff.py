@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import NONFINITE_BITS
+
 # Blocks are compared in batches of about this many bytes to bound temporary memory.
 BATCH_BYTES = 16 << 20
+# Non-finite checks run over batches that fit in a CPU cache.
+SCAN_BYTES = 512 << 10
 
 
 def _as_words(blocks: np.ndarray) -> np.ndarray:
@@ -59,6 +63,30 @@ def diff_mask(master: np.ndarray, kv: np.ndarray, threshold: float) -> np.ndarra
             changed[idx] = ~(dist <= threshold)  # NaN distance: keep
         mask[start:stop] = changed
     return mask
+
+
+def nonfinite_blocks(blocks: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Indices of the blocks holding NaN or inf (none for integer dtypes).
+
+    Tests bit patterns in cache-sized batches: ~10x faster than ``np.isfinite`` on
+    float16/bfloat16, which have no vectorised path.
+    """
+    spec = NONFINITE_BITS.get(dtype_name)
+    n = blocks.shape[0]
+    if spec is None or n == 0 or blocks[:1].size == 0:
+        return np.zeros(0, dtype=np.int64)
+    uint, mask, first_bad = spec
+    words = np.ascontiguousarray(blocks).reshape(n, -1).view(uint)
+    step = max(1, SCAN_BYTES // max(1, words[:1].nbytes))
+    tmp = np.empty((min(step, n), words.shape[1]), uint)
+    bad = []
+    for start in range(0, n, step):
+        part = words[start : start + step]
+        t = tmp[: part.shape[0]]
+        np.bitwise_and(part, mask, out=t)
+        if t.max() >= first_bad:
+            bad.append(np.flatnonzero(t.max(axis=1) >= first_bad) + start)
+    return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, dtype=np.int64)
 
 
 def diff_blocks(master: np.ndarray, kv: np.ndarray, threshold: float) -> np.ndarray:

@@ -52,3 +52,16 @@ def stored_dtype(name: str) -> np.dtype:
 
 def is_float(name: str) -> bool:
     return name.startswith(("float", "bfloat"))
+
+
+# For each float dtype: (unsigned view, mask without the sign bit, smallest non-finite
+# pattern). A value is NaN or inf iff (bits & mask) >= that pattern (exponent all ones;
+# float8_e4m3fn has no inf and one NaN pattern per sign).
+NONFINITE_BITS: dict[str, tuple[np.dtype, int, int]] = {
+    "float16": (np.dtype("<u2"), 0x7FFF, 0x7C00),
+    "bfloat16": (np.dtype("<u2"), 0x7FFF, 0x7F80),
+    "float32": (np.dtype("<u4"), 0x7FFF_FFFF, 0x7F80_0000),
+    "float64": (np.dtype("<u8"), 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    "float8_e5m2": (np.dtype("u1"), 0x7F, 0x7C),
+    "float8_e4m3fn": (np.dtype("u1"), 0x7F, 0x7F),
+}

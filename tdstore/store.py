@@ -36,6 +36,7 @@ from .arrays import (
     balanced_chunk_blocks,
     check_compressor,
     default_chunk_blocks,
+    run_all,
 )
 from .catalog import (
     AgentRow,
@@ -48,8 +49,8 @@ from .catalog import (
     sqlite_url,
     upgrade,
 )
-from .diff import BATCH_BYTES, diff_mask
-from .dtypes import is_float, logical_name, numpy_dtype, stored_dtype
+from .diff import diff_mask, nonfinite_blocks
+from .dtypes import logical_name, numpy_dtype, stored_dtype
 from .errors import (
     CorruptionError,
     InvalidInputError,
@@ -136,20 +137,17 @@ def _from_tensor(kv: object, what: str) -> np.ndarray:
     raise InvalidInputError(f"{what} must be a numpy.ndarray, got {type(kv).__name__}")
 
 
-def check_finite(kv: np.ndarray, dtype_name: str, what: str) -> None:
-    if not is_float(dtype_name):
-        return
-    step = max(1, BATCH_BYTES // max(1, kv[:1].nbytes))
-    for start in range(0, kv.shape[0], step):
-        part = kv[start : start + step]
-        with np.errstate(invalid="ignore"):  # ml_dtypes warns on the NaNs we look for
-            ok = np.isfinite(part.reshape(part.shape[0], -1)).all(axis=1)
-        if not ok.all():
-            bad = np.flatnonzero(~ok)[:5] + start
-            raise InvalidInputError(
-                f"{what} holds NaN or inf in block(s) {', '.join(map(str, bad))}; "
-                "refused (create the group with allow_nonfinite=True to store them exactly)"
-            )
+def check_finite(kv: np.ndarray, dtype_name: str, what: str,
+                 block_numbers: np.ndarray | None = None) -> None:
+    """Refuse NaN and inf; ``block_numbers`` names the blocks of ``kv`` in messages."""
+    bad = nonfinite_blocks(kv, dtype_name)
+    if bad.size:
+        if block_numbers is not None:
+            bad = block_numbers[bad]
+        raise InvalidInputError(
+            f"{what} holds NaN or inf in block(s) {', '.join(map(str, bad[:5]))}; "
+            "refused (create the group with allow_nonfinite=True to store them exactly)"
+        )
 
 
 # --------------------------------------------------------------------------- locking
@@ -556,9 +554,10 @@ class Group:
                     raise StateError(f"group {self.name!r} was replaced concurrently; retry")
                 yield g
 
-    def _prepare(self, kv: object, what: str, g: GroupRow) -> tuple[np.ndarray, str]:
+    def _prepare(self, kv: object, what: str, g: GroupRow, *, check: bool = True
+                 ) -> tuple[np.ndarray, str]:
         kv, dtype_name = as_blocks(kv, what)
-        if not g.allow_nonfinite:
+        if check and not g.allow_nonfinite:
             check_finite(kv, dtype_name, what)
         return kv, dtype_name
 
@@ -635,31 +634,41 @@ class Group:
         return out
 
     def _diff_indices(self, g: GroupRow, spec: ArraySpec, master_path: str,
-                      kv: np.ndarray) -> np.ndarray:
-        """Blocks of ``kv`` that differ from the stored master, read in bounded batches."""
-        n = kv.shape[0]
-        step = max(1, BATCH_BYTES // max(1, spec.block_nbytes))
-        buf = np.empty((min(step, n), *spec.block_shape), spec.dtype)
-        mask = np.zeros(n, dtype=bool)
-        label = f"group {self.name!r} (master)"
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            part = buf[: stop - start]
-            self.store.arrays.read(master_path, spec, start, stop, part, label)
-            mask[start:stop] = diff_mask(part.view(kv.dtype), kv[start:stop], g.diff_threshold)
-        return np.flatnonzero(mask).astype(np.int64)
+                      kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks of ``kv`` that differ from the stored master, and the master's values of
+        those blocks. The master is read and compared in parallel batches of bounded size.
+        """
+        def compare(start: int, load) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+            master = load().view(kv.dtype)
+            stop = start + master.shape[0]
+            kept = np.flatnonzero(diff_mask(master, kv[start:stop], g.diff_threshold))
+            return kept + start, master[kept]
+
+        loaders = self.store.arrays.mapped(master_path, spec, 0, kv.shape[0])
+        parts = run_all([lambda s=s, f=f: compare(s, f) for s, f in loaders])
+        if not parts:
+            return np.zeros(0, np.int64), np.empty((0, *spec.block_shape), kv.dtype)
+        return (np.concatenate([p[0] for p in parts]).astype(np.int64),
+                np.concatenate([p[1] for p in parts]))
 
     def _write_diff(self, g: GroupRow, spec: ArraySpec, master_path: str, kv: np.ndarray,
-                    written: list[str]) -> _WrittenDiff:
-        """Write the mirror's own differing blocks (``spec``: the master's layout)."""
-        idx = self._diff_indices(g, spec, master_path, kv)
+                    written: list[str], what: str = "") -> _WrittenDiff:
+        """Write the mirror's own differing blocks (``spec``: the master's layout).
+
+        Only the kept blocks need the finite check: a dropped block is byte-identical to,
+        or within a finite distance of, a finite master block, so it is finite itself.
+        """
+        idx, master_values = self._diff_indices(g, spec, master_path, kv)
+        values = kv[idx]
+        if what and not g.allow_nonfinite:
+            check_finite(values, g.dtype, what, block_numbers=idx)
         if idx.size == 0:
-            return _WrittenDiff(idx, None, None, 0)
+            return _WrittenDiff(idx, None, None, 0, values, master_values)
         dspec = replace(spec, chunk_blocks=self._chunk_for(g, spec, idx.size))
         path = self.store.arrays.new_path(g.gid, "d")
         written.append(path)
-        nbytes = self.store.arrays.create_and_write(path, dspec, kv[idx].view(spec.dtype))
-        return _WrittenDiff(idx, path, dspec.chunk_blocks, nbytes)
+        nbytes = self.store.arrays.create_and_write(path, dspec, values.view(spec.dtype))
+        return _WrittenDiff(idx, path, dspec.chunk_blocks, nbytes, values, master_values)
 
     @staticmethod
     def _store_diff_rows(s, row: AgentRow, diff: _WrittenDiff, t: float) -> None:  # noqa: ANN001
@@ -694,7 +703,8 @@ class Group:
                 raise InvalidInputError(
                     f"{where} is the group's master; use register_master() to replace it"
                 )
-            kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
+            what = f"{where}: kv_blocks"
+            kv, dtype_name = self._prepare(kv_blocks, what, g, check=False)
             master_shape = (g.n_blocks, *g.block_shape)
             if kv.shape != master_shape:
                 raise InvalidInputError(
@@ -707,7 +717,7 @@ class Group:
             spec = self._spec(g, master.chunk_blocks)
             written: list[str] = []
             try:
-                diff = self._write_diff(g, spec, master.array, kv, written)
+                diff = self._write_diff(g, spec, master.array, kv, written, what)
                 t = now()
                 with self.store.catalog.write() as s:
                     if old is None:
@@ -725,14 +735,9 @@ class Group:
                 raise
             if old is not None and old.array:
                 self.store.arrays.remove(old.array)
-        idx = diff.indices
-        return SparseKVDiff(
-            block_indices=idx,
-            diff_values=_delta(kv[idx], self._master_blocks(master.name, idx)),
-            total_blocks=kv.shape[0],
-            threshold=g.diff_threshold,
-            values=kv[idx],
-        )
+        return SparseKVDiff(block_indices=diff.indices, total_blocks=kv.shape[0],
+                            threshold=g.diff_threshold, values=diff.values,
+                            master_values=diff.master_values)
 
     def _master_blocks(self, master: str, idx: np.ndarray) -> np.ndarray:
         return self._read(master, lambda snap: read_blocks(self.store.arrays, snap, idx))
@@ -841,9 +846,9 @@ class Group:
             values = read_blocks(self.store.arrays, snap, idx) if idx.size else \
                 np.empty((0, *snap.spec.block_shape), snap.dtype)
             master = self._master_blocks(self.master_id, idx) if idx.size else values
-            return SparseKVDiff(block_indices=idx, diff_values=_delta(values, master),
-                                total_blocks=snap.n_blocks, threshold=self.diff_threshold,
-                                values=values)
+            return SparseKVDiff(block_indices=idx, total_blocks=snap.n_blocks,
+                                threshold=self.diff_threshold, values=values,
+                                master_values=master)
 
         return self._read(agent_id, run)
 
@@ -885,11 +890,6 @@ def _ratio(n_agents: int, master_blocks: int, diff_blocks: int) -> float:
     return float(n_agents) if stored == 0 else n_agents * master_blocks / stored
 
 
-def _delta(values: np.ndarray, master: np.ndarray) -> np.ndarray:
-    """The seed's ``diff_values``: mirror minus master, computed in float64."""
-    return values.astype(np.float64) - master.astype(np.float64)
-
-
 @dataclass(frozen=True)
 class _WrittenDiff:
     """A mirror's differing blocks as just written: indices, array path, chunking, bytes."""
@@ -898,6 +898,8 @@ class _WrittenDiff:
     path: str | None
     chunk_blocks: int | None
     nbytes: int
+    values: np.ndarray  # the mirror's values of those blocks
+    master_values: np.ndarray  # the master's values of those blocks
 
 
 class BlockView:

@@ -1,0 +1,141 @@
+"""The read path: windows, memmap outputs, checksums, views of compressed groups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import zarr
+from conftest import kv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tdstore
+from tdstore import reconstruct
+from tdstore.diff import nonfinite_blocks
+from tdstore.dtypes import NONFINITE_BITS, numpy_dtype
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(NONFINITE_BITS)), data=st.data())
+def test_nonfinite_blocks_agrees_with_isfinite(name, data):
+    dt = numpy_dtype(name)
+    n_blocks, width = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 40))
+    raw = data.draw(st.binary(min_size=n_blocks * width * dt.itemsize,
+                              max_size=n_blocks * width * dt.itemsize))
+    blocks = np.frombuffer(raw, dtype=dt).reshape(n_blocks, width)
+    with np.errstate(invalid="ignore"):
+        expected = np.flatnonzero(~np.isfinite(blocks.astype(np.float64)).all(axis=1))
+    assert nonfinite_blocks(blocks, name).tolist() == expected.tolist()
+
+
+def test_integer_blocks_are_never_nonfinite():
+    assert nonfinite_blocks(np.full((3, 4), 255, np.uint8), "uint8").size == 0
+
+
+def test_a_nan_in_a_kept_block_is_named_by_its_block_number(store):
+    g = store.group("g")
+    master = kv(16)
+    g.register_master("m", master)
+    bad = master.copy()
+    bad[14, 1, 1] = np.inf
+    with pytest.raises(tdstore.InvalidInputError, match=r"NaN or inf in block\(s\) 14;"):
+        g.register_mirror("a", bad)
+    assert g.agents() == ["m"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_reconstruct_over_many_windows_into_arrays_and_memmaps(store, tmp_path, monkeypatch,
+                                                                dtype):
+    monkeypatch.setattr(reconstruct, "WINDOW_BYTES", 5 * 4 * 8 * 4)  # ~5 blocks a window
+    g = store.group("g", chunk_blocks=3)
+    master = kv(50, dtype=dtype)
+    mirror = master.copy()
+    rng = np.random.default_rng(3)
+    changed = rng.choice(50, 17, replace=False)
+    mirror[changed] = kv(17, dtype=dtype, seed=8)
+    g.register_master("m", master)
+    g.register_mirror("a", mirror)
+    assert np.array_equal(g.reconstruct("a").view(np.uint8), mirror.view(np.uint8))
+    mm = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=mirror.dtype,
+                                   shape=mirror.shape)
+    g.reconstruct("a", out=mm)
+    assert np.array_equal(np.asarray(mm).view(np.uint8), mirror.view(np.uint8))
+    del mm
+    again = np.load(tmp_path / "out.npy")
+    assert np.array_equal(again.view(np.uint8), mirror.view(np.uint8))
+
+
+def test_copy_on_write_memmap_output_keeps_its_pages(store, tmp_path):
+    g = store.group("g")
+    g.register_master("m", kv(8))
+    np.save(tmp_path / "z.npy", np.zeros_like(kv(8)))
+    mm = np.load(tmp_path / "z.npy", mmap_mode="c")
+    g.reconstruct("m", out=mm)
+    assert np.array_equal(mm, kv(8))
+    assert not np.load(tmp_path / "z.npy").any()  # copy-on-write: the file is untouched
+
+
+def test_verify_reads_detects_a_flipped_byte_and_names_the_blocks(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        g = store.group("rag", chunk_blocks=4)
+        g.register_master("retriever", kv(12))
+    chunk = next((path / "data").glob("*/m-*/c.1.0.0"))
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with tdstore.open(path, verify_reads=True) as store:
+        g = store.group("rag")
+        with pytest.raises(tdstore.CorruptionError,
+                           match=r"group 'rag' agent 'retriever' \(master\) blocks 4-7: .*crc32c"):
+            g.reconstruct("retriever")
+        with pytest.raises(tdstore.CorruptionError, match="block 5: chunk file c.1.0.0 fails"):
+            g.view("retriever")[5]
+        assert np.array_equal(g.view("retriever")[:4], kv(12)[:4])  # other chunks still read
+
+
+def test_a_missing_chunk_is_an_error_not_zeros(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        g = store.group("rag", chunk_blocks=4)
+        g.register_master("retriever", kv(12))
+        next((path / "data").glob("*/m-*/c.2.0.0")).unlink()
+        with pytest.raises(tdstore.CorruptionError,
+                           match="blocks 8-11: chunk file c.2.0.0 is missing"):
+            g.reconstruct("retriever")
+        with pytest.raises(tdstore.CorruptionError, match="missing"):
+            g.register_mirror("critic", kv(12))
+
+
+def test_array_metadata_stays_readable_by_zarr_after_appends(store):
+    g = store.group("g", chunk_blocks=4)
+    master = kv(6, dtype="bfloat16")
+    g.register_master("m", master)
+    g.collective_reuse_step(["m"], kv(5, dtype="bfloat16", seed=2))
+    (arr_dir,) = (store.path / "data").glob("*/m-*")
+    arr = zarr.open_array(str(arr_dir), mode="r")
+    assert arr.shape == (11, 4, 8)
+    full = np.concatenate([master, kv(5, dtype="bfloat16", seed=2)])
+    assert np.array_equal(arr[:].view(ml_dtypes.bfloat16), full)
+
+
+def test_bench_runs_and_reports_every_target_as_json(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tdstore", "bench", "--agents", "3", "--blocks", "32",
+         "--block-shape", "2,8,16", "--reps", "1", "--scaling-mirrors", "4",
+         "--open-agents", "20", "--big-gib", "0.002", "--dir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    r = report["results"]
+    assert r["big_ok"] is True and r["bytes_on_disk"] >= r["bytes_ideal"]
+    assert len(report["ratios"]) >= 12
+    for name, t in report["ratios"].items():
+        assert t["value"] is not None and t["value"] > 0, name
+    assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
