@@ -87,8 +87,10 @@ def balanced_chunk_blocks(n_blocks: int, max_blocks: int) -> int:
     """Blocks per chunk for an array of ``n_blocks``: at most ``max_blocks``, and spread
     evenly so the padding of the last chunk (zarr stores edge chunks full size) stays
     below one block per chunk."""
-    n_chunks = max(1, -(-n_blocks // max_blocks))
-    return max(1, -(-n_blocks // n_chunks))
+    if n_blocks == 0:  # an empty master grows by appends: full-size chunks
+        return max_blocks
+    n_chunks = -(-n_blocks // max_blocks)
+    return -(-n_blocks // n_chunks)
 
 
 def check_compressor(compressor: str | None) -> None:

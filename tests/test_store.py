@@ -331,7 +331,10 @@ def test_a_master_of_zero_blocks_grows_by_reuse_steps(store):
     g.register_master("m", np.zeros((0, 4), np.float32))
     assert g.reconstruct("m").shape == (0, 4)
     g.collective_reuse_step(["a"], kv(3, (4,)))
-    assert np.array_equal(g.reconstruct("a"), kv(3, (4,)))
+    g.collective_reuse_step(["a"], kv(5, (4,), seed=1))
+    assert np.array_equal(g.reconstruct("a"), np.concatenate([kv(3, (4,)), kv(5, (4,), seed=1)]))
+    # an empty master gets full-size chunks, not one file per appended block
+    assert len(list((store.path / "data").glob("*/m-*/c.*"))) == 1
 
 
 def _master_array(store, group: str) -> str:
