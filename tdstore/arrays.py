@@ -237,14 +237,26 @@ class ArrayStore:
             fsync_dir(full.parent)
 
     @staticmethod
-    def _write_metadata(full: Path, spec: ArraySpec, n_blocks: int) -> None:
-        """Write ``zarr.json`` atomically: zarr's own document for this layout, with the
-        array's shape filled in (zarr's create/resize cost ~2 ms through its async API)."""
+    def _metadata_text(spec: ArraySpec, n_blocks: int) -> str:
+        """zarr's own ``zarr.json`` for this layout with the array's shape filled in
+        (zarr's create/resize cost ~2 ms each through its async API)."""
         doc = json.loads(_metadata_template(spec))
         doc["shape"] = [n_blocks, *spec.block_shape]
+        return json.dumps(doc, indent=2)
+
+    def _write_metadata(self, full: Path, spec: ArraySpec, n_blocks: int) -> None:
         tmp = full / f"zarr.json.tmp-{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.write_text(self._metadata_text(spec, n_blocks))
         os.replace(tmp, full / "zarr.json")
+
+    def estimate_nbytes(self, spec: ArraySpec, n_blocks: int) -> int:
+        """Bytes an array of ``n_blocks`` will take on disk: exact when uncompressed, an
+        upper bound when compressed (incompressible data grows by a small header)."""
+        n_chunks = -(-n_blocks // spec.chunk_blocks) if n_blocks else 0
+        per_chunk = spec.chunk_nbytes + CRC_BYTES
+        if spec.compressor is not None:
+            per_chunk += spec.chunk_nbytes // 64 + 512
+        return n_chunks * per_chunk + len(self._metadata_text(spec, n_blocks).encode())
 
     def resize(self, path: str, spec: ArraySpec, n_blocks: int) -> None:
         """Grow the array's zarr shape (never shrinks: that would delete chunks)."""

@@ -138,7 +138,12 @@ def _sqlite_engine(url: str, readonly: bool) -> Engine:
     def _on_begin(conn):  # noqa: ANN001
         # A writer takes the write lock at BEGIN, so it waits on the busy timeout
         # instead of failing with "database is locked" when upgrading a read lock.
-        if conn.get_execution_options().get("tdstore_write"):
+        options = conn.get_execution_options()
+        if options.get("tdstore_nowait"):  # best-effort writes: give up quickly if busy
+            conn.exec_driver_sql("PRAGMA busy_timeout = 20")
+        elif options.get("tdstore_write"):
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if options.get("tdstore_write"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
@@ -190,6 +195,25 @@ class Catalog:
     def set_meta(self, key: str, value: str) -> None:
         with self.write() as s:
             s.merge(MetaRow(key=key, value=value))
+
+    def touch(self, accessed: dict[int, float], resolution: float) -> None:
+        """Record an access of these agent rows, if their last one is older than
+        ``resolution`` seconds. Best effort: skipped when the writer lock is busy."""
+        from sqlalchemy import update
+        from sqlalchemy.exc import OperationalError
+
+        t = now()
+        stale = [i for i, last in accessed.items() if t - last >= resolution]
+        if not stale:
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(tdstore_write=True, tdstore_nowait=True)
+                with conn.begin():
+                    conn.execute(update(AgentRow).where(AgentRow.id.in_(stale))
+                                 .values(last_access=t))
+        except OperationalError:
+            pass  # "database is locked": a writer is busy; the next read records it
 
     def close(self) -> None:
         self.engine.dispose()

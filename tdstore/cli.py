@@ -1,14 +1,25 @@
-"""The ``tdstore`` command line: each command is a thin layer over the library."""
+"""The ``tdstore`` command line: each command is a thin layer over one library call.
+
+Read commands take ``--json``; long operations show a progress bar on a terminal and
+stay quiet otherwise; user errors print one line on stderr and exit with status 2.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
 from .errors import TdStoreError
+from .store import Store
+from .store import open as open_store
 
 MiB = 1 << 20
 
@@ -28,10 +39,326 @@ class _Group(click.Group):
             _fail(exc)
 
 
+def _open(path: Path, **kwargs: Any) -> Store:
+    return open_store(path, create=False, **kwargs)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], formats: dict | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    formats = formats or {}
+    table = Table(box=None, pad_edge=False)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(formats.get(c, str)(r[c]) for c in columns))
+    # on a terminal, fit it; piped output is never cut
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Any]:
+    """A (done, total, what) callback drawing a bar on a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{label} {what}")
+
+        yield update
+
+
+path_arg = click.argument("path", type=click.Path(path_type=Path))
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="tdstore")
 def main() -> None:
     """tdstore: persistent master/mirror storage for the KV caches of many LLM agents."""
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@main.command()
+@path_arg
+@json_opt
+def info(path: Path, as_json: bool) -> None:
+    """Schema, version, groups, agents, bytes, ratio and reclaimable bytes of a store."""
+    with _open(path) as store:
+        data = store.info()
+    if as_json:
+        _emit_json(data)
+        return
+    rows = [
+        ("store", data["path"]),
+        ("schema revision", f"{data['schema_revision']} (latest known {data['schema_head']})"),
+        ("tdstore version", f"{data['tdstore_version']} (store created by {data['created_by']})"),
+        ("groups", data["groups"]),
+        ("agents", data["agents"]),
+        ("logical bytes", _size(data["bytes_logical"])),
+        ("stored bytes", _size(data["bytes_stored"])),
+        ("compression ratio", f"{data['compression_ratio']:.2f}x"),
+        ("reclaimable bytes", f"{_size(data['reclaimable_bytes'])} (tdstore gc)"),
+        ("size budget", _size(data["max_bytes"]) if data["max_bytes"] else "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@main.command()
+@path_arg
+@click.argument("group", required=False)
+@json_opt
+def ls(path: Path, group: str | None, as_json: bool) -> None:
+    """List the groups of a store, or the agents of GROUP."""
+    from .maintenance import ls_agents, ls_groups
+
+    with _open(path) as store:
+        if group is None:
+            rows = ls_groups(store)
+            cols = ["group", "agents", "master", "blocks", "dtype", "bytes_logical",
+                    "bytes_stored", "compression_ratio"]
+        else:
+            rows = ls_agents(store.group(group, create=False))
+            cols = ["agent", "role", "blocks", "diff_blocks", "bytes", "last_access", "status"]
+    if as_json:
+        _emit_json(rows)
+        return
+    _table(rows, cols, {"bytes_logical": _size, "bytes_stored": _size, "bytes": _size,
+                        "last_access": _when, "compression_ratio": lambda r: f"{r:.2f}x",
+                        "master": lambda m: m or "-", "dtype": lambda d: d or "-"})
+
+
+@main.command()
+@path_arg
+@click.argument("group")
+@json_opt
+def stats(path: Path, group: str, as_json: bool) -> None:
+    """The statistics of GROUP (Group.stats())."""
+    with _open(path) as store:
+        data = store.group(group, create=False).stats()
+    if as_json:
+        _emit_json(data)
+        return
+    for key, value in data.items():
+        click.echo(f"{key:<18} {value}")
+
+
+# --------------------------------------------------------------------------- check, reclaim
+
+
+@main.command()
+@path_arg
+@click.option("--repair", is_flag=True,
+              help="Remove garbage and quarantine agents whose data is damaged.")
+@json_opt
+def verify(path: Path, repair: bool, as_json: bool) -> None:
+    """Check the catalogue against the data and every chunk's checksum.
+
+    Exits 0 when clean, 1 when anything was found.
+    """
+    with _open(path) as store, _progress("verify") as progress:
+        report = store.verify(repair=repair, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for f in report.findings:
+            click.echo(str(f))
+        for r in report.repaired:
+            click.echo(f"repaired: {r}")
+        click.echo(f"{report.agents_checked} agents, {report.chunks_checked} chunks checked: "
+                   + ("clean" if report.ok else f"{len(report.damage)} damaged, "
+                      f"{len(report.garbage)} garbage"))
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@path_arg
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@json_opt
+def gc(path: Path, dry_run: bool, as_json: bool) -> None:
+    """Remove data no catalogue row references (after replacements, deletes, crashes)."""
+    with _open(path) as store, _progress("gc") as progress:
+        report = store.gc(dry_run=dry_run, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for p in report.removed:
+        click.echo(f"{verb} {p}")
+    click.echo(f"{verb} {len(report.removed)} item(s), {_size(report.freed_bytes)}")
+
+
+@main.command()
+@path_arg
+@click.option("--max-bytes", type=int, required=True, help="Target size of the data.")
+@click.option("--dry-run", is_flag=True, help="Only report what would be evicted.")
+@json_opt
+def evict(path: Path, max_bytes: int, dry_run: bool, as_json: bool) -> None:
+    """Evict least-recently-used agents until the data fits in --max-bytes."""
+    with _open(path) as store:
+        victims = store.evict(max_bytes, dry_run=dry_run)
+    if as_json:
+        _emit_json([v.__dict__ for v in victims])
+        return
+    verb = "would evict" if dry_run else "evicted"
+    for v in victims:
+        click.echo(f"{verb} {v.describe()}")
+    click.echo(f"{verb} {len(victims)} item(s), {_size(sum(v.nbytes for v in victims))}")
+
+
+@main.command()
+@path_arg
+@click.argument("max_bytes", required=False)
+def budget(path: Path, max_bytes: str | None) -> None:
+    """Show the persisted size budget, or set it to MAX_BYTES ('none' removes it)."""
+    with _open(path) as store:
+        if max_bytes is not None:
+            if max_bytes.lower() == "none":
+                store.set_max_bytes(None)
+            else:
+                try:
+                    value = int(max_bytes)
+                except ValueError:
+                    raise click.BadParameter("an integer number of bytes, or 'none'") from None
+                store.set_max_bytes(value)
+        current = store.max_bytes
+    click.echo(f"size budget: {current if current is not None else 'none'}")
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+@main.command()
+@path_arg
+@click.argument("group")
+@json_opt
+def compact(path: Path, group: str, as_json: bool) -> None:
+    """Rewrite GROUP tightly (re-balanced chunks), atomically."""
+    with _open(path) as store, _progress("compact"):
+        result = store.group(group, create=False).compact()
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"group {group!r}: {_size(result['bytes_before'])} -> "
+               f"{_size(result['bytes_after'])}")
+
+
+@main.command()
+@path_arg
+@click.argument("group")
+@click.option("--master", "master", default=None, help="The agent to make the master.")
+@click.option("--auto", is_flag=True, help="Choose the master that minimises the total diff.")
+@json_opt
+def rebase(path: Path, group: str, master: str | None, auto: bool, as_json: bool) -> None:
+    """Make another agent the master of GROUP and re-derive every mirror, atomically."""
+    if (master is None) == (not auto):
+        raise click.UsageError("give exactly one of --master AGENT or --auto")
+    with _open(path) as store, _progress("rebase"):
+        result = store.group(group, create=False).rebase(master)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"group {group!r}: master {result['previous_master']!r} -> "
+               f"{result['master']!r}; diff blocks {result['diff_blocks_before']} -> "
+               f"{result['diff_blocks_after']}")
+
+
+# --------------------------------------------------------------------------- move data
+
+
+@main.command()
+@path_arg
+@click.argument("group")
+@click.argument("agent")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="A .npy or .safetensors file.")
+@json_opt
+def export(path: Path, group: str, agent: str, output: Path, as_json: bool) -> None:
+    """Write AGENT's KV blocks to a .npy or .safetensors file."""
+    with _open(path) as store, _progress("export"):
+        result = store.group(group, create=False).export(agent, output)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"wrote {result['file']}: {result['shape']} {result['dtype']}, "
+               f"{_size(result['bytes'])}")
+
+
+@main.command(name="import")
+@path_arg
+@click.argument("group")
+@click.argument("agent")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--master", is_flag=True, help="Register as the group's master.")
+@click.option("--dtype", default=None, help="Read raw bits as this dtype (e.g. bfloat16).")
+@json_opt
+def import_(path: Path, group: str, agent: str, file: Path, master: bool, dtype: str | None,
+            as_json: bool) -> None:
+    """Register AGENT in GROUP from a .npy or .safetensors file (created if missing)."""
+    with open_store(path) as store, _progress("import"):
+        result = store.group(group).import_file(agent, file, master=master, dtype=dtype)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"group {group!r}: {result['role']} {agent!r}, {result['blocks']} blocks, "
+               f"{result['diff_blocks']} stored")
+
+
+@main.command()
+@path_arg
+@click.argument("group")
+@click.argument("agent", required=False)
+def rm(path: Path, group: str, agent: str | None) -> None:
+    """Delete GROUP, or one AGENT of it."""
+    with _open(path) as store:
+        if agent is None:
+            store.delete_group(group)
+            click.echo(f"deleted group {group!r}")
+        else:
+            store.group(group, create=False).delete(agent)
+            click.echo(f"deleted agent {agent!r} of group {group!r}")
+
+
+@main.command()
+@path_arg
+@click.option("--to", "revision", default="head", show_default=True,
+              help="Schema revision to upgrade or downgrade to.")
+def migrate(path: Path, revision: str) -> None:
+    """Upgrade (or downgrade) the catalogue schema of a store."""
+    with _open(path) as store:
+        current = store.migrate(revision)
+    click.echo(f"schema revision: {', '.join(current) or 'base'}")
+
+
+# --------------------------------------------------------------------------- demo, bench
 
 
 @main.command()
@@ -53,7 +380,7 @@ def demo(path: Path, agents: int, blocks: int, tail: int) -> None:
     r = run(path, work)
     n = work.n_agents
     logical = n * work.agent_nbytes
-    stats = r["stats"]
+    st = r["stats"]
     click.echo(
         f"write:  master {work.agent_nbytes / MiB:.1f} MiB in {r['master_s']:.3f} s "
         f"({work.agent_nbytes / r['master_s'] / 1e9:.2f} GB/s, fsynced); "
@@ -67,9 +394,9 @@ def demo(path: Path, agents: int, blocks: int, tail: int) -> None:
         f"bit-exact: {ok}/{n}"
     )
     click.echo(
-        f"space:  logical {logical / MiB:.1f} MiB, stored {stats['bytes_stored'] / MiB:.1f} MiB, "
+        f"space:  logical {logical / MiB:.1f} MiB, stored {st['bytes_stored'] / MiB:.1f} MiB, "
         f"store directory {r['disk_bytes'] / MiB:.1f} MiB; compression ratio "
-        f"{stats['compression_ratio']:.2f}x (blocks), {logical / r['disk_bytes']:.2f}x (bytes)"
+        f"{st['compression_ratio']:.2f}x (blocks), {logical / r['disk_bytes']:.2f}x (bytes)"
     )
     if ok != n:
         raise click.ClickException("some agents did not reconstruct bit-exactly")

@@ -41,3 +41,7 @@ class SchemaError(TdStoreError, RuntimeError):
 
 class CorruptionError(TdStoreError, OSError):
     """Stored data is missing or damaged; it is never returned as data."""
+
+
+class StoreFullError(TdStoreError, OSError):
+    """A write would exceed the store's size budget even after evicting what it may."""

@@ -33,6 +33,7 @@ class AgentSnapshot:
     master_array: str
     diff_array: str | None
     block_indices: np.ndarray  # int64, ascending; the values sit at slots 0..n_diff-1
+    accessed: dict[int, float]  # agent row id -> last_access, for the agent and its master
 
     @property
     def label(self) -> str:

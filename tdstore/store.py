@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, insert, select
 
-from . import __version__
+from . import __version__, budget, maintenance
 from .arrays import (
     ArraySpec,
     ArrayStore,
@@ -38,6 +38,7 @@ from .arrays import (
     default_chunk_blocks,
     run_all,
 )
+from .budget import Reservation, budget_turn
 from .catalog import (
     AgentRow,
     Catalog,
@@ -75,6 +76,8 @@ LOCK_DIR = "locks"
 MAX_NAME_CHARS = 1024
 DEFAULT_DIFF_THRESHOLD = 0.0
 READ_RETRIES = 3
+# last_access is recorded at most this often per agent (reads stay read-mostly)
+ACCESS_RESOLUTION_S = 1.0
 
 
 # --------------------------------------------------------------------------- validation
@@ -181,9 +184,15 @@ class Store:
         url: str | None = None,
         readonly: bool = False,
         verify_reads: bool = False,
+        max_bytes: int | None = None,
+        create: bool = True,
     ):
+        if max_bytes is not None:
+            budget.check_max_bytes(max_bytes)
         self.path = Path(path).absolute()
         self.readonly = readonly
+        if not create and not (self.path / CATALOG_FILE).exists():
+            raise NotFoundError(f"store {self.path}: no {CATALOG_FILE}; not a tdstore store")
         self._prepare_directory()
         catalog_file = self.path / CATALOG_FILE
         if url is None:
@@ -195,6 +204,8 @@ class Store:
             self._open_schema()
             if not readonly:
                 self.arrays.ensure_root()
+            if max_bytes is not None and max_bytes != self.max_bytes:
+                self.set_max_bytes(max_bytes)
         except BaseException:
             self.catalog.close()
             raise
@@ -363,6 +374,44 @@ class Store:
                 s.delete(g)
             self.arrays.remove_group_dir(gid)
 
+    # ------------------------------------------------------------------ maintenance
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The size budget of ``data/`` in bytes (None: unlimited); persisted."""
+        return budget.get_max_bytes(self)
+
+    def set_max_bytes(self, value: int | None) -> None:
+        """Set (None: remove) the persisted size budget. Takes effect on the next write;
+        use :meth:`evict` to shrink the store to a new, lower budget at once."""
+        budget.set_max_bytes(self, value)
+
+    def info(self) -> dict[str, Any]:
+        """Schema revision, versions, groups, agents, bytes, ratio, reclaimable bytes."""
+        return maintenance.info(self)
+
+    def verify(self, *, repair: bool = False, progress=None) -> maintenance.VerifyReport:  # noqa: ANN001
+        """Check catalogue against data (and every chunk's crc32c); see tdstore.maintenance."""
+        return maintenance.verify(self, repair=repair, progress=progress)
+
+    def gc(self, *, dry_run: bool = False, progress=None) -> maintenance.GcReport:  # noqa: ANN001
+        """Remove data no catalogue row references; ``dry_run`` only reports it."""
+        return maintenance.gc(self, dry_run=dry_run, progress=progress)
+
+    def evict(self, max_bytes: int, *, dry_run: bool = False) -> list[budget.Victim]:
+        """Evict least-recently-used agents until the data fits in ``max_bytes``."""
+        return maintenance.evict(self, max_bytes, dry_run=dry_run)
+
+    def migrate(self, revision: str = "head") -> tuple[str, ...]:
+        """Upgrade (or downgrade) the catalogue schema; returns the new revision."""
+        self._check_writable()
+        with file_lock(self.path / LOCK_DIR / "store.lock"):
+            check_not_newer(self.catalog, str(self.path))
+            upgrade(self.catalog, revision)
+        from .catalog import schema_status
+
+        return schema_status(self.catalog)[0]
+
     def close(self) -> None:
         """Release the catalogue's connections. The store can be opened again later."""
         self.catalog.close()
@@ -455,10 +504,12 @@ class Group:
                 raise NoMasterError(f"group {self.name!r}: no master registered")
             if row is None:
                 raise NotFoundError(f"group {self.name!r}: unknown agent {agent!r}")
-            if row.status != "ok":
-                raise CorruptionError(
-                    f"{self._where(agent)} is quarantined ({row.status}); its data is damaged"
-                )
+            for r in {row.id: row, master.id: master}.values():
+                if r.status != "ok":
+                    raise CorruptionError(
+                        f"{self._where(agent)}: agent {r.name!r} is {r.status}: its data is "
+                        "damaged; re-register it or delete it"
+                    )
             idx = np.zeros(0, dtype=np.int64)
             if row.role == "mirror" and row.n_diff:
                 idx = np.fromiter(
@@ -473,20 +524,27 @@ class Group:
                 diff_spec=self._spec(g, row.chunk_blocks) if row.chunk_blocks else None,
                 dtype_name=g.dtype, n_blocks=g.n_blocks, master_array=master.array,
                 diff_array=row.array if row.role == "mirror" else None, block_indices=idx,
+                accessed={row.id: row.last_access, master.id: master.last_access},
             )
 
-    def _read(self, agent: str, fn):  # noqa: ANN001
-        """Run ``fn(snapshot)``, retrying if a concurrent writer replaced the data read."""
+    def _read(self, agent: str, fn, *, touch: bool = True):  # noqa: ANN001
+        """Run ``fn(snapshot)``, retrying if a concurrent writer replaced the data read;
+        then record the access (for least-recently-used eviction)."""
         snap = self._snapshot(agent)
         for _ in range(READ_RETRIES):
             try:
-                return fn(snap)
+                result = fn(snap)
+                break
             except CorruptionError:
                 fresh = self._snapshot(agent)
                 if fresh.arrays_key == snap.arrays_key and fresh.n_blocks == snap.n_blocks:
                     raise
                 snap = fresh
-        return fn(snap)
+        else:
+            result = fn(snap)
+        if touch and not self.store.readonly:
+            self.store.catalog.touch(snap.accessed, ACCESS_RESOLUTION_S)
+        return result
 
     # ------------------------------------------------------------------ properties
 
@@ -547,7 +605,7 @@ class Group:
         self.store._check_writable()
         with self.store.catalog.read() as s:
             gid = self._row(s).gid
-        with self.store._group_lock(gid):
+        with self.store._group_lock(gid), budget_turn(self.store):
             with self.store.catalog.read() as s:  # state as of holding the lock
                 g = self._row(s)
                 if g.gid != gid:  # deleted and re-created meanwhile
@@ -566,7 +624,9 @@ class Group:
 
         A different agent replaces the master and removes every mirror (their data
         becomes unreferenced). Re-registering the current master re-derives each mirror
-        against the new blocks, so every mirror still reconstructs to its own values.
+        against the new blocks, so every mirror still reconstructs to its own values;
+        re-registering a master quarantined by ``verify --repair`` restores it and keeps
+        its mirrors' stored blocks.
 
         Raises InvalidInputError for bad arrays or names (nothing is written).
         """
@@ -591,16 +651,21 @@ class Group:
             spec = ArraySpec(kv.shape[1:], stored_dtype(dtype_name), 1, g.compressor)
             spec = replace(spec, chunk_blocks=self._chunk_for(g, spec, kv.shape[0]))
             arrays = self.store.arrays
+            room = Reservation(self.store, g.gid, frozenset(a.name for a in agents))
+            room.need(arrays.estimate_nbytes(spec, kv.shape[0]), f"{where}: the master")
             arrays.new_group_dir(g.gid)
             path = arrays.new_path(g.gid, "m")
             written = [path]
             try:
                 nbytes = arrays.create_and_write(path, spec, kv.view(spec.dtype))
                 rederived = []
-                if same_master and mirrors:
+                # a quarantined master is being restored: its mirrors' own blocks are
+                # intact and stay as stored (they cannot be rebuilt through damaged data)
+                if same_master and mirrors and master.status == "ok":
                     for m in mirrors:
-                        old = self._read(m.name, lambda snap: self._full(snap))
-                        rederived.append((m, self._write_diff(g, spec, path, old, written)))
+                        old = self._read(m.name, lambda snap: self._full(snap), touch=False)
+                        rederived.append((m, self._write_diff(g, spec, path, old, written,
+                                                              room=room)))
             except BaseException:
                 for p in written:
                     arrays.remove(p)
@@ -652,7 +717,8 @@ class Group:
                 np.concatenate([p[1] for p in parts]))
 
     def _write_diff(self, g: GroupRow, spec: ArraySpec, master_path: str, kv: np.ndarray,
-                    written: list[str], what: str = "") -> _WrittenDiff:
+                    written: list[str], what: str = "", room: Reservation | None = None
+                    ) -> _WrittenDiff:
         """Write the mirror's own differing blocks (``spec``: the master's layout).
 
         Only the kept blocks need the finite check: a dropped block is byte-identical to,
@@ -665,6 +731,9 @@ class Group:
         if idx.size == 0:
             return _WrittenDiff(idx, None, None, 0, values, master_values)
         dspec = replace(spec, chunk_blocks=self._chunk_for(g, spec, idx.size))
+        if room is not None:
+            room.need(self.store.arrays.estimate_nbytes(dspec, idx.size),
+                      what or f"group {self.name!r}: a mirror")
         path = self.store.arrays.new_path(g.gid, "d")
         written.append(path)
         nbytes = self.store.arrays.create_and_write(path, dspec, values.view(spec.dtype))
@@ -717,7 +786,8 @@ class Group:
             spec = self._spec(g, master.chunk_blocks)
             written: list[str] = []
             try:
-                diff = self._write_diff(g, spec, master.array, kv, written, what)
+                room = Reservation(self.store, g.gid, frozenset({agent_id}))
+                diff = self._write_diff(g, spec, master.array, kv, written, what, room)
                 t = now()
                 with self.store.catalog.write() as s:
                     if old is None:
@@ -729,6 +799,8 @@ class Group:
                     else:
                         row = s.get(AgentRow, old.id)
                     self._store_diff_rows(s, row, diff, t)
+                    row.last_access = t
+                    s.get(AgentRow, master.id).last_access = t  # the diff read the master
             except BaseException:
                 for p in written:
                     self.store.arrays.remove(p)
@@ -768,6 +840,10 @@ class Group:
             n_old, n_new = g.n_blocks, g.n_blocks + new.shape[0]
             arrays = self.store.arrays
             if new.shape[0]:
+                grown = arrays.estimate_nbytes(spec, n_new) - master.nbytes
+                # the replaced last chunk and zarr.json exist twice for a moment
+                Reservation(self.store, g.gid, frozenset(names)).need(
+                    grown + spec.chunk_nbytes + 4096, what)
                 arrays.resize(master.array, spec, n_new)
                 arrays.write(master.array, spec, n_old, new.view(spec.dtype))
             t = now()
@@ -775,7 +851,8 @@ class Group:
             with self.store.catalog.write() as s:
                 row = self._row(s)
                 row.n_blocks, row.updated_at = n_new, t
-                s.get(AgentRow, master.id).nbytes = arrays.nbytes(master.array)
+                mrow = s.get(AgentRow, master.id)
+                mrow.nbytes, mrow.last_access = arrays.nbytes(master.array), t
                 for name in names:
                     if name == master.name:
                         continue
@@ -814,6 +891,56 @@ class Group:
                     grow.updated_at = now()
             if path:
                 self.store.arrays.remove(path)
+
+    def _replace_all(self, new_master: str) -> None:
+        """Rewrite every agent of the group against ``new_master``, atomically.
+
+        Each agent is rebuilt from the committed state (one at a time: memory stays at one
+        agent plus the new master) and re-diffed; one transaction swaps in the new arrays
+        and roles. Backs ``rebase`` and ``compact``.
+        """
+        with self._locked() as g:
+            with self.store.catalog.read() as s:
+                agents = self._agents(s, g)
+            names = [a.name for a in agents]
+            if new_master not in names:
+                raise NotFoundError(f"group {self.name!r}: unknown agent {new_master!r}")
+            master_kv = self._read(new_master, self._full, touch=False)
+            spec = ArraySpec(master_kv.shape[1:], stored_dtype(g.dtype), 1, g.compressor)
+            spec = replace(spec, chunk_blocks=self._chunk_for(g, spec, master_kv.shape[0]))
+            arrays = self.store.arrays
+            room = Reservation(self.store, g.gid, frozenset(names))
+            room.need(arrays.estimate_nbytes(spec, master_kv.shape[0]), f"group {self.name!r}")
+            path = arrays.new_path(g.gid, "m")
+            written = [path]
+            try:
+                nbytes = arrays.create_and_write(path, spec, master_kv.view(spec.dtype))
+                diffs = {}
+                for a in agents:
+                    if a.name != new_master:
+                        kv = self._read(a.name, self._full, touch=False)
+                        diffs[a.id] = self._write_diff(g, spec, path, kv, written, room=room)
+                t = now()
+                with self.store.catalog.write() as s:
+                    for a in agents:  # demote first: one master per group at any time
+                        s.get(AgentRow, a.id).role = "mirror"
+                    s.flush()
+                    for a in agents:
+                        row = s.get(AgentRow, a.id)
+                        if a.name == new_master:
+                            s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == a.id))
+                            row.role, row.array = "master", path
+                            row.chunk_blocks, row.n_diff = spec.chunk_blocks, 0
+                            row.nbytes, row.updated_at = nbytes, t
+                        else:
+                            self._store_diff_rows(s, row, diffs[a.id], t)
+            except BaseException:
+                for p in written:
+                    arrays.remove(p)
+                raise
+            for a in agents:
+                if a.array:
+                    arrays.remove(a.array)
 
     # ------------------------------------------------------------------ reads
 
@@ -882,6 +1009,35 @@ class Group:
         """(agents x master blocks) / (master blocks + diff blocks); 1.0 without a master."""
         return self.stats()["compression_ratio"]
 
+    # ------------------------------------------------------------------ maintenance
+
+    def rebase(self, master: str | None = None) -> dict[str, Any]:
+        """Make ``master`` (None: the agent minimising the total diff) the master and
+        re-derive every mirror, atomically."""
+        return maintenance.rebase(self, master)
+
+    def compact(self) -> dict[str, Any]:
+        """Rewrite the group tightly (re-balanced chunks), atomically."""
+        return maintenance.compact(self)
+
+    def export(self, agent_id: str, file: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write an agent's blocks to a .npy or .safetensors file."""
+        return maintenance.export_agent(self, agent_id, file)
+
+    def import_file(self, agent_id: str, file: str | os.PathLike[str], *,
+                    master: bool = False, dtype: str | None = None) -> dict[str, Any]:
+        """Register an agent from a .npy or .safetensors file (as a mirror unless
+        ``master``, or when the group has no master yet)."""
+        kv = maintenance.load_file(file, dtype)
+        as_master = master or self.master_id is None
+        if as_master:
+            self.register_master(agent_id, kv)
+            n_diff = int(kv.shape[0])
+        else:
+            n_diff = self.register_mirror(agent_id, kv).n_diff_blocks
+        return {"group": self.name, "agent": agent_id, "role": "master" if as_master
+                else "mirror", "blocks": int(kv.shape[0]), "diff_blocks": n_diff}
+
 
 def _ratio(n_agents: int, master_blocks: int, diff_blocks: int) -> float:
     if n_agents == 0:
@@ -948,12 +1104,17 @@ def open(  # noqa: A001 - the library's entry point mirrors builtins.open on pur
     url: str | None = None,
     readonly: bool = False,
     verify_reads: bool = False,
+    max_bytes: int | None = None,
+    create: bool = True,
 ) -> Store:
     """Open (creating if missing) the store at directory ``path``.
 
     ``url`` replaces the local SQLite catalogue with any SQLAlchemy URL; ``readonly``
     opens without writing anything (also on a directory the process cannot write);
-    ``verify_reads`` checks every chunk's crc32c on read.
+    ``verify_reads`` checks every chunk's crc32c on read; ``max_bytes`` sets (and
+    persists) a size budget for the data, kept by evicting least-recently-used agents;
+    ``create=False`` refuses a directory that holds no store instead of creating one.
     Raises SchemaError if the store was written by a newer tdstore.
     """
-    return Store(path, url=url, readonly=readonly, verify_reads=verify_reads)
+    return Store(path, url=url, readonly=readonly, verify_reads=verify_reads,
+                 max_bytes=max_bytes, create=create)

@@ -1,0 +1,221 @@
+"""The size budget: byte accounting and least-recently-used eviction.
+
+A store opened with ``max_bytes`` keeps the bytes under ``data/`` at or below it. Every
+array's size is recorded in the catalogue when it is written, so the accounting needs
+no walk of the file system. A write first reserves the bytes it will add (the old data
+it replaces stays counted until it is removed after the commit); if they do not fit,
+least-recently-used agents are evicted (a mirror alone; a master only with its whole
+group), and if even that cannot make room the write fails before writing anything.
+All budgeted writes of a store take turns on ``locks/budget.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete, func, select
+
+from .catalog import AgentRow, DiffBlockRow, GroupRow, MetaRow
+from .errors import InvalidInputError, StoreFullError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+META_KEY = "max_bytes"
+
+
+@dataclass(frozen=True)
+class Victim:
+    """An eviction: one mirror, or a whole group (``agent`` None) when its master goes."""
+
+    group: str
+    gid: str
+    agent: str | None
+    nbytes: int
+    last_access: float
+
+    def describe(self) -> str:
+        what = f"agent {self.agent!r}" if self.agent else "all agents (its master was LRU)"
+        return f"group {self.group!r} {what}: {self.nbytes} bytes"
+
+
+def check_max_bytes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInputError(f"max_bytes must be a positive int, got {value!r}")
+    return value
+
+
+def get_max_bytes(store: Store) -> int | None:
+    value = store.catalog.get_meta(META_KEY)
+    return None if value is None else int(value)
+
+
+def set_max_bytes(store: Store, value: int | None) -> None:
+    """Persist the budget (None removes it)."""
+    store._check_writable()
+    with store.catalog.write() as s:
+        if value is None:
+            row = s.get(MetaRow, META_KEY)
+            if row is not None:
+                s.delete(row)
+        else:
+            s.merge(MetaRow(key=META_KEY, value=str(check_max_bytes(value))))
+
+
+def metadata_overhead(store: Store, n_groups: int) -> int:
+    """Bytes of the zarr group documents: the root's and one per group directory."""
+    root = store.arrays.root / "zarr.json"
+    size = root.stat().st_size if root.exists() else 0
+    return (1 + n_groups) * size
+
+
+def accounted_bytes(store: Store) -> int:
+    """Bytes under ``data/`` according to the catalogue (an upper bound of the files)."""
+    with store.catalog.read() as s:
+        arrays = s.scalar(select(func.coalesce(func.sum(AgentRow.nbytes), 0)))
+        n_groups = s.scalar(select(func.count(GroupRow.id)))
+    return int(arrays) + metadata_overhead(store, int(n_groups))
+
+
+def lru_order(store: Store) -> list[Victim]:
+    """Eviction units, least recently used first."""
+    with store.catalog.read() as s:
+        rows = s.execute(
+            select(AgentRow.name, AgentRow.role, AgentRow.nbytes, AgentRow.last_access,
+                   GroupRow.name, GroupRow.gid, GroupRow.id)
+            .join(GroupRow, AgentRow.group_id == GroupRow.id)
+            .order_by(AgentRow.last_access, AgentRow.id)
+        ).all()
+    group_bytes: dict[str, int] = {}
+    for _, _, nbytes, _, _, gid, _ in rows:
+        group_bytes[gid] = group_bytes.get(gid, 0) + nbytes
+    units = []
+    for name, role, nbytes, last, gname, gid, _ in rows:
+        if role == "master":
+            units.append(Victim(gname, gid, None, group_bytes[gid], last))
+        elif nbytes:
+            units.append(Victim(gname, gid, name, nbytes, last))
+    return units
+
+
+def plan(store: Store, target: int, *, extra: int = 0, current_gid: str | None = None,
+         protect: frozenset[str] = frozenset()) -> tuple[list[Victim], int]:
+    """The victims to evict so that accounted bytes + ``extra`` <= ``target``.
+
+    The group being written (``current_gid``) never loses its master, nor the agents in
+    ``protect``. Returns (victims, bytes after evicting them).
+    """
+    total = accounted_bytes(store)
+    chosen: list[Victim] = []
+    gone: set[str] = set()  # groups already evicted whole
+    for v in lru_order(store):
+        if total + extra <= target:
+            break
+        if v.gid in gone:
+            continue
+        if v.gid == current_gid and (v.agent is None or v.agent in protect):
+            continue
+        chosen.append(v)
+        if v.agent is None:
+            gone.add(v.gid)
+            total -= v.nbytes - sum(c.nbytes for c in chosen[:-1] if c.gid == v.gid)
+        else:
+            total -= v.nbytes
+    return chosen, total
+
+
+@contextlib.contextmanager
+def _try_group_lock(store: Store, gid: str, held_gid: str | None) -> Iterator[bool]:
+    """The group's writer lock without waiting (a writer of another group may be waiting
+    for the budget lock we hold); True when held. The caller's own group is held."""
+    if gid == held_gid:
+        yield True
+        return
+    fd = os.open(Path(store.path) / "locks" / f"{gid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def evict(store: Store, victims: list[Victim], held_gid: str | None = None) -> list[Victim]:
+    """Evict ``victims``; returns those evicted (a group busy with a writer is skipped)."""
+    done = []
+    for v in victims:
+        with _try_group_lock(store, v.gid, held_gid) as locked:
+            if not locked:
+                continue
+            with store.catalog.write() as s:
+                g = s.scalars(select(GroupRow).where(GroupRow.gid == v.gid)).one_or_none()
+                if g is None:
+                    continue
+                q = select(AgentRow).where(AgentRow.group_id == g.id)
+                if v.agent is not None:
+                    q = q.where(AgentRow.name == v.agent, AgentRow.role == "mirror")
+                rows = list(s.scalars(q))
+                if not rows:
+                    continue
+                ids = [r.id for r in rows]
+                s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
+                s.execute(delete(AgentRow).where(AgentRow.id.in_(ids)))
+                if v.agent is None:
+                    g.n_blocks, g.dtype, g.block_shape = 0, None, None
+                paths = [r.array for r in rows if r.array]
+            for p in paths:
+                store.arrays.remove(p)
+            done.append(v)
+    return done
+
+
+class Reservation:
+    """Room for one write under the budget (a no-op when the store has none)."""
+
+    def __init__(self, store: Store, gid: str, protect: frozenset[str]):
+        self.store, self.gid, self.protect = store, gid, protect
+        self.max_bytes = get_max_bytes(store)
+        self.reserved = 0
+
+    def need(self, nbytes: int, what: str) -> None:
+        """Make room for ``nbytes`` more, evicting LRU agents; StoreFullError if impossible."""
+        if self.max_bytes is None:
+            return
+        self.reserved += nbytes
+        victims, after = plan(self.store, self.max_bytes, extra=self.reserved,
+                              current_gid=self.gid, protect=self.protect)
+        if after + self.reserved > self.max_bytes:
+            raise StoreFullError(
+                f"store {self.store.path}: {what} needs {nbytes} bytes but the budget is "
+                f"{self.max_bytes} bytes and only {self.max_bytes - after - self.reserved + nbytes}"
+                " can be freed or are free; nothing was written"
+            )
+        evict(self.store, victims, held_gid=self.gid)
+        if accounted_bytes(self.store) + self.reserved > self.max_bytes:
+            raise StoreFullError(
+                f"store {self.store.path}: {what} needs {nbytes} bytes; agents that would make "
+                "room are busy with other writers; nothing was written"
+            )
+
+
+@contextlib.contextmanager
+def budget_turn(store: Store) -> Iterator[None]:
+    """Budgeted writes take turns, so two of them cannot both use the same free bytes."""
+    if get_max_bytes(store) is None:
+        yield
+        return
+    fd = os.open(Path(store.path) / "locks" / "budget.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

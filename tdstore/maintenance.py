@@ -1,0 +1,549 @@
+"""Store maintenance: inspect, verify, repair, collect garbage, compact, rebase, evict.
+
+Each function here backs one ``tdstore`` command and is also a method of
+:class:`tdstore.Store` or :class:`tdstore.Group`. Work on a group holds that group's
+writer lock, so it never races a writer: data a writer has put down but not yet
+committed is never mistaken for garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import func, select
+
+from . import __version__, budget
+from .arrays import CRC_BYTES, ArraySpec, block_range
+from .catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
+from .diff import diff_mask
+from .errors import CorruptionError, InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:
+    from .store import Group, Store
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+DAMAGE = ("missing-array", "missing-chunk", "truncated-chunk", "checksum", "bad-metadata",
+          "bad-index")
+GARBAGE = ("orphan-group", "orphan-array", "orphan-file")
+
+
+@dataclass
+class Finding:
+    """One thing ``verify`` found: damage to live data, or garbage that can be removed."""
+
+    kind: str
+    path: str  # relative to the store directory
+    detail: str
+    group: str | None = None
+    agent: str | None = None
+    blocks: str | None = None
+    nbytes: int = 0  # bytes a removal would reclaim
+
+    @property
+    def is_damage(self) -> bool:
+        return self.kind in DAMAGE
+
+    def __str__(self) -> str:
+        where = " ".join(
+            part for part in (
+                f"group {self.group!r}" if self.group is not None else "",
+                f"agent {self.agent!r}" if self.agent is not None else "",
+                self.blocks or "",
+            ) if part
+        )
+        return f"{self.kind}: {where + ': ' if where else ''}{self.detail} ({self.path})"
+
+
+@dataclass
+class VerifyReport:
+    findings: list[Finding] = field(default_factory=list)
+    agents_checked: int = 0
+    chunks_checked: int = 0
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    @property
+    def damage(self) -> list[Finding]:
+        return [f for f in self.findings if f.is_damage]
+
+    @property
+    def garbage(self) -> list[Finding]:
+        return [f for f in self.findings if not f.is_damage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "agents_checked": self.agents_checked,
+                "chunks_checked": self.chunks_checked,
+                "findings": [asdict(f) | {"message": str(f)} for f in self.findings],
+                "repaired": self.repaired}
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _rel(store: Store, path: Path) -> str:
+    return str(path.relative_to(store.path))
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class _ArrayRef:
+    """An array the catalogue references, with what must hold for it."""
+
+    path: str
+    spec: ArraySpec
+    rows: int  # committed rows (master: n_blocks; mirror: n_diff)
+    agent: AgentRow
+    group: GroupRow
+
+
+def _group_refs(store: Store, session, g: GroupRow) -> list[_ArrayRef]:  # noqa: ANN001
+    from .dtypes import stored_dtype
+
+    refs = []
+    for a in session.scalars(select(AgentRow).where(AgentRow.group_id == g.id)):
+        if a.array is None:
+            continue
+        spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype), a.chunk_blocks,
+                         g.compressor)
+        rows = g.n_blocks if a.role == "master" else a.n_diff
+        refs.append(_ArrayRef(a.array, spec, rows, a, g))
+    return refs
+
+
+def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
+                 report: VerifyReport) -> list[Finding]:
+    """Damage in one referenced array, plus the garbage files inside it."""
+    found: list[Finding] = []
+    full = store.arrays.root / ref.path
+    who = {"group": ref.group.name, "agent": ref.agent.name}
+    if not full.is_dir():
+        return [Finding("missing-array", _rel(store, full), "array directory is missing",
+                        **who)]
+    try:
+        shape = json.loads((full / "zarr.json").read_text())["shape"]
+        if shape[0] < ref.rows or tuple(shape[1:]) != ref.spec.block_shape:
+            raise ValueError(f"shape {shape} does not hold {ref.rows} rows of "
+                             f"{ref.spec.block_shape}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        found.append(Finding("bad-metadata", _rel(store, full / "zarr.json"), str(exc), **who))
+    chunks = ref.spec.chunks_of(0, ref.rows)
+    expected = {ref.spec.chunk_key(c) for c in chunks}
+    for entry in full.iterdir():
+        if entry.name != "zarr.json" and entry.name not in expected:
+            found.append(Finding("orphan-file", _rel(store, entry),
+                                 "file no committed block uses", nbytes=_size(entry), **who))
+    for c in chunks:
+        lo = c * ref.spec.chunk_blocks
+        hi = min(ref.rows, lo + ref.spec.chunk_blocks)
+        blocks = block_range(lo, hi) if ref.agent.role == "master" else \
+            f"slots {lo}-{hi - 1} of its own blocks"
+        file = full / ref.spec.chunk_key(c)
+        report.chunks_checked += 1
+        if not file.exists():
+            found.append(Finding("missing-chunk", _rel(store, file), "chunk file is missing",
+                                 blocks=blocks, **who))
+            continue
+        if ref.spec.compressor is None and file.stat().st_size != ref.spec.chunk_nbytes + CRC_BYTES:
+            found.append(Finding(
+                "truncated-chunk", _rel(store, file),
+                f"{file.stat().st_size} bytes, expected {ref.spec.chunk_nbytes + CRC_BYTES}",
+                blocks=blocks, **who))
+            continue
+        if checksums:
+            try:
+                if ref.spec.compressor is None:
+                    store.arrays._read_chunk_verified(file, ref.spec, ref.path)
+                else:
+                    out = np.empty((hi - lo, *ref.spec.block_shape), ref.spec.dtype)
+                    store.arrays._read_zarr(ref.path, ref.spec, lo, hi, out, ref.path)
+            except CorruptionError as exc:
+                found.append(Finding("checksum", _rel(store, file), str(exc).split(": ")[-1],
+                                     blocks=blocks, **who))
+    return found
+
+
+def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: ANN001
+    found = []
+    rows = session.execute(
+        select(AgentRow.name, AgentRow.n_diff, func.count(DiffBlockRow.block_index),
+               func.min(DiffBlockRow.block_index), func.max(DiffBlockRow.block_index),
+               func.min(DiffBlockRow.slot), func.max(DiffBlockRow.slot))
+        .outerjoin(DiffBlockRow, DiffBlockRow.agent_id == AgentRow.id)
+        .where(AgentRow.group_id == g.id, AgentRow.role == "mirror")
+        .group_by(AgentRow.id)
+    ).all()
+    for name, n_diff, count, bmin, bmax, smin, smax in rows:
+        problems = []
+        if count != n_diff:
+            problems.append(f"{count} index rows for {n_diff} diff blocks")
+        if count and (bmin < 0 or bmax >= g.n_blocks):
+            problems.append(f"block indices {bmin}..{bmax} outside 0..{g.n_blocks - 1}")
+        if count and (smin != 0 or smax != count - 1):
+            problems.append(f"slots {smin}..{smax}, expected 0..{count - 1}")
+        if problems:
+            found.append(Finding("bad-index", "catalog.sqlite", "; ".join(problems),
+                                 group=g.name, agent=name))
+    return found
+
+
+def _orphans_in_group_dir(store: Store, gdir: Path, referenced: set[str],
+                          group: str | None) -> list[Finding]:
+    found = []
+    for entry in gdir.iterdir():
+        rel = f"{gdir.name}/{entry.name}"
+        if entry.name == "zarr.json" or rel in referenced:
+            continue
+        found.append(Finding("orphan-array", _rel(store, entry),
+                             "array no catalogue row references", group=group,
+                             nbytes=_size(entry)))
+    return found
+
+
+def _groups(store: Store) -> list[GroupRow]:
+    with store.catalog.read() as s:
+        return list(s.scalars(select(GroupRow).order_by(GroupRow.id)))
+
+
+def _scan(store: Store, *, checksums: bool, progress: Progress | None = None,
+          on_group: Callable[[GroupRow, list[Finding]], None] | None = None) -> VerifyReport:
+    """Check every group (under its writer lock) and the directories no group owns."""
+    report = VerifyReport()
+    groups = _groups(store)
+    total = len(groups) + 1
+    for i, g in enumerate(groups):
+        if progress:
+            progress(i, total, f"group {g.name!r}")
+        with store._group_lock(g.gid), store.catalog.read() as s:
+            g = s.get(GroupRow, g.id)
+            if g is None:  # deleted meanwhile
+                continue
+            refs = _group_refs(store, s, g)
+            found = _check_index(store, s, g)
+            for ref in refs:
+                found += _check_array(store, ref, checksums, report)
+            report.agents_checked += len(list(s.scalars(
+                select(AgentRow.id).where(AgentRow.group_id == g.id))))
+            gdir = store.arrays.root / g.gid
+            if gdir.is_dir():
+                found += _orphans_in_group_dir(store, gdir, {r.path for r in refs}, g.name)
+            if on_group is not None:
+                on_group(g, found)
+        report.findings += found
+    if progress:
+        progress(total - 1, total, "directories of no group")
+    known = {g.gid for g in _groups(store)}
+    root = store.arrays.root
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.name == "zarr.json" or entry.name in known:
+                continue
+            with store._group_lock(entry.name):
+                if entry.name in {g.gid for g in _groups(store)}:
+                    continue
+                report.findings.append(Finding(
+                    "orphan-group", _rel(store, entry), "directory of no group",
+                    nbytes=_size(entry)))
+    if progress:
+        progress(total, total, "done")
+    return report
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def verify(store: Store, *, repair: bool = False, checksums: bool = True,
+           progress: Progress | None = None) -> VerifyReport:
+    """Check the catalogue against the data: missing or damaged arrays and chunks (by
+    their crc32c), index rows out of range, and garbage no row references.
+
+    With ``repair``: garbage is removed and agents with damaged data are quarantined
+    (reads of them raise CorruptionError until they are re-registered or deleted);
+    healthy agents are never touched.
+    """
+    if repair:
+        store._check_writable()
+    repaired: list[str] = []
+
+    def fix(g: GroupRow, found: list[Finding]) -> None:
+        if not repair:
+            return
+        for f in found:
+            if not f.is_damage:
+                _remove(store.path / f.path)
+                repaired.append(f"removed {f.path}")
+        damaged = sorted({f.agent for f in found if f.is_damage and f.agent is not None})
+        if damaged:
+            with store.catalog.write() as s:
+                for row in s.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
+                                                           AgentRow.name.in_(damaged))):
+                    row.status = "quarantined"
+                    repaired.append(f"quarantined group {g.name!r} agent {row.name!r}")
+
+    report = _scan(store, checksums=checksums, progress=progress, on_group=fix)
+    if repair:
+        for f in report.findings:
+            if f.kind == "orphan-group":
+                with store._group_lock(Path(f.path).name):
+                    _remove(store.path / f.path)
+                repaired.append(f"removed {f.path}")
+    report.repaired = repaired
+    return report
+
+
+@dataclass
+class GcReport:
+    removed: list[str]
+    freed_bytes: int
+    dry_run: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gc(store: Store, *, dry_run: bool = False, progress: Progress | None = None) -> GcReport:
+    """Remove the data no catalogue row references (left by replacements, deletes and
+    interrupted writes); with ``dry_run`` only report it."""
+    if not dry_run:
+        store._check_writable()
+    removed, freed = [], 0
+
+    def collect(_g: GroupRow, found: list[Finding]) -> None:
+        nonlocal freed
+        for f in found:
+            if not f.is_damage:
+                if not dry_run:
+                    _remove(store.path / f.path)
+                removed.append(f.path)
+                freed += f.nbytes
+
+    report = _scan(store, checksums=False, progress=progress, on_group=collect)
+    for f in report.findings:
+        if f.kind == "orphan-group":
+            if not dry_run:
+                with store._group_lock(Path(f.path).name):
+                    _remove(store.path / f.path)
+            removed.append(f.path)
+            freed += f.nbytes
+    return GcReport(removed, freed, dry_run)
+
+
+def info(store: Store) -> dict[str, Any]:
+    """What is in the store: schema, version, groups, agents, bytes, ratio, garbage."""
+    current, heads = schema_status(store.catalog)
+    groups = []
+    logical = stored = agents = 0
+    for name in store.groups():
+        st = store.group(name, create=False).stats()
+        groups.append(name)
+        agents += (st["n_mirrors"] + 1) if st["master_id"] else 0
+        logical += st["bytes_logical"]
+        stored += st["bytes_stored"]
+    reclaimable = gc(store, dry_run=True).freed_bytes
+    return {
+        "path": str(store.path),
+        "schema_revision": ",".join(current),
+        "schema_head": ",".join(heads),
+        "tdstore_version": __version__,
+        "created_by": store.catalog.get_meta("created_by"),
+        "groups": len(groups),
+        "agents": agents,
+        "bytes_logical": logical,
+        "bytes_stored": stored,
+        "compression_ratio": logical / stored if stored else 1.0,
+        "reclaimable_bytes": reclaimable,
+        "max_bytes": budget.get_max_bytes(store),
+        "bytes_accounted": budget.accounted_bytes(store),
+    }
+
+
+def ls_agents(group: Group) -> list[dict[str, Any]]:
+    """The agents of a group with role, blocks, diff blocks, bytes, last access, status."""
+    with group.store.catalog.read() as s:
+        g = group._row(s)
+        rows = group._agents(s, g)
+    return [{"agent": a.name, "role": a.role, "blocks": g.n_blocks,
+             "diff_blocks": a.n_diff,
+             "bytes": a.nbytes, "last_access": a.last_access, "status": a.status}
+            for a in rows]
+
+
+def ls_groups(store: Store) -> list[dict[str, Any]]:
+    out = []
+    for name in store.groups():
+        st = store.group(name, create=False).stats()
+        out.append({"group": name, "agents": (st["n_mirrors"] + 1) if st["master_id"] else 0,
+                    "master": st["master_id"], "blocks": st["n_blocks"],
+                    "block_shape": st["block_shape"], "dtype": st["dtype"],
+                    "bytes_logical": st["bytes_logical"], "bytes_stored": st["bytes_stored"],
+                    "compression_ratio": st["compression_ratio"],
+                    "diff_threshold": st["diff_threshold"]})
+    return out
+
+
+def evict(store: Store, max_bytes: int, *, dry_run: bool = False) -> list[budget.Victim]:
+    """Evict least-recently-used agents until the store's data fits in ``max_bytes``."""
+    budget.check_max_bytes(max_bytes)
+    victims, _ = budget.plan(store, max_bytes)
+    if dry_run:
+        return victims
+    store._check_writable()
+    with budget.budget_turn(store):
+        victims, _ = budget.plan(store, max_bytes)
+        return budget.evict(store, victims)
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+def best_master(group: Group) -> str:
+    """The agent that, as master, gives the fewest diff blocks in total (ties: current)."""
+    names = group.agents()
+    if len(names) < 2:
+        return names[0] if names else ""
+    threshold = group.diff_threshold
+    master = names[0]
+    mirrors = {n: group.mirror(n) for n in names[1:]}
+    union = np.unique(np.concatenate([d.block_indices for d in mirrors.values()] +
+                                     [np.zeros(0, np.int64)]))
+    cost = dict.fromkeys(names, 0)
+    if union.size == 0:
+        return master
+    base = group.view(master)[union]
+    views = {n: group.view(n)[union] for n in mirrors}
+    for j in range(union.size):
+        # each agent's value of this block: its own if it differs here, else the master's
+        values = [base[j]] + [views[n][j] for n in names[1:]]
+        stacked = np.stack(values)
+        for i, cand in enumerate(names):
+            ref = np.broadcast_to(stacked[i], stacked.shape)
+            cost[cand] += int(diff_mask(ref, stacked, threshold).sum())
+    best = min(names, key=lambda n: (cost[n], n != master))
+    return best
+
+
+def rebase(group: Group, master: str | None = None) -> dict[str, Any]:
+    """Make ``master`` (or, if None, the agent that minimises the total diff) the master,
+    and re-derive every mirror against it. Atomic: one catalogue transaction makes the
+    new layout visible. Each agent keeps what it reconstructs to now."""
+    names = group.agents()
+    if not names:
+        raise NotFoundError(f"group {group.name!r} has no agents")
+    chosen = best_master(group) if master is None else master
+    if chosen not in names:
+        raise NotFoundError(f"group {group.name!r}: unknown agent {chosen!r}")
+    before = group.stats()["diff_blocks_total"]
+    group._replace_all(chosen)
+    return {"group": group.name, "master": chosen, "previous_master": names[0],
+            "diff_blocks_before": before, "diff_blocks_after": group.stats()["diff_blocks_total"]}
+
+
+def compact(group: Group) -> dict[str, Any]:
+    """Rewrite the group tightly: chunking re-balanced for the current sizes (appends
+    leave a padded last chunk), stale metadata trimmed. Atomic, like ``rebase``."""
+    names = group.agents()
+    if not names:
+        return {"group": group.name, "bytes_before": 0, "bytes_after": 0}
+    before = group.stats()["bytes_stored"]
+    group._replace_all(names[0])
+    return {"group": group.name, "bytes_before": before,
+            "bytes_after": group.stats()["bytes_stored"]}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def export_agent(group: Group, agent: str, file: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write one agent's blocks to a ``.npy`` or ``.safetensors`` file.
+
+    bfloat16 and float8 have no .npy or safetensors-numpy dtype: they are written as their
+    raw bits (uint16/uint8); a .safetensors file records the logical dtype in its metadata,
+    so ``import_agent`` restores it (for .npy pass ``dtype=``).
+    """
+    from .dtypes import logical_name
+
+    path = Path(file)
+    kind = path.suffix.lower()
+    if kind not in (".npy", ".safetensors"):
+        raise InvalidInputError(f"export file {path}: expected a .npy or .safetensors name")
+    full = group.reconstruct(agent)
+    name = logical_name(full.dtype)
+    raw = full.view(f"u{full.dtype.itemsize}") if name in ("bfloat16", "float8_e4m3fn",
+                                                           "float8_e5m2") else full
+    tmp = path.with_name(path.name + ".tmp")
+    if kind == ".npy":
+        with open(tmp, "wb") as f:
+            np.save(f, raw)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({"kv": raw}, str(tmp), metadata={"tdstore_dtype": name, "group": group.name,
+                                                   "agent": agent})
+    os.replace(tmp, path)
+    return {"group": group.name, "agent": agent, "file": str(path), "dtype": name,
+            "shape": list(full.shape), "bytes": path.stat().st_size}
+
+
+def load_file(file: str | os.PathLike[str], dtype: str | None = None) -> np.ndarray:
+    """Read blocks from a ``.npy`` or ``.safetensors`` file (as written by export)."""
+    from .dtypes import SUPPORTED, numpy_dtype
+
+    path = Path(file)
+    kind = path.suffix.lower()
+    if not path.is_file():
+        raise NotFoundError(f"import file {path} does not exist")
+    recorded = None
+    try:
+        if kind == ".npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif kind == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                keys = list(f.keys())
+                if len(keys) != 1:
+                    raise InvalidInputError(
+                        f"import file {path}: expected one tensor, found {len(keys)} ({keys})")
+                arr = f.get_tensor(keys[0])
+                recorded = (f.metadata() or {}).get("tdstore_dtype")
+        else:
+            raise InvalidInputError(f"import file {path}: expected a .npy or .safetensors file")
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, InvalidInputError):
+            raise
+        raise InvalidInputError(f"import file {path} cannot be read: {exc}") from exc
+    target = dtype or recorded
+    if target is not None:
+        if target not in SUPPORTED:
+            raise InvalidInputError(f"dtype {target!r} is not supported; expected one of "
+                                    f"{', '.join(SUPPORTED)}")
+        want = numpy_dtype(target)
+        if arr.dtype != want:
+            if arr.dtype.itemsize != want.itemsize or arr.dtype.kind not in "ui":
+                raise InvalidInputError(
+                    f"import file {path}: dtype {arr.dtype} cannot be read as {target}")
+            arr = np.ascontiguousarray(arr).view(want)
+    return arr
