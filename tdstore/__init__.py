@@ -11,6 +11,7 @@ from .errors import (  # noqa: E402
     ReadOnlyError,
     SchemaError,
     StateError,
+    StoreFullError,
     TdStoreError,
 )
 from .sparse import SparseKVDiff  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "SparseKVDiff",
     "StateError",
     "Store",
+    "StoreFullError",
     "TdStoreError",
     "TokenDanceStorage",
     "__version__",

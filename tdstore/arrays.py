@@ -128,9 +128,9 @@ class ArraySpec:
         return range(start // self.chunk_blocks, (stop - 1) // self.chunk_blocks + 1)
 
 
-def block_range(lo: int, hi: int) -> str:
+def block_range(lo: int, hi: int, unit: str = "block") -> str:
     """``blocks lo-(hi-1)``, or ``block lo`` for a single block."""
-    return f"block {lo}" if hi - lo == 1 else f"blocks {lo}-{hi - 1}"
+    return f"{unit} {lo}" if hi - lo == 1 else f"{unit}s {lo}-{hi - 1}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -371,13 +371,14 @@ class ArrayStore:
         return data
 
     def read(self, path: str, spec: ArraySpec, start: int, stop: int, out: np.ndarray,
-             label: str = "") -> None:
-        """Read blocks ``[start, stop)`` into ``out`` (stored dtype, C-contiguous)."""
+             label: str = "", unit: str = "block") -> None:
+        """Read blocks ``[start, stop)`` into ``out`` (stored dtype, C-contiguous).
+        Errors name ``label`` and the positions read (as ``unit``s)."""
         if stop <= start:
             return
         what = label or path
         if spec.compressor is not None:
-            self._read_zarr(path, spec, start, stop, out, what)
+            self._read_zarr(path, spec, start, stop, out, what, unit)
             return
         dst = as_bytes(out)
         bn = spec.block_nbytes
@@ -387,7 +388,7 @@ class ArrayStore:
             lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
             jobs.append(lambda c=chunk, c0=c0, lo=lo, hi=hi: self._read_chunk_into(
                 self.chunk_file(path, spec, c), spec, dst[(lo - start) * bn : (hi - start) * bn],
-                (lo - c0) * bn, f"{what} {block_range(lo, hi)}"))
+                (lo - c0) * bn, f"{what} {block_range(lo, hi, unit)}"))
         run_all(jobs)
 
     def _read_chunk_into(self, file: Path, spec: ArraySpec, target: memoryview, offset: int,
@@ -399,13 +400,14 @@ class ArrayStore:
             self._read_raw(file, target, offset, what)
 
     def _read_zarr(self, path: str, spec: ArraySpec, start: int, stop: int,
-                   out: np.ndarray, what: str) -> None:
+                   out: np.ndarray, what: str, unit: str = "block") -> None:
         for chunk in spec.chunks_of(start, stop):  # zarr would silently fill a missing chunk
             if not self.chunk_file(path, spec, chunk).exists():
                 c0 = chunk * spec.chunk_blocks
                 lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
                 raise CorruptionError(
-                    f"{what} {block_range(lo, hi)}: chunk file {spec.chunk_key(chunk)} is missing"
+                    f"{what} {block_range(lo, hi, unit)}: chunk file {spec.chunk_key(chunk)} "
+                    "is missing"
                 )
         try:
             arr = zarr.open_array(str(self.root / path), mode="r")
@@ -413,7 +415,7 @@ class ArrayStore:
         except CorruptionError:
             raise
         except Exception as exc:  # zarr raises plain errors for checksum/decoding failures
-            raise CorruptionError(f"{what} {block_range(start, stop)}: {exc}") from exc
+            raise CorruptionError(f"{what} {block_range(start, stop, unit)}: {exc}") from exc
 
     def mapped(self, path: str, spec: ArraySpec, start: int, stop: int
                ) -> list[tuple[int, callable]]:
@@ -455,7 +457,7 @@ class ArrayStore:
                              offset=offset).reshape(shape)
 
     def read_runs(self, path: str, spec: ArraySpec, positions: np.ndarray, out: np.ndarray,
-                  label: str = "") -> None:
+                  label: str = "", unit: str = "block") -> None:
         """Read the blocks at sorted ``positions`` into ``out`` (one row each)."""
         if positions.size == 0:
             return
@@ -463,7 +465,7 @@ class ArrayStore:
         row = 0
         for run in np.split(positions, breaks):
             lo, hi = int(run[0]), int(run[-1]) + 1
-            self.read(path, spec, lo, hi, out[row : row + hi - lo], label)
+            self.read(path, spec, lo, hi, out[row : row + hi - lo], label, unit)
             row += hi - lo
 
     # ------------------------------------------------------------------ housekeeping

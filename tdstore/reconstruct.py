@@ -88,7 +88,8 @@ def reconstruct_into(arrays: ArrayStore, snap: AgentSnapshot, out: np.ndarray) -
         lo, hi = np.searchsorted(idx, [start, stop])
         if hi > lo:  # the mirror's own blocks in this window sit at slots lo..hi-1
             values = np.empty((hi - lo, *spec.block_shape), spec.dtype)
-            arrays.read(snap.diff_array, snap.diff_spec, int(lo), int(hi), values, snap.label)
+            arrays.read(snap.diff_array, snap.diff_spec, int(lo), int(hi), values,
+                        f"{snap.label} (own blocks)", "slot")
             raw[idx[lo:hi]] = values
         if release is not None:
             release(raw[start:stop])
@@ -129,7 +130,8 @@ def read_blocks(arrays: ArrayStore, snap: AgentSnapshot, indices: np.ndarray) ->
         if hit.any():
             slots = np.searchsorted(snap.block_indices, uniq[hit])
             values = np.empty((slots.size, *spec.block_shape), spec.dtype)
-            arrays.read_runs(snap.diff_array, snap.diff_spec, slots, values, snap.label)
+            arrays.read_runs(snap.diff_array, snap.diff_spec, slots, values,
+                             f"{snap.label} (own blocks)", "slot")
             raw[hit] = values
     if uniq.size != indices.size or not np.array_equal(uniq, indices):
         raw = raw[np.searchsorted(uniq, indices)]

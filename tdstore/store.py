@@ -670,7 +670,9 @@ class Group:
                 for p in written:
                     arrays.remove(p)
                 raise
-            obsolete = [a.array for a in agents if a.array]
+            kept_mirrors = same_master and not rederived
+            obsolete = [a.array for a in agents
+                        if a.array and not (kept_mirrors and a.role == "mirror")]
             t = now()
             with self.store.catalog.write() as s:
                 row = self._row(s)

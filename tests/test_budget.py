@@ -1,0 +1,135 @@
+"""The size budget holds exactly: writes evict least-recently-used agents, or fail cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import fingerprint, kv
+
+import tdstore
+
+MiB = 1 << 20
+
+
+def data_bytes(path) -> int:
+    return sum(p.stat().st_size for p in (path / "data").rglob("*") if p.is_file())
+
+
+def test_filling_far_past_the_budget_never_exceeds_it(tmp_path):
+    path, budget = tmp_path / "s", 3 * MiB
+    written = 0
+    with tdstore.open(path, max_bytes=budget) as store:
+        for i in range(12):  # ~12 MiB of masters and mirrors into a 3 MiB budget
+            g = store.group(f"g{i}")
+            master = kv(64, (32, 64), seed=i)  # 512 KiB
+            g.register_master("m", master)
+            written += master.nbytes
+            assert data_bytes(path) <= budget
+            for j in range(3):
+                mirror = master.copy()
+                mirror[-(8 * (j + 1)):] = kv(8 * (j + 1), (32, 64), seed=100 * i + j)
+                g.register_mirror(f"a{j}", mirror)
+                written += mirror[-(8 * (j + 1)):].nbytes
+                assert data_bytes(path) <= budget
+                assert np.array_equal(g.reconstruct(f"a{j}"), mirror)  # the new one survives
+            g.collective_reuse_step(["m", "a0"], kv(16, (32, 64), seed=7))
+            assert data_bytes(path) <= budget
+        assert written > 3 * budget
+        assert store.info()["bytes_accounted"] <= budget
+        assert store.verify().ok
+
+
+def test_the_least_recently_used_group_goes_first(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path, max_bytes=int(2.5 * MiB)) as store:
+        for name in ("a", "b"):
+            store.group(name).register_master("m", kv(256, (32, 32), seed=ord(name)))  # 1 MiB
+        import time
+
+        time.sleep(1.1)  # accesses are recorded with one-second resolution
+        store.group("a").reconstruct("m")  # "a" is now more recent than "b"
+        store.group("c").register_master("m", kv(256, (32, 32), seed=9))
+        assert store.group("a").agents() == ["m"]
+        assert store.group("b").agents() == []  # evicted: group kept, agents gone
+        assert store.group("c").agents() == ["m"]
+
+
+def test_mirrors_are_evicted_before_their_master_when_less_recent(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        g = store.group("g")
+        master = kv(64, (32, 64))
+        g.register_master("m", master)
+        for j in range(4):
+            x = master.copy()
+            x[j * 8:(j + 1) * 8] = 0
+            g.register_mirror(f"a{j}", x)
+        total = store.info()["bytes_accounted"]
+        victims = store.evict(total - 1, dry_run=True)
+        assert [v.agent for v in victims] == ["a0"]  # the master was used by later writes
+        store.evict(total - 1)
+        assert g.agents() == ["m", "a1", "a2", "a3"]
+
+
+def test_a_write_that_cannot_fit_fails_and_changes_nothing(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path, max_bytes=MiB) as store:
+        g = store.group("g")
+        g.register_master("m", kv(64, (32, 64)))  # 512 KiB
+    before = fingerprint(path)
+    with tdstore.open(path) as store:
+        g = store.group("g")
+        with pytest.raises(tdstore.StoreFullError, match="budget is 1048576 bytes"):
+            g.register_mirror("big", kv(64, (32, 64), seed=1))  # needs 512 KiB more
+        with pytest.raises(tdstore.StoreFullError):
+            store.group("h").register_master("m", kv(160, (32, 64)))  # 1.25 MiB alone
+        with pytest.raises(OSError):  # StoreFullError is an OSError
+            g.collective_reuse_step(["m"], kv(64, (32, 64)))
+    assert fingerprint(path)[1] == before[1]  # files untouched (group 'h' got a row)
+
+
+def test_the_budget_persists_and_can_change(tmp_path):
+    path = tmp_path / "s"
+    with tdstore.open(path, max_bytes=10 * MiB) as store:
+        assert store.max_bytes == 10 * MiB
+    with tdstore.open(path) as store:
+        assert store.max_bytes == 10 * MiB
+        store.set_max_bytes(None)
+        assert store.max_bytes is None
+    with tdstore.open(path, max_bytes=5 * MiB) as store:
+        assert store.max_bytes == 5 * MiB
+    with pytest.raises(tdstore.InvalidInputError, match="positive int"):
+        tdstore.open(path, max_bytes=-1)
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, tdstore
+    path, name, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    def data_bytes():
+        from pathlib import Path
+        return sum(p.stat().st_size for p in (Path(path) / "data").rglob("*") if p.is_file())
+    worst = 0
+    with tdstore.open(path) as store:
+        for i in range(15):
+            g = store.group(f"{name}{i}")
+            rng = np.random.default_rng(i)
+            g.register_master("m", rng.standard_normal((64, 32, 64), np.float32))
+            worst = max(worst, data_bytes())
+    print(worst)
+""")
+
+
+def test_two_processes_share_one_budget(tmp_path):
+    path, budget = tmp_path / "s", 2 * MiB
+    tdstore.open(path, max_bytes=budget).close()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), n, str(budget)],
+                              stdout=subprocess.PIPE, text=True) for n in ("x", "y")]
+    worst = [int(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert max(worst) <= budget and data_bytes(path) <= budget
+    with tdstore.open(path) as store:
+        assert store.verify().ok

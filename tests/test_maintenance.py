@@ -1,0 +1,226 @@
+"""verify / repair / gc / compact / rebase / export / import, through the library."""
+
+from __future__ import annotations
+
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import fingerprint, kv
+
+import tdstore
+
+
+@pytest.fixture
+def group_path(tmp_path):
+    """A store with group 'rag': a master of 16 blocks (chunks of 4) and three mirrors."""
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        g = store.group("rag", chunk_blocks=4)
+        master = kv(16)
+        g.register_master("retriever", master)
+        for i, name in enumerate(["reranker", "critic", "responder"]):
+            x = master.copy()
+            x[-(i + 2):] = kv(i + 2, seed=10 + i)
+            g.register_mirror(name, x)
+    return path
+
+
+def _array_of(store, group, agent):
+    import sqlite3
+
+    con = sqlite3.connect(store.path / "catalog.sqlite")
+    (p,) = con.execute("SELECT a.array FROM agents a JOIN groups g ON a.group_id=g.id "
+                       "WHERE g.name=? AND a.name=?", (group, agent)).fetchone()
+    con.close()
+    return store.path / "data" / p
+
+
+def test_a_clean_store_verifies_clean(group_path):
+    with tdstore.open(group_path) as store:
+        report = store.verify()
+    assert report.ok and report.agents_checked == 4 and report.chunks_checked == 4 + 3
+
+
+def test_verify_reports_a_flipped_byte_with_group_agent_and_blocks(group_path):
+    with tdstore.open(group_path) as store:
+        chunk = _array_of(store, "rag", "retriever") / "c.2.0.0"
+        data = bytearray(chunk.read_bytes())
+        data[3] ^= 0x40
+        chunk.write_bytes(bytes(data))
+        (f,) = store.verify().findings
+    assert (f.kind, f.group, f.agent, f.blocks) == ("checksum", "rag", "retriever", "blocks 8-11")
+    assert "crc32c" in f.detail and f.path.endswith("c.2.0.0")
+
+
+def test_verify_reports_a_truncated_chunk(group_path):
+    with tdstore.open(group_path) as store:
+        chunk = _array_of(store, "rag", "critic") / "c.0.0.0"
+        chunk.write_bytes(chunk.read_bytes()[:100])
+        (f,) = store.verify().findings
+    assert (f.kind, f.group, f.agent) == ("truncated-chunk", "rag", "critic")
+    assert f.detail.startswith("100 bytes, expected")
+
+
+def test_verify_reports_a_deleted_chunk(group_path):
+    with tdstore.open(group_path) as store:
+        (_array_of(store, "rag", "retriever") / "c.3.0.0").unlink()
+        (f,) = store.verify().findings
+    assert (f.kind, f.agent, f.blocks) == ("missing-chunk", "retriever", "blocks 12-15")
+
+
+def test_verify_reports_an_orphaned_array_and_gc_removes_it(group_path):
+    with tdstore.open(group_path) as store:
+        src = _array_of(store, "rag", "critic")
+        shutil.copytree(src, src.with_name("d-0123456789abcdef"))
+        (f,) = store.verify().findings
+        assert (f.kind, f.group) == ("orphan-array", "rag") and f.nbytes > 0
+        assert store.info()["reclaimable_bytes"] == f.nbytes
+        dry = store.gc(dry_run=True)
+        assert dry.removed == [f.path] and src.with_name("d-0123456789abcdef").exists()
+        done = store.gc()
+        assert done.freed_bytes == f.nbytes and not src.with_name("d-0123456789abcdef").exists()
+        assert store.verify().ok
+
+
+def test_gc_removes_what_interrupted_writes_leave(group_path):
+    with tdstore.open(group_path) as store:
+        arr = _array_of(store, "rag", "retriever")
+        (arr / "c.0.0.0.tmp-deadbeef").write_bytes(b"half a chunk")
+        (arr / "c.9.0.0").write_bytes(b"a chunk past the committed length")
+        (store.path / "data" / "00ff00ff00ff00ff" / "m-1").mkdir(parents=True)
+        kinds = sorted(f.kind for f in store.verify().findings)
+        assert kinds == ["orphan-file", "orphan-file", "orphan-group"]
+        assert len(store.gc().removed) == 3
+        assert store.verify().ok
+        assert np.array_equal(store.group("rag").reconstruct("retriever"), kv(16))
+
+
+def test_repair_quarantines_only_the_damaged_agent(group_path):
+    with tdstore.open(group_path) as store:
+        g = store.group("rag")
+        healthy = {a: g.reconstruct(a) for a in ("reranker", "responder", "retriever")}
+        chunk = _array_of(store, "rag", "critic") / "c.0.0.0"
+        chunk.write_bytes(b"\0" + chunk.read_bytes()[1:])
+        report = store.verify(repair=True)
+        assert report.repaired == ["quarantined group 'rag' agent 'critic'"]
+        with pytest.raises(tdstore.CorruptionError, match="agent 'critic' is quarantined"):
+            g.reconstruct("critic")
+        for a, expected in healthy.items():
+            assert np.array_equal(g.reconstruct(a), expected)
+        fixed = kv(16)
+        fixed[-3:] = kv(3, seed=11)
+        g.register_mirror("critic", fixed)  # re-registering heals it
+        assert np.array_equal(g.reconstruct("critic"), fixed)
+        assert store.verify().ok
+
+
+def test_a_quarantined_master_is_restored_by_re_registering_it(group_path):
+    with tdstore.open(group_path) as store:
+        g = store.group("rag")
+        critic = g.reconstruct("critic")
+        (_array_of(store, "rag", "retriever") / "c.1.0.0").unlink()
+        store.verify(repair=True)
+        with pytest.raises(tdstore.CorruptionError, match="'retriever' is quarantined"):
+            g.reconstruct("critic")  # a mirror needs its master
+        g.register_master("retriever", kv(16))
+        assert np.array_equal(g.reconstruct("critic"), critic)
+        assert store.verify().ok
+
+
+def test_verify_reports_index_rows_out_of_range(group_path):
+    import sqlite3
+
+    con = sqlite3.connect(group_path / "catalog.sqlite")
+    con.execute("UPDATE diff_blocks SET block_index = 99 WHERE slot = 0 AND agent_id = "
+                "(SELECT id FROM agents WHERE name = 'critic')")
+    con.commit()
+    con.close()
+    with tdstore.open(group_path) as store:
+        (f,) = store.verify().findings
+    assert (f.kind, f.agent) == ("bad-index", "critic") and "outside 0..15" in f.detail
+
+
+def test_compact_removes_append_padding_and_keeps_every_agent(tmp_path):
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        g.register_master("m", kv(64, (64, 64)))
+        g.register_mirror("a", kv(64, (64, 64), seed=1))
+        for i in range(3):
+            g.collective_reuse_step(["m", "a"], kv(1, (64, 64), seed=20 + i))
+        before = {a: g.reconstruct(a) for a in g.agents()}
+        result = g.compact()
+        assert result["bytes_after"] < result["bytes_before"]
+        for a, expected in before.items():
+            assert np.array_equal(g.reconstruct(a), expected)
+        assert store.verify().ok
+
+
+def test_rebase_auto_picks_the_agent_that_minimises_the_diff(tmp_path):
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g", diff_threshold=0.0)
+        common = kv(20)
+        outlier = common.copy()
+        outlier[:10] = kv(10, seed=5)  # 10 blocks off everyone else
+        g.register_master("outlier", outlier)
+        agents = {"outlier": outlier}
+        for i in range(4):
+            x = common.copy()
+            x[19 - i] = kv(1, seed=30 + i)[0]
+            agents[f"a{i}"] = x
+            g.register_mirror(f"a{i}", x)
+        before = g.stats()["diff_blocks_total"]
+        result = g.rebase()
+        assert result["master"] != "outlier" and result["diff_blocks_after"] < before
+        assert g.master_id == result["master"]
+        for name, x in agents.items():
+            assert np.array_equal(g.reconstruct(name), x)
+        g.rebase("outlier")
+        assert g.master_id == "outlier" and g.stats()["diff_blocks_total"] == before
+        with pytest.raises(tdstore.NotFoundError):
+            g.rebase("ghost")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_export_and_import_round_trip(tmp_path, suffix, dtype):
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        master = kv(8, dtype=dtype)
+        mirror = master.copy()
+        mirror[5] = kv(1, dtype=dtype, seed=3)[0]
+        g.register_master("m", master)
+        g.register_mirror("a", mirror)
+        file = tmp_path / f"a{suffix}"
+        info = g.export("a", file)
+        assert info["dtype"] == dtype and file.exists()
+        h = store.group("h")
+        raw_bits = suffix == ".npy" and dtype == "bfloat16"
+        h.import_file("m", file,
+                      dtype=dtype if raw_bits else None)
+        back = h.reconstruct("m")
+        assert back.dtype == np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+        assert np.array_equal(back.view(np.uint8), mirror.view(np.uint8))
+        result = g.import_file("b", file, dtype=dtype if raw_bits else None)
+        assert result == {"group": "g", "agent": "b", "role": "mirror", "blocks": 8,
+                          "diff_blocks": 1}
+
+
+def test_import_of_a_bad_file_is_refused_and_store_unchanged(tmp_path):
+    with tdstore.open(tmp_path / "s") as store:
+        store.group("g").register_master("m", kv(4))
+    before = fingerprint(tmp_path / "s")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    (tmp_path / "x.txt").write_text("hello")
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        with pytest.raises(tdstore.InvalidInputError, match="junk.npy cannot be read"):
+            g.import_file("a", tmp_path / "junk.npy")
+        with pytest.raises(tdstore.InvalidInputError, match="expected a .npy or .safetensors"):
+            g.import_file("a", tmp_path / "x.txt")
+        with pytest.raises(tdstore.NotFoundError, match="does not exist"):
+            g.import_file("a", tmp_path / "missing.npy")
+        with pytest.raises(tdstore.InvalidInputError, match="expected a .npy or .safetensors"):
+            g.export("m", tmp_path / "out.csv")
+    assert fingerprint(tmp_path / "s") == before
