@@ -223,7 +223,7 @@ def gc(path: Path, dry_run: bool, as_json: bool) -> None:
 @json_opt
 def evict(path: Path, max_bytes: int, dry_run: bool, as_json: bool) -> None:
     """Evict least-recently-used agents until the data fits in --max-bytes."""
-    with _open(path) as store:
+    with _open(path) as store, _progress("evict"):
         victims = store.evict(max_bytes, dry_run=dry_run)
     if as_json:
         _emit_json([v.__dict__ for v in victims])
