@@ -41,7 +41,7 @@ class Victim:
     last_access: float
 
     def describe(self) -> str:
-        what = f"agent {self.agent!r}" if self.agent else "all agents (its master was LRU)"
+        what = f"agent {self.agent!r}" if self.agent else "all agents (the group was LRU)"
         return f"group {self.group!r} {what}: {self.nbytes} bytes"
 
 
@@ -84,7 +84,9 @@ def accounted_bytes(store: Store) -> int:
 
 
 def lru_order(store: Store) -> list[Victim]:
-    """Eviction units, least recently used first."""
+    """Eviction units, least recently used first. A master is used by every read of its
+    group, so a group (the unit its master goes with) counts as used when any of its
+    agents was: its mirrors go one by one before it."""
     with store.catalog.read() as s:
         rows = s.execute(
             select(AgentRow.name, AgentRow.role, AgentRow.nbytes, AgentRow.last_access,
@@ -93,15 +95,17 @@ def lru_order(store: Store) -> list[Victim]:
             .order_by(AgentRow.last_access, AgentRow.id)
         ).all()
     group_bytes: dict[str, int] = {}
-    for _, _, nbytes, _, _, gid, _ in rows:
+    group_used: dict[str, float] = {}
+    for _, _, nbytes, last, _, gid, _ in rows:
         group_bytes[gid] = group_bytes.get(gid, 0) + nbytes
+        group_used[gid] = max(group_used.get(gid, last), last)
     units = []
     for name, role, nbytes, last, gname, gid, _ in rows:
         if role == "master":
-            units.append(Victim(gname, gid, None, group_bytes[gid], last))
+            units.append(Victim(gname, gid, None, group_bytes[gid], group_used[gid]))
         elif nbytes:
             units.append(Victim(gname, gid, name, nbytes, last))
-    return units
+    return sorted(units, key=lambda v: (v.last_access, v.agent is None))
 
 
 def plan(store: Store, target: int, *, extra: int = 0, current_gid: str | None = None,

@@ -133,3 +133,24 @@ def test_two_processes_share_one_budget(tmp_path):
     assert max(worst) <= budget and data_bytes(path) <= budget
     with tdstore.open(path) as store:
         assert store.verify().ok
+
+
+def test_a_group_counts_as_used_when_any_of_its_agents_is(tmp_path):
+    import time
+
+    with tdstore.open(tmp_path / "s") as store:
+        old = store.group("old")
+        old.register_master("m", kv(64, (32, 64), seed=1))
+        hot = store.group("hot")
+        master = kv(64, (32, 64))
+        hot.register_master("m", master)
+        for j in range(3):
+            x = master.copy()
+            x[j * 8:(j + 1) * 8] = 0
+            hot.register_mirror(f"a{j}", x)
+        time.sleep(1.1)
+        hot.reconstruct("a2")  # touches a2 and, through it, the group
+        order = [(v.group, v.agent) for v in store.evict(1, dry_run=True)]
+        # 'old' was used longest ago; then hot's mirrors one by one; the hot group last
+        assert order == [("old", None), ("hot", "a0"), ("hot", "a1"), ("hot", "a2"),
+                         ("hot", None)]
