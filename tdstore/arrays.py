@@ -141,7 +141,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -204,7 +204,7 @@ class ArrayStore:
     def ensure_root(self) -> None:
         if not (self.root / "zarr.json").exists():
             zarr.open_group(str(self.root), mode="a")
-            _fsync_file(self.root / "zarr.json")
+            fsync_file(self.root / "zarr.json")
             fsync_dir(self.root)
             fsync_dir(self.root.parent)
 
@@ -212,7 +212,7 @@ class ArrayStore:
         path = self.root / gid
         if not (path / "zarr.json").exists():
             zarr.open_group(str(path), mode="a")
-            _fsync_file(path / "zarr.json")
+            fsync_file(path / "zarr.json")
             fsync_dir(path)
             fsync_dir(self.root)
 
@@ -232,7 +232,7 @@ class ArrayStore:
         full.mkdir()
         self._write_metadata(full, spec, n_blocks)
         if durable:
-            _fsync_file(full / "zarr.json")
+            fsync_file(full / "zarr.json")
             fsync_dir(full)
             fsync_dir(full.parent)
 
@@ -263,7 +263,7 @@ class ArrayStore:
         full = self.root / path
         if json.loads((full / "zarr.json").read_text())["shape"][0] < n_blocks:
             self._write_metadata(full, spec, n_blocks)
-            _fsync_file(full / "zarr.json")
+            fsync_file(full / "zarr.json")
             fsync_dir(full)
 
     def write(self, path: str, spec: ArraySpec, start: int, blocks: np.ndarray,
@@ -283,7 +283,7 @@ class ArrayStore:
             )
             arr[start:stop] = blocks
             for chunk in spec.chunks_of(start, stop):
-                _fsync_file(self.chunk_file(path, spec, chunk))
+                fsync_file(self.chunk_file(path, spec, chunk))
             fsync_dir(self.root / path)
             return
         jobs, pending = [], []
@@ -297,7 +297,7 @@ class ArrayStore:
             jobs.append(lambda f=final, t=tmp, b=body, k=keep, c=chunk: self._write_chunk(
                 f, t, b, k, spec.chunk_nbytes, f"{path} chunk {c}"))
             pending.append((tmp, final))
-        jobs.extend(lambda f=f: _fsync_file(f) for f in also_fsync)
+        jobs.extend(lambda f=f: fsync_file(f) for f in also_fsync)
         try:
             run_all(jobs)
             for tmp, final in pending:

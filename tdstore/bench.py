@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import fsync_file
 from .store import open as open_store
 
 MiB = 1 << 20
@@ -95,14 +96,6 @@ def evict(path: Path) -> None:
 
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- tdstore
@@ -299,7 +292,7 @@ def _baselines(w: Workload, agents: list[np.ndarray], root: Path,
 
         def st_save(i: int, kv: np.ndarray) -> None:
             save_file({"kv": kv}, str(st / f"agent{i}.safetensors"))
-            _fsync_path(st / f"agent{i}.safetensors")
+            fsync_file(st / f"agent{i}.safetensors")
 
         r["safetensors_save_fsync_s"] = best(lambda: st_save(0, agents[0]), w.reps)
         for i, kv in enumerate(agents):

@@ -58,16 +58,22 @@ def test_the_least_recently_used_group_goes_first(tmp_path):
         assert store.group("c").agents() == ["m"]
 
 
+def add_group(store, name: str, n_mirrors: int):
+    """A 512 KiB master and mirrors a0.. each differing in 8 blocks (64 KiB)."""
+    g = store.group(name)
+    master = kv(64, (32, 64))
+    g.register_master("m", master)
+    for j in range(n_mirrors):
+        x = master.copy()
+        x[j * 8:(j + 1) * 8] = 0
+        g.register_mirror(f"a{j}", x)
+    return g
+
+
 def test_mirrors_are_evicted_before_their_master_when_less_recent(tmp_path):
     path = tmp_path / "s"
     with tdstore.open(path) as store:
-        g = store.group("g")
-        master = kv(64, (32, 64))
-        g.register_master("m", master)
-        for j in range(4):
-            x = master.copy()
-            x[j * 8:(j + 1) * 8] = 0
-            g.register_mirror(f"a{j}", x)
+        g = add_group(store, "g", 4)
         total = store.info()["bytes_accounted"]
         victims = store.evict(total - 1, dry_run=True)
         assert [v.agent for v in victims] == ["a0"]  # the master was used by later writes
@@ -139,15 +145,8 @@ def test_a_group_counts_as_used_when_any_of_its_agents_is(tmp_path):
     import time
 
     with tdstore.open(tmp_path / "s") as store:
-        old = store.group("old")
-        old.register_master("m", kv(64, (32, 64), seed=1))
-        hot = store.group("hot")
-        master = kv(64, (32, 64))
-        hot.register_master("m", master)
-        for j in range(3):
-            x = master.copy()
-            x[j * 8:(j + 1) * 8] = 0
-            hot.register_mirror(f"a{j}", x)
+        add_group(store, "old", 0)
+        hot = add_group(store, "hot", 3)
         time.sleep(1.1)
         hot.reconstruct("a2")  # touches a2 and, through it, the group
         order = [(v.group, v.agent) for v in store.evict(1, dry_run=True)]
