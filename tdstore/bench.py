@@ -24,6 +24,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -484,6 +485,34 @@ def print_report(report: dict, echo: Callable[[str], None] = print) -> None:
             f"(tdstore uses {r.get('np_bytes_on_disk', 0) / r['bytes_on_disk']:.2f}x less "
             "than one .npy per agent)")
     echo(disk)
+
+
+def attention_benchmark(seq: int = 8192, q_heads: int = 8, kv_heads: int = 2,
+                        head_dim: int = 64, window: int = 128, block_size: int = 64,
+                        reps: int = 3) -> dict[str, Any]:
+    """Dense vs sparse attention on the same random inputs: best time of ``reps`` (after
+    a warm-up call each) and peak traced memory of one call."""
+    from .attention import dense_attention, sparse_attention
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((seq, q_heads, head_dim), np.float32)
+    k = rng.standard_normal((seq, kv_heads, head_dim), np.float32)
+    v = rng.standard_normal((seq, kv_heads, head_dim), np.float32)
+    runs = {
+        "dense": lambda: dense_attention(q, k, v),
+        "sparse": lambda: sparse_attention(q, k, v, window=window, block_size=block_size),
+    }
+    r: dict[str, Any] = {}
+    for name, fn in runs.items():
+        fn()
+        r[f"{name}_s"] = best(fn, reps)
+        tracemalloc.start()
+        fn()
+        r[f"{name}_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    r["speedup"] = r["dense_s"] / r["sparse_s"]
+    r["peak_ok"] = max(r["dense_peak_bytes"], r["sparse_peak_bytes"]) <= 1 << 30
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,16 +366,18 @@ def migrate(path: Path, revision: str) -> None:
 @click.option("--agents", default=8, show_default=True, help="Agents in the group.")
 @click.option("--blocks", default=256, show_default=True, help="Blocks per agent.")
 @click.option("--tail", default=8, show_default=True, help="Tail blocks where agents differ.")
-def demo(path: Path, agents: int, blocks: int, tail: int) -> None:
+@click.option("--near", default=4, show_default=True,
+              help="Blocks where agents differ by rounding-level noise.")
+def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
     """Write a synthetic group of agents to PATH, re-read it in a fresh process."""
     from .demo import DemoWorkload, run
 
-    work = DemoWorkload(n_agents=agents, n_blocks=blocks, tail_blocks=tail)
+    work = DemoWorkload(n_agents=agents, n_blocks=blocks, tail_blocks=tail, near_blocks=near)
     click.echo(
         f"tdstore demo: store {path}/, group 'demo': {work.n_agents} agents x "
         f"{work.n_blocks} blocks of {work.block_shape} {work.dtype} "
         f"({work.agent_nbytes / MiB:.1f} MiB each), differing in their last "
-        f"{work.tail_blocks} blocks"
+        f"{work.tail_blocks} blocks and, by ~1e-3, in {work.near_blocks} more"
     )
     r = run(path, work)
     n = work.n_agents
@@ -400,6 +402,152 @@ def demo(path: Path, agents: int, blocks: int, tail: int) -> None:
     )
     if ok != n:
         raise click.ClickException("some agents did not reconstruct bit-exactly")
+
+
+# --------------------------------------------------------------------------- attention A/B
+
+
+def _ab_config(window: int, block_size: int, queries: int, seed: int,
+               q_heads: int | None) -> Any:
+    from .ab import ABConfig
+
+    return ABConfig(window=window, block_size=block_size, queries=queries, seed=seed,
+                    q_heads=q_heads)
+
+
+def _layers_opt(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("comma-separated layer numbers, e.g. 0,3,7") from None
+
+
+ab_options = [
+    click.option("--layers", default=None, help="Comma-separated layers (default: all)."),
+    click.option("--window", default=128, show_default=True, help="Sparse local window."),
+    click.option("--block-size", default=64, show_default=True, help="Landmark block size."),
+    click.option("--queries", default=64, show_default=True, help="Random queries."),
+    click.option("--seed", default=0, show_default=True, help="Seed of the queries."),
+    click.option("--q-heads", type=int, default=None,
+                 help="Query heads (a multiple of the kv heads; default: the kv heads)."),
+    json_opt,
+]
+
+
+def _with(options):  # noqa: ANN001, ANN202
+    def wrap(f):  # noqa: ANN001, ANN202
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+@main.command()
+@path_arg
+@click.argument("group")
+@click.argument("agent")
+@click.option("--threshold", type=float, default=None,
+              help="Apply this diff threshold instead of the group's (the store is unchanged).")
+@click.option("--exact", type=click.Path(path_type=Path), default=None,
+              help="An exact copy of the agent's KV (.npy/.safetensors) to compare with.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG.")
+@_with(ab_options)
+def ab(path: Path, group: str, agent: str, threshold: float | None, exact: Path | None,
+       plot: Path | None, layers: str | None, window: int, block_size: int, queries: int,
+       seed: int, q_heads: int | None, as_json: bool) -> None:
+    """Attention A/B on AGENT's stored K/V, per layer: dense vs sparse attention, and
+    exact vs the store's KV under a diff threshold."""
+    from . import ab as ablib
+    from .maintenance import load_file
+
+    with _open(path) as store:
+        g = store.group(group, create=False)
+        exact_kv = load_file(exact) if exact is not None else None
+        report = ablib.compare(g, agent, _ab_config(window, block_size, queries, seed, q_heads),
+                               layers=_layers_opt(layers), threshold=threshold,
+                               exact=exact_kv)
+    if plot is not None:
+        ablib.plot_compare(report, str(plot))
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(f"group {group!r} agent {agent!r}: {report['seq']} tokens, {report['queries']} "
+               f"queries x {report['q_heads']} heads; sparse window {window}, block "
+               f"{block_size}; (b) {report['comparison_b']} ({report['blocks_kept_at_threshold']}"
+               f" of {report['blocks']} blocks kept)")
+    rows = []
+    for r in report["layers"]:
+        a, b = r["dense_vs_sparse"], r["exact_vs_store"]
+        rows.append({"layer": r["layer"], "sparse max": a["max_abs_err"],
+                     "sparse rel": a["rel_err"], "sparse cos": a["cos_mean"],
+                     "sparse KL": a["kl"], "mass kept": a["mass_kept"],
+                     "store max": b["max_abs_err"], "store rel": b["rel_err"],
+                     "store cos": b["cos_mean"], "store KL": b["kl"]})
+    num = lambda x: f"{x:.3g}"  # noqa: E731
+    _table(rows, list(rows[0]) if rows else [], {k: num for k in (rows[0] if rows else {})
+                                                  if k != "layer"})
+    if plot is not None:
+        click.echo(f"plot: {plot}")
+
+
+@main.command(name="ab-sweep")
+@path_arg
+@click.argument("group")
+@click.option("--thresholds", required=True, help="Comma-separated thresholds, e.g. 0,0.1,1,10.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG.")
+@_with(ab_options)
+def ab_sweep(path: Path, group: str, thresholds: str, plot: Path | None, layers: str | None,
+             window: int, block_size: int, queries: int, seed: int, q_heads: int | None,
+             as_json: bool) -> None:
+    """Compression ratio against attention error over a range of diff thresholds (the
+    group's stored blocks taken as exact; the store is not changed)."""
+    from . import ab as ablib
+
+    with _open(path) as store:
+        report = ablib.sweep(store.group(group, create=False), ablib.parse_thresholds(thresholds),
+                             _ab_config(window, block_size, queries, seed, q_heads),
+                             layers=_layers_opt(layers))
+    if plot is not None:
+        ablib.plot_sweep(report, str(plot))
+    if as_json:
+        _emit_json(report)
+        return
+    num = lambda x: f"{x:.3g}"  # noqa: E731
+    _table(report["rows"], ["threshold", "diff_blocks", "compression_ratio", "rel_err_mean",
+                            "max_abs_err", "kl_mean"],
+           {"threshold": num, "compression_ratio": lambda x: f"{x:.2f}x", "rel_err_mean": num,
+            "max_abs_err": num, "kl_mean": num})
+    if plot is not None:
+        click.echo(f"plot: {plot}")
+
+
+@main.command(name="bench-attention")
+@click.option("--seq", default=8192, show_default=True)
+@click.option("--q-heads", default=8, show_default=True)
+@click.option("--kv-heads", default=2, show_default=True)
+@click.option("--head-dim", default=64, show_default=True)
+@click.option("--window", default=128, show_default=True)
+@click.option("--block-size", default=64, show_default=True)
+@click.option("--reps", default=3, show_default=True)
+@json_opt
+def bench_attention(seq: int, q_heads: int, kv_heads: int, head_dim: int, window: int,
+                    block_size: int, reps: int, as_json: bool) -> None:
+    """Time and peak memory of dense vs sparse attention (same inputs, one run)."""
+    from .bench import attention_benchmark
+
+    r = attention_benchmark(seq, q_heads, kv_heads, head_dim, window, block_size, reps)
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"N={seq}, {q_heads} query heads, {kv_heads} kv heads, head_dim {head_dim}, "
+               f"window {window}, block {block_size}; best of {reps}")
+    click.echo(f"dense:  {r['dense_s']:.3f} s, peak {r['dense_peak_bytes'] / MiB:.0f} MiB")
+    click.echo(f"sparse: {r['sparse_s']:.3f} s, peak {r['sparse_peak_bytes'] / MiB:.0f} MiB")
+    click.echo(f"sparse is {r['speedup']:.1f}x faster (target >= 5x); both peaks <= 1 GiB: "
+               f"{'yes' if r['peak_ok'] else 'NO'}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -19,6 +19,7 @@ import numpy as np
 from .store import open as open_store
 
 GROUP = "demo"
+KV_LAYOUT = {"axes": ["layer", "kv", "token", "head", "dim"]}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DemoWorkload:
     n_blocks: int = 256
     block_shape: tuple[int, ...] = (4, 2, 16, 8, 64)  # layers, k/v, tokens, kv heads, dim
     tail_blocks: int = 8  # blocks at the end where each agent diverges
+    near_blocks: int = 4  # blocks where each agent's values differ by rounding-level noise
     dtype: str = "float16"
     seed: int = 0
 
@@ -42,9 +44,13 @@ class DemoWorkload:
         kv = np.random.default_rng(self.seed).standard_normal(shape, np.float32)
         kv = kv.astype(self.dtype)
         if i > 0:
-            tail = kv[self.n_blocks - self.tail_blocks :]
             rng = np.random.default_rng([self.seed, i])
+            tail = kv[self.n_blocks - self.tail_blocks :]
             tail[...] = rng.standard_normal(tail.shape, np.float32).astype(self.dtype)
+            # the shared prefix recomputed elsewhere: a few blocks off by ~1e-3
+            near = kv[i : i + self.near_blocks]
+            noise = rng.standard_normal(near.shape, np.float32) * 1e-3
+            near[...] = (near.astype(np.float32) + noise).astype(self.dtype)
         return kv
 
     @property
@@ -59,7 +65,7 @@ def write(path: Path, work: DemoWorkload) -> dict[str, float]:
     with open_store(path) as store:
         if GROUP in store:
             store.delete_group(GROUP)
-        group = store.group(GROUP, diff_threshold=0.0)
+        group = store.group(GROUP, diff_threshold=0.0, kv_layout=KV_LAYOUT)
         t0 = time.perf_counter()
         group.register_master(names[0], agents[0])
         t1 = time.perf_counter()

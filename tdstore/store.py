@@ -289,6 +289,10 @@ class Store:
         if diff_threshold is not None:
             diff_threshold = _check_threshold(diff_threshold, name)
         check_compressor(compressor)
+        if kv_layout is not None:
+            from .ab import check_kv_layout
+
+            kv_layout = check_kv_layout(kv_layout)
         if chunk_blocks is not None and (not isinstance(chunk_blocks, int) or chunk_blocks < 1):
             raise InvalidInputError(f"group {name!r}: chunk_blocks must be an int >= 1")
         with self.catalog.read() as s:
@@ -634,6 +638,10 @@ class Group:
         check_name("agent", agent_id, f"group {self.name!r}")
         with self._locked() as g:
             kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
+            if g.kv_layout and kv.ndim - 1 != len(g.kv_layout["axes"]):
+                raise InvalidInputError(
+                    f"{where}: blocks of shape {kv.shape[1:]} do not fit the group's kv_layout "
+                    f"axes {g.kv_layout['axes']}")
             with self.store.catalog.read() as s:
                 agents = self._agents(s, g)
             master = next((a for a in agents if a.role == "master"), None)
