@@ -11,6 +11,7 @@ from conftest import bits, kv
 import tdstore
 from tdstore.dtypes import SUPPORTED
 
+LAYOUT = ("layer", "kv", "token", "head", "dim")
 RAW_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
               "float8_e5m2": ml_dtypes.float8_e5m2}
 
@@ -287,10 +288,10 @@ def test_stats_has_seed_keys_layout_and_bytes(store):
 
 def test_settings_persist_and_explicit_settings_replace_them(tmp_path):
     with tdstore.open(tmp_path / "s") as store:
-        store.group("g", diff_threshold=0.25, kv_layout={"layers": 2})
+        store.group("g", diff_threshold=0.25, kv_layout={"axes": list(LAYOUT)})
     with tdstore.open(tmp_path / "s") as store:
         g = store.group("g")
-        assert g.diff_threshold == 0.25 and g.kv_layout == {"layers": 2}
+        assert g.diff_threshold == 0.25 and g.kv_layout == {"axes": list(LAYOUT)}
         store.group("g", diff_threshold=0.5)
         assert g.diff_threshold == 0.5
         with pytest.raises(tdstore.InvalidInputError, match="compressor"):
