@@ -1,0 +1,427 @@
+"""Reliability harnesses: crash (SIGKILL at random moments) and concurrency.
+
+Both run real subprocesses against a real store and compare what the store holds with a
+model kept from the operations the workers acknowledged. They back ``tools/crash.py``
+and ``tools/concurrency.py`` (long runs) and the test suite (short runs).
+
+Crash: a writer process runs a random mix of register_master (first, re-registered and
+replacing), register_mirror, collective_reuse_step, delete and delete_group. It prints
+``begin`` before each operation and ``ack`` after it returns (after the commit). The
+parent kills it with SIGKILL at a random moment inside an operation, then checks that
+the store opens, ``verify`` finds no damage (garbage is allowed, and ``gc`` removes it),
+and the store holds exactly the acknowledged state, or that state plus the one
+operation in flight, never anything in between.
+
+Concurrency: processes x threads write their own agents in one shared group and in
+groups of their own while reading each other's; every value read must be a complete
+version some writer wrote, and the end state must equal a replay of the acknowledged
+operations. No error may reach a caller (``database is locked`` included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import open as open_store
+
+BLOCK = (4, 32)  # float16: 256 bytes a block
+DTYPE = np.float16
+GROUPS = ("g0", "g1")
+AGENTS = ("a0", "a1", "a2", "a3")
+
+
+def gen(seed: int, n: int) -> np.ndarray:
+    """Deterministic blocks for ``seed`` (in any process)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *BLOCK), np.float32).astype(DTYPE)
+
+
+Model = dict[str, dict[str, np.ndarray]]  # group -> agent -> content (master first)
+
+
+def _master(model: Model, group: str) -> str | None:
+    agents = model.get(group) or {}
+    return next(iter(agents), None)
+
+
+def apply(model: Model, op: dict[str, Any]) -> None:
+    """What ``op`` does to the store, on the model (mirrors seed semantics)."""
+    kind, g = op["op"], op.get("group")
+    agents = model.setdefault(g, {}) if g is not None else None
+    if kind == "master":
+        data = gen(op["seed"], op["n"])
+        if _master(model, g) == op["agent"]:
+            agents[op["agent"]] = data  # mirrors keep their content (re-derived)
+        else:
+            model[g] = {op["agent"]: data}
+    elif kind == "mirror":
+        data = agents[_master(model, g)].copy()
+        data[op["blocks"]] = gen(op["seed"], len(op["blocks"]))
+        agents[op["agent"]] = data
+    elif kind == "append":
+        new = gen(op["seed"], op["n"])
+        for name in list(agents):
+            agents[name] = np.concatenate([agents[name], new])
+        master = _master(model, g)
+        for name in op["agents"]:
+            if name not in agents:
+                agents[name] = agents[master].copy()
+    elif kind == "delete":
+        del agents[op["agent"]]
+    elif kind == "delete_group":
+        model.pop(g, None)
+    if g is not None and g in model and not model[g]:  # an empty group holds nothing
+        model.pop(g)
+
+
+def choose(model: Model, rng: random.Random, seq: int) -> dict[str, Any]:
+    """A random operation that is valid in ``model``."""
+    g = rng.choice(GROUPS)
+    agents = model.get(g) or {}
+    master = _master(model, g)
+    seed = rng.randrange(1 << 30)
+    mirrors = [a for a in agents if a != master]
+    choices = ["master"] * 2
+    if master:
+        choices += ["mirror"] * 6 + ["append"] * 2 + ["delete"] * 2 + ["delete_group"]
+        choices += ["replace"] if len(agents) > 1 else []
+    kind = rng.choice(choices)
+    big = rng.random() < 0.15  # now and then a few MiB, so kills land in data writes too
+    if kind in ("master", "replace"):
+        n = len(next(iter(agents.values()))) if (master and mirrors and kind == "master") \
+            else rng.choice([8, 32, 4096 if big else 64])
+        agent = master if (kind == "master" and master) else rng.choice(
+            [a for a in AGENTS if a != master])
+        return {"op": "master", "group": g, "agent": agent, "seed": seed, "n": n, "seq": seq}
+    if kind == "mirror":
+        n = len(agents[master])
+        free = [a for a in AGENTS if a != master]
+        k = rng.randint(0, min(n, 600 if big else 6))
+        blocks = sorted(rng.sample(range(n), k))
+        return {"op": "mirror", "group": g, "agent": rng.choice(free), "seed": seed,
+                "blocks": blocks, "seq": seq}
+    if kind == "append":
+        named = rng.sample(list(AGENTS), rng.randint(0, 2))
+        return {"op": "append", "group": g, "agents": named, "seed": seed,
+                "n": rng.randint(1, 2048 if big else 5), "seq": seq}
+    if kind == "delete":
+        victim = rng.choice(mirrors) if mirrors else master
+        return {"op": "delete", "group": g, "agent": victim, "seq": seq}
+    return {"op": "delete_group", "group": g, "seq": seq}
+
+
+def execute(store, op: dict[str, Any], model: Model) -> None:  # noqa: ANN001
+    """Run ``op`` against the store (the model gives the mirror's base content)."""
+    kind, g = op["op"], op["group"]
+    if kind == "delete_group":
+        store.delete_group(g)
+        return
+    group = store.group(g, diff_threshold=0.0)
+    if kind == "master":
+        group.register_master(op["agent"], gen(op["seed"], op["n"]))
+    elif kind == "mirror":
+        data = model[g][_master(model, g)].copy()
+        data[op["blocks"]] = gen(op["seed"], len(op["blocks"]))
+        group.register_mirror(op["agent"], data)
+    elif kind == "append":
+        group.collective_reuse_step(op["agents"], gen(op["seed"], op["n"]))
+    elif kind == "delete":
+        group.delete(op["agent"])
+
+
+def read_state(store) -> Model:  # noqa: ANN001
+    """Everything the store holds, as a model."""
+    state: Model = {}
+    for name in store.groups():
+        g = store.group(name, create=False)
+        agents = g.agents()
+        if agents:
+            state[name] = {a: g.reconstruct(a) for a in agents}
+    return state
+
+
+def same(a: Model, b: Model) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for g in a:
+        if list(a[g]) != list(b[g]):
+            return False
+        for agent in a[g]:
+            x, y = a[g][agent], b[g][agent]
+            if x.shape != y.shape or x.tobytes() != y.tobytes():
+                return False
+    return True
+
+
+def describe(model: Model) -> str:
+    return json.dumps({g: {a: list(v.shape) for a, v in agents.items()}
+                       for g, agents in model.items()})
+
+
+# --------------------------------------------------------------------------- crash
+
+
+def writer_main(path: str, seed: int) -> None:
+    """The crash writer: rebuilds its model from the store, then runs operations."""
+    rng = random.Random(seed)
+    with open_store(path) as store:
+        model = read_state(store)
+        seq = 0
+        while True:
+            op = choose(model, rng, seq)
+            print(json.dumps({"begin": op}), flush=True)
+            execute(store, op, model)
+            apply(model, op)
+            print(json.dumps({"ack": seq}), flush=True)
+            seq += 1
+
+
+@dataclass
+class CrashReport:
+    kills: int = 0
+    ops_committed: int = 0
+    in_flight_committed: int = 0
+    in_flight_lost: int = 0
+    killed_during: Counter = field(default_factory=Counter)
+    garbage_collected: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int:
+        return sum(1 for f in self.failures if "lost" in f)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kills": self.kills, "ops_committed": self.ops_committed,
+                "in_flight_committed": self.in_flight_committed,
+                "in_flight_rolled_back": self.in_flight_lost,
+                "killed_during": dict(self.killed_during),
+                "garbage_items_collected": self.garbage_collected,
+                "failures": self.failures}
+
+
+def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
+               max_ops_before_kill: int = 6, max_delay_s: float = 0.05,
+               progress=None) -> CrashReport:  # noqa: ANN001
+    """Run ``kills`` writer processes into ``path``, each SIGKILLed at a random moment."""
+    path = str(path)
+    rng = random.Random(seed)
+    report = CrashReport()
+    model: Model = {}
+    open_store(path).close()
+    for k in range(kills):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tdstore.harness import writer_main; "
+             "writer_main(sys.argv[1], int(sys.argv[2]))", path, str(rng.randrange(1 << 30))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        target = rng.randint(1, max_ops_before_kill)
+        begun: dict[int, dict] = {}
+        acked: list[int] = []
+        lines = []
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            msg = json.loads(line)
+            if "begin" in msg:
+                begun[msg["begin"]["seq"]] = msg["begin"]
+                if len(begun) == target:
+                    time.sleep(rng.uniform(0, max_delay_s))
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            else:
+                acked.append(msg["ack"])
+        rest, err = proc.communicate()
+        for line in rest.splitlines():
+            msg = json.loads(line)
+            if "ack" in msg:
+                acked.append(msg["ack"])
+            elif "begin" in msg:
+                begun[msg["begin"]["seq"]] = msg["begin"]
+        if proc.returncode != -signal.SIGKILL:
+            report.failures.append(f"kill {k}: writer exited {proc.returncode}: {err[-2000:]}")
+            break
+        report.kills += 1
+        for seq in sorted(acked):
+            apply(model, begun[seq])
+            report.ops_committed += 1
+        flight = [begun[s] for s in sorted(begun) if s not in acked]
+        if flight:
+            report.killed_during[flight[0]["op"]] += 1
+        problem = _check_after_kill(path, model, flight, report)
+        if problem:
+            report.failures.append(f"kill {k}: {problem}")
+            break
+        if progress:
+            progress(k + 1, kills, f"{report.ops_committed} ops committed")
+    return report
+
+
+def _check_after_kill(path: str, model: Model, flight: list[dict], report: CrashReport
+                      ) -> str | None:
+    with open_store(path) as store:
+        v = store.verify()
+        if v.damage:
+            return "verify found damage: " + "; ".join(map(str, v.damage))
+        report.garbage_collected += len(store.gc().removed)
+        if not store.verify().ok:
+            return "garbage left after gc"
+        state = read_state(store)
+    if same(state, model):
+        if flight:
+            report.in_flight_lost += 1
+        return None
+    for op in flight:
+        after = {g: dict(a) for g, a in model.items()}
+        apply(after, op)
+        if same(state, after):
+            apply(model, op)
+            report.in_flight_committed += 1
+            return None
+    return (f"state is neither the acknowledged one nor it plus the op in flight "
+            f"({flight}); lost or half-visible. store {describe(state)}, "
+            f"model {describe(model)}")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _versioned(owner: int, agent: int, version: int, base: np.ndarray) -> np.ndarray:
+    """A mirror's content for (owner, agent, version): the base with 4 blocks replaced,
+    the first value of its first replaced block tagging the version."""
+    data = base.copy()
+    rng = np.random.default_rng([owner, agent, version])
+    blocks = np.sort(rng.choice(len(base), 4, replace=False))
+    data[blocks] = gen(hash((owner, agent, version)) & 0xFFFFFFF, 4)
+    return data
+
+
+def _worker(path: str, proc_id: int, threads: int, seconds: float, out: str) -> None:
+    """One process of the concurrency test (run in a subprocess)."""
+    base = gen(7, 32)
+    log: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def thread_main(tid: int) -> None:
+        owner = proc_id * 100 + tid
+        rng = random.Random(owner)
+        own = f"own-{owner}"
+        versions: dict[tuple[str, int], int] = {}
+        with open_store(path) as store:
+            shared = store.group("shared", diff_threshold=0.0)
+            mine = store.group(own, diff_threshold=0.0)
+            mine.register_master("m", base)
+            while time.monotonic() < deadline:
+                try:
+                    where = rng.choice(["shared", own])
+                    g = shared if where == "shared" else mine
+                    agent = rng.randrange(3)
+                    name = f"w{owner}-{agent}"
+                    r = rng.random()
+                    if r < 0.45:
+                        v = versions.get((where, agent), 0) + 1
+                        g.register_mirror(name, _versioned(owner, agent, v, base))
+                        versions[(where, agent)] = v
+                        entry = {"group": where, "agent": name, "owner": owner,
+                                 "idx": agent, "version": v}
+                    elif r < 0.55:
+                        if (where, agent) not in versions:
+                            continue
+                        g.delete(name)
+                        versions.pop((where, agent))
+                        entry = {"group": where, "agent": name, "deleted": True}
+                    else:
+                        # read someone's agent in the shared group, or one of our own
+                        names = [a for a in g.agents() if a != "m"]
+                        if not names:
+                            continue
+                        target = rng.choice(names)
+                        try:
+                            got = g.reconstruct(target)
+                        except KeyError:
+                            continue  # deleted meanwhile: fine
+                        o, a = (int(x) for x in target[1:].split("-"))
+                        if not any(got.tobytes() == _versioned(o, a, ver, base).tobytes()
+                                   for ver in range(1, 400)):
+                            errors.append(f"{where}/{target}: not a version ever written")
+                        entry = {"read": target}
+                    with lock:
+                        log.append(entry)
+                except Exception as exc:  # noqa: BLE001 - every error is a finding
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+
+    ts = [threading.Thread(target=thread_main, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    Path(out).write_text(json.dumps({"log": log, "errors": errors}))
+
+
+def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, threads: int = 2,
+                     seconds: float = 5.0) -> dict[str, Any]:
+    """Run the concurrency test; returns counts and every error seen."""
+    path = Path(path)
+    with open_store(path) as store:
+        store.group("shared", diff_threshold=0.0).register_master("m", gen(7, 32))
+    outs = [path.parent / f"{path.name}-worker{p}.json" for p in range(processes)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from tdstore.harness import _worker; "
+         "_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), "
+         "sys.argv[5])", str(path), str(p), str(threads), str(seconds), str(outs[p])],
+        stderr=subprocess.PIPE, text=True) for p in range(processes)]
+    errors = []
+    for p, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=seconds + 300)
+        if proc.returncode != 0:
+            errors.append(f"process {p} exited {proc.returncode}: {err[-2000:]}")
+    expected: dict[tuple[str, str], tuple[int, int, int] | None] = {}
+    ops = Counter()
+    for out in outs:
+        if not out.exists():
+            continue
+        data = json.loads(out.read_text())
+        errors += data["errors"]
+        for e in data["log"]:
+            if "read" in e:
+                ops["reads"] += 1
+                continue
+            group = "shared" if e["group"] == "shared" else e["group"]
+            if e.get("deleted"):
+                ops["deletes"] += 1
+                expected[(group, e["agent"])] = None
+            else:
+                ops["writes"] += 1
+                expected[(group, e["agent"])] = (e["owner"], e["idx"], e["version"])
+        out.unlink()
+    base = gen(7, 32)
+    mismatches = 0
+    with open_store(path) as store:
+        for (group, agent), want in expected.items():
+            g = store.group(group, create=False)
+            if want is None:
+                mismatches += agent in g
+                continue
+            got = g.reconstruct(agent) if agent in g else None
+            if got is None or got.tobytes() != _versioned(*want, base).tobytes():
+                mismatches += 1
+        verify_ok = store.verify().ok
+    return {"processes": processes, "threads": threads, "seconds": seconds,
+            "ops": dict(ops), "agents_checked": len(expected), "mismatches": mismatches,
+            "verify_ok": verify_ok, "errors": errors}
