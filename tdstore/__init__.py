@@ -11,6 +11,7 @@ from .errors import (  # noqa: E402
     ReadOnlyError,
     SchemaError,
     StateError,
+    StorageError,
     StoreFullError,
     TdStoreError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "SparseKVDiff",
     "StateError",
     "Store",
+    "StorageError",
     "StoreFullError",
     "TdStoreError",
     "TokenDanceStorage",

@@ -176,16 +176,42 @@ class Catalog:
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
         """A read transaction (a consistent snapshot)."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            yield session
+        with self.errors():
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction: committed on exit, rolled back on error."""
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(tdstore_write=True)
-            with Session(bind=conn, expire_on_commit=False) as session, session.begin():
-                yield session
+        with self.errors():
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(tdstore_write=True)
+                with Session(bind=conn, expire_on_commit=False) as session, session.begin():
+                    yield session
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Database failures as tdstore errors: a damaged catalogue is CorruptionError,
+        a full or failing disk under a commit is StorageError (the transaction is rolled
+        back, so the catalogue is as it was)."""
+        from sqlalchemy.exc import DatabaseError
+
+        from .errors import CorruptionError, StorageError
+
+        try:
+            yield
+        except DatabaseError as exc:
+            text = str(exc.orig if exc.orig is not None else exc).lower()
+            if "malformed" in text or "not a database" in text or "corrupt" in text:
+                raise CorruptionError(
+                    f"catalogue {self.url}: damaged ({exc.orig}); restore it from a backup "
+                    "or a copy") from exc
+            if "disk is full" in text or "disk i/o error" in text or "readonly" in text \
+                    or "read-only" in text:
+                raise StorageError(
+                    f"catalogue {self.url}: the commit failed ({exc.orig}); nothing was "
+                    "committed") from exc
+            raise
 
     def get_meta(self, key: str) -> str | None:
         with self.read() as s:

@@ -45,3 +45,8 @@ class CorruptionError(TdStoreError, OSError):
 
 class StoreFullError(TdStoreError, OSError):
     """A write would exceed the store's size budget even after evicting what it may."""
+
+
+class StorageError(TdStoreError, OSError):
+    """The file system failed under a write (full disk, I/O error, read-only); nothing
+    was committed and the store is as it was."""

@@ -17,6 +17,7 @@ arrays it names. Unreferenced data is never read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -60,6 +61,8 @@ from .errors import (
     ReadOnlyError,
     SchemaError,
     StateError,
+    StorageError,
+    TdStoreError,
 )
 from .reconstruct import (
     AgentSnapshot,
@@ -159,7 +162,19 @@ def check_finite(kv: np.ndarray, dtype_name: str, what: str,
 @contextlib.contextmanager
 def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
     """An ``flock`` on ``path``: excludes other processes and other threads alike."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # a directory this process cannot write: only reads happen here, and a writer
+        # would have created the lock file; share it if it exists
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield
+            return
+        shared = True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -196,12 +211,18 @@ class Store:
         self._prepare_directory()
         catalog_file = self.path / CATALOG_FILE
         if url is None:
-            immutable = readonly and not os.access(self.path, os.W_OK)
+            # SQLite needs to write its -shm file even to read a WAL database; in a
+            # directory we cannot write, open it immutable, which is exact only while no
+            # WAL file holds transactions not yet moved into the database file
+            wal = catalog_file.with_name(CATALOG_FILE + "-wal")
+            immutable = (readonly and not _writable(self.path)
+                         and not (wal.exists() and wal.stat().st_size))
             url = sqlite_url(catalog_file, readonly=readonly, immutable=immutable)
         self.catalog = Catalog(url, readonly=readonly)
         self.arrays = ArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
         try:
-            self._open_schema()
+            with self.catalog.errors():
+                self._open_schema()
             if not readonly:
                 self.arrays.ensure_root()
             if max_bytes is not None and max_bytes != self.max_bytes:
@@ -213,6 +234,10 @@ class Store:
     def _prepare_directory(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"store {self.path}: exists and is not a directory")
+        if not self.readonly and self.path.exists() and not _writable(self.path):
+            raise ReadOnlyError(
+                f"store {self.path}: the directory is not writable by this process; "
+                "open it with readonly=True")
         if self.readonly:
             if not (self.path / CATALOG_FILE).exists():
                 raise NotFoundError(f"store {self.path}: no {CATALOG_FILE}; not a tdstore store")
@@ -231,6 +256,15 @@ class Store:
         current, heads = check_not_newer(self.catalog, str(self.path))
         if set(current) == set(heads):
             return
+        data = self.path / DATA_DIR
+        held = [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
+        if not current and held:
+            # an empty or replaced catalogue beside existing data: initialising it would
+            # orphan every array (and gc would then delete them)
+            raise CorruptionError(
+                f"store {self.path}: the catalogue holds no schema but data/ holds "
+                f"{len(held)} group directories; refusing to initialise it over them "
+                "(restore catalog.sqlite from a backup)")
         if self.readonly:
             raise SchemaError(
                 f"store {self.path}: catalogue schema {current or 'empty'} needs an upgrade to "
@@ -431,6 +465,19 @@ class Store:
         return f"<tdstore.Store {str(self.path)!r}{mode}>"
 
 
+def _writable(path: Path) -> bool:
+    """Whether this process can create files in ``path`` (os.access is wrong for root
+    on read-only mounts, and for other users only approximate)."""
+    probe = path / f".tdstore-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
 def _check_threshold(value: object, group: str) -> float:
     try:
         t = float(value)  # type: ignore[arg-type]
@@ -614,7 +661,14 @@ class Group:
                 g = self._row(s)
                 if g.gid != gid:  # deleted and re-created meanwhile
                     raise StateError(f"group {self.name!r} was replaced concurrently; retry")
+            try:
                 yield g
+            except TdStoreError:
+                raise
+            except OSError as exc:  # the write removed what it had put down before this
+                raise StorageError(
+                    f"group {self.name!r}: writing failed ({exc}); nothing was committed "
+                    "and the store is as it was") from exc
 
     def _prepare(self, kv: object, what: str, g: GroupRow, *, check: bool = True
                  ) -> tuple[np.ndarray, str]:

@@ -18,12 +18,14 @@ def store(tmp_path: Path):
 
 def fingerprint(path: Path) -> tuple[dict, dict]:
     """Everything a store holds: every catalogue row and every file's content hash."""
-    rows = {}
-    con = sqlite3.connect(path / "catalog.sqlite")
+    rows: dict = {}
+    con = sqlite3.connect(f"file:{path / 'catalog.sqlite'}?mode=ro", uri=True)
     try:
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         for t in tables:
             rows[t] = sorted(map(repr, con.execute(f'SELECT * FROM "{t}"')))
+    except sqlite3.DatabaseError as exc:  # a damaged catalogue: compare the files only
+        rows = {"unreadable": str(exc)}
     finally:
         con.close()
     files = {
