@@ -156,11 +156,11 @@ def _write_all(fd: int, data) -> None:  # noqa: ANN001
         view = view[n:]
 
 
-def _read_exact(fd: int, buf: memoryview, offset: int, what: str) -> None:
+def _read_exact(fd: int, buf: memoryview, offset: int, what: str, name: str) -> None:
     while buf:
         n = os.preadv(fd, [buf], offset)
         if n == 0:
-            raise CorruptionError(f"{what}: chunk file is truncated")
+            raise CorruptionError(f"{what}: chunk file {name} is truncated")
         buf = buf[n:]
         offset += n
 
@@ -350,7 +350,7 @@ class ArrayStore:
         except FileNotFoundError:
             raise CorruptionError(f"{what}: chunk file {file.name} is missing") from None
         try:
-            _read_exact(fd, buf, offset, what)
+            _read_exact(fd, buf, offset, what, file.name)
         finally:
             os.close(fd)
 

@@ -139,3 +139,16 @@ def test_bench_runs_and_reports_every_target_as_json(tmp_path):
     for name, t in report["ratios"].items():
         assert t["value"] is not None and t["value"] > 0, name
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
+
+
+@pytest.mark.parametrize("verify_reads", [False, True])
+def test_a_truncated_chunk_is_an_error_on_read_not_short_data(tmp_path, verify_reads):
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        g = store.group("rag", chunk_blocks=4)
+        g.register_master("retriever", kv(12))
+    chunk = next((path / "data").glob("*/m-*/c.1.0.0"))
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    with tdstore.open(path, verify_reads=verify_reads) as store:
+        with pytest.raises(tdstore.CorruptionError, match=r"blocks 4-7: chunk file c.1.0.0"):
+            store.group("rag").reconstruct("retriever")
