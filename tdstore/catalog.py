@@ -98,6 +98,7 @@ class AgentRow(Base):
     n_diff: Mapped[int] = mapped_column(Integer, default=0)
     nbytes: Mapped[int] = mapped_column(Integer, default=0)  # bytes on disk of `array`
     status: Mapped[str] = mapped_column(String(16), default="ok")
+    attrs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     last_access: Mapped[float] = mapped_column(Float)
@@ -118,7 +119,7 @@ def now() -> float:
     return time.time()
 
 
-def _sqlite_engine(url: str, readonly: bool) -> Engine:
+def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True) -> Engine:
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
@@ -129,7 +130,8 @@ def _sqlite_engine(url: str, readonly: bool) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         for key, value in SQLITE_PRAGMAS.items():
-            if readonly and key == "journal_mode":
+            if (readonly and key == "journal_mode") or (key == "foreign_keys"
+                                                        and not foreign_keys):
                 continue
             cur.execute(f"PRAGMA {key} = {value}")
         cur.close()
@@ -151,10 +153,10 @@ def _sqlite_engine(url: str, readonly: bool) -> Engine:
     return engine
 
 
-def make_engine(url: str, *, readonly: bool = False) -> Engine:
+def make_engine(url: str, *, readonly: bool = False, foreign_keys: bool = True) -> Engine:
     """An engine for the catalogue at ``url`` with tdstore's connection settings."""
     if url.startswith("sqlite"):
-        return _sqlite_engine(url, readonly)
+        return _sqlite_engine(url, readonly, foreign_keys)
     return create_engine(url, pool_pre_ping=True)
 
 
@@ -301,12 +303,23 @@ def upgrade(catalog: Catalog, revision: str = "head") -> None:
 
     cfg = _alembic_config(catalog)
     current, _ = schema_status(catalog)
-    with catalog.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        if revision != "head" and current and revision in _ancestors(catalog, current[0]):
-            command.downgrade(cfg, revision)
-        else:
-            command.upgrade(cfg, revision)
+    # SQLite rebuilds a table to alter it; with foreign keys on, dropping the old table
+    # would cascade into the rows that reference it (the diff-block index)
+    engine = make_engine(catalog.url, foreign_keys=False)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            if revision != "head" and current and revision in _ancestors(catalog, current[0]):
+                command.downgrade(cfg, revision)
+            else:
+                command.upgrade(cfg, revision)
+            if conn.dialect.name == "sqlite":
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise SchemaError(f"catalogue {catalog.url}: migration to {revision} left "
+                                      f"{len(broken)} rows with broken references; rolled back")
+    finally:
+        engine.dispose()
 
 
 def _ancestors(catalog: Catalog, revision: str) -> set[str]:

@@ -135,8 +135,7 @@ def as_blocks(kv: object, what: str) -> tuple[np.ndarray, str]:
 
 def _from_tensor(kv: object, what: str) -> np.ndarray:
     """Accept array-likes that expose their buffer exactly (torch tensors, memoryviews)."""
-    to_numpy = getattr(kv, "numpy", None)
-    if callable(to_numpy) and type(kv).__module__.startswith("torch"):
+    if type(kv).__module__.startswith("torch"):
         from .integrations.torch import tensor_to_numpy
 
         return tensor_to_numpy(kv)
@@ -465,6 +464,19 @@ class Store:
         return f"<tdstore.Store {str(self.path)!r}{mode}>"
 
 
+def _check_attrs(attrs: object, where: str) -> dict[str, Any] | None:
+    if attrs is None:
+        return None
+    import json
+
+    if not isinstance(attrs, dict):
+        raise InvalidInputError(f"{where}: attrs must be a dict, got {type(attrs).__name__}")
+    try:
+        return json.loads(json.dumps(attrs, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: attrs must be JSON-able: {exc}") from None
+
+
 def _writable(path: Path) -> bool:
     """Whether this process can create files in ``path`` (os.access is wrong for root
     on read-only mounts, and for other users only approximate)."""
@@ -638,6 +650,14 @@ class Group:
         """Change the persisted threshold; it applies to mirrors registered later."""
         self.store.group(self.name, diff_threshold=value, create=False)
 
+    def attrs(self, agent_id: str) -> dict[str, Any]:
+        """The attributes stored with an agent (empty if none)."""
+        with self.store.catalog.read() as s:
+            _, row = self._master_and(s, self._row(s), agent_id)
+        if row is None:
+            raise NotFoundError(f"group {self.name!r}: unknown agent {agent_id!r}")
+        return dict(row.attrs or {})
+
     def agents(self) -> list[str]:
         """Agent names: the master first, then mirrors in registration order."""
         with self.store.catalog.read() as s:
@@ -677,7 +697,8 @@ class Group:
             check_finite(kv, dtype_name, what)
         return kv, dtype_name
 
-    def register_master(self, agent_id: str, kv_blocks: object) -> None:
+    def register_master(self, agent_id: str, kv_blocks: object, *,
+                        attrs: dict[str, Any] | None = None) -> None:
         """Store ``kv_blocks`` (``(n_blocks, ...)``) as the group's master.
 
         A different agent replaces the master and removes every mirror (their data
@@ -686,10 +707,12 @@ class Group:
         re-registering a master quarantined by ``verify --repair`` restores it and keeps
         its mirrors' stored blocks.
 
+        ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
         Raises InvalidInputError for bad arrays or names (nothing is written).
         """
         where = self._where(agent_id)
         check_name("agent", agent_id, f"group {self.name!r}")
+        attrs = _check_attrs(attrs, where)
         with self._locked() as g:
             kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
             if g.kv_layout and kv.ndim - 1 != len(g.kv_layout["axes"]):
@@ -745,11 +768,12 @@ class Group:
                     s.flush()
                     s.add(AgentRow(group_id=row.id, name=agent_id, role="master", array=path,
                                    chunk_blocks=spec.chunk_blocks, n_diff=0, nbytes=nbytes,
-                                   status="ok", created_at=t, updated_at=t, last_access=t))
+                                   status="ok", created_at=t, updated_at=t, last_access=t,
+                                   attrs=attrs))
                 else:
                     mrow = s.get(AgentRow, master.id)
                     mrow.array, mrow.nbytes, mrow.updated_at, mrow.status = path, nbytes, t, "ok"
-                    mrow.chunk_blocks = spec.chunk_blocks
+                    mrow.chunk_blocks, mrow.attrs = spec.chunk_blocks, attrs
                     for m, diff in rederived:
                         self._store_diff_rows(s, s.get(AgentRow, m.id), diff, t)
                 row.dtype, row.block_shape = dtype_name, list(kv.shape[1:])
@@ -816,15 +840,18 @@ class Group:
         row.updated_at = t
         row.status = "ok"
 
-    def register_mirror(self, agent_id: str, kv_blocks: object) -> SparseKVDiff:
+    def register_mirror(self, agent_id: str, kv_blocks: object, *,
+                        attrs: dict[str, Any] | None = None) -> SparseKVDiff:
         """Store ``kv_blocks`` as a mirror: only the blocks that differ from the master.
 
         Re-registering a mirror replaces it atomically. Returns the stored diff.
+        ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
         Raises NoMasterError without a master, InvalidInputError for a shape or dtype
         that does not match the master (nothing is written).
         """
         where = self._where(agent_id)
         check_name("agent", agent_id, f"group {self.name!r}")
+        attrs = _check_attrs(attrs, where)
         with self._locked() as g:
             with self.store.catalog.read() as s:
                 master, old = self._master_and(s, g, agent_id)
@@ -863,7 +890,7 @@ class Group:
                     else:
                         row = s.get(AgentRow, old.id)
                     self._store_diff_rows(s, row, diff, t)
-                    row.last_access = t
+                    row.last_access, row.attrs = t, attrs
                     s.get(AgentRow, master.id).last_access = t  # the diff read the master
             except BaseException:
                 for p in written:
@@ -1008,13 +1035,24 @@ class Group:
 
     # ------------------------------------------------------------------ reads
 
-    def reconstruct(self, agent_id: str, out: np.ndarray | None = None) -> np.ndarray:
+    def reconstruct(self, agent_id: str, out: np.ndarray | None = None, *,
+                    device: Any = None) -> Any:
         """The agent's full KV blocks, bit-exact for every kept block.
 
         With ``out`` (an ndarray or ``np.memmap`` of the right shape and dtype) the blocks
         are written into it and ``out`` is returned; no full-size temporary is made.
+        With ``device`` (e.g. ``"cpu"``, ``"cuda"``, a ``torch.device``) the result is a
+        torch tensor there, in the same dtype (bfloat16 included); for CUDA the blocks
+        are read straight into pinned host memory and copied once.
         Raises NotFoundError for an unknown agent, CorruptionError for damaged data.
         """
+        if device is not None:
+            if out is not None:
+                raise InvalidInputError(f"{self._where(agent_id)}: give out= or device=, "
+                                        "not both")
+            from .integrations.torch import reconstruct_to_device
+
+            return reconstruct_to_device(self, agent_id, device)
 
         def run(snap: AgentSnapshot) -> np.ndarray:
             target = np.empty(snap.shape, snap.dtype) if out is None else out

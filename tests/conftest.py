@@ -43,3 +43,12 @@ def kv(n_blocks: int = 32, block=(4, 8), dtype="float32", seed: int = 0) -> np.n
 
 def bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint8)
+
+
+def head_revision() -> str:
+    """The newest catalogue schema revision this tdstore knows."""
+    from alembic.script import ScriptDirectory
+
+    from tdstore.catalog import migrations_dir
+
+    return ScriptDirectory(str(migrations_dir())).get_current_head()

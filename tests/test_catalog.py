@@ -39,7 +39,7 @@ def test_a_newer_schema_is_refused_and_left_untouched(tmp_path):
     assert fingerprint(path) == before
 
 
-@pytest.mark.parametrize("revision", ["base"])
+@pytest.mark.parametrize("revision", ["base", "0001"])
 def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path, revision):
     path = tmp_path / "s"
     path.mkdir()
@@ -87,3 +87,24 @@ def test_readonly_open_of_a_missing_store_fails_clearly(tmp_path):
     with pytest.raises(tdstore.NotFoundError, match="not a tdstore store"):
         tdstore.open(tmp_path / "nothing", readonly=True)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_store_written_at_0001_keeps_its_data_through_the_upgrade(tmp_path):
+    """Stores made before per-agent attrs existed open, upgrade, and read the same."""
+    path = tmp_path / "s"
+    with tdstore.open(path) as store:
+        g = store.group("g")
+        g.register_master("m", kv(8))
+        g.register_mirror("a", kv(8, seed=1))
+        expected = {a: g.reconstruct(a) for a in g.agents()}
+        store.migrate("0001")
+        assert schema_status(store.catalog)[0] == ("0001",)
+    with tdstore.open(path) as store:  # upgraded on open
+        current, heads = schema_status(store.catalog)
+        assert current == heads
+        g = store.group("g")
+        for a, want in expected.items():
+            assert (g.reconstruct(a) == want).all()
+        assert g.attrs("a") == {}
+        g.register_mirror("b", kv(8, seed=2), attrs={"tokens": 99})
+        assert g.attrs("b") == {"tokens": 99}

@@ -9,6 +9,8 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+from conftest import head_revision
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,8 @@ def test_wheel_contains_migrations_and_installed_package_creates_a_store(tmp_pat
     (wheel,) = (tmp_path / "dist").glob("tdstore-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"tdstore/migrations/env.py", "tdstore/migrations/script.py.mako",
-            "tdstore/migrations/versions/0001_initial.py"} <= names
+            "tdstore/migrations/versions/0001_initial.py",
+            "tdstore/migrations/versions/0002_agent_attrs.py"} <= names
     assert not any(n.startswith("migrations/") for n in names)  # no stray top-level package
 
     site = tmp_path / "site"
@@ -47,4 +50,4 @@ def test_wheel_contains_migrations_and_installed_package_creates_a_store(tmp_pat
     done = subprocess.run([sys.executable, "-c", code, str(site)], cwd=outside, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "0001"
+    assert done.stdout.strip() == head_revision()
