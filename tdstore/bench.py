@@ -515,6 +515,38 @@ def attention_benchmark(seq: int = 8192, q_heads: int = 8, kv_heads: int = 2,
     return r
 
 
+def nullstats_benchmark(gets: int = 5000, reps: int = 5) -> dict[str, Any]:
+    """A cache hit of NullStatsCache vs diskcache.Cache.get of the same payload, both
+    looked up by the same key object (so both pay for a stable hash of it)."""
+    import diskcache
+
+    from .nullstats import NullStatsCache, calibrate, calibration_key, stable_hash
+    from .scoring import DummyDifferentialBackend, DummyResponses
+
+    root = Path(tempfile.mkdtemp(prefix="tdstore-bench-ns-"))
+    try:
+        backend = DummyDifferentialBackend(base=DummyResponses(), ft=DummyResponses())
+        prompts = [f"prompt {i}" for i in range(8)]
+        params = {"kinds": ("kl", "js"), "runs": 5, "seed_base": 1000, "init_scale": 0.02,
+                  "rank_multipliers": (0.5, 1.0, 2.0)}
+        stats = calibrate(backend, prompts, **params)
+        key = calibration_key(backend.identity, prompts, top_k=256, **params)
+        with open_store(root / "store") as store:
+            cache = NullStatsCache(store)
+            cache.put(key, stats)
+            assert cache.get(key) == stats
+            t_ours = best(lambda: [cache.get(key) for _ in range(gets)], reps) / gets
+        with diskcache.Cache(str(root / "dc")) as dc:
+            dc.set(stable_hash(key), stats)
+            assert dc.get(stable_hash(key)) == stats
+            t_dc = best(lambda: [dc.get(stable_hash(key)) for _ in range(gets)], reps) / gets
+        t_hash = best(lambda: [stable_hash(key) for _ in range(gets)], reps) / gets
+        return {"payload_bytes": len(json.dumps(stats)), "tdstore_us": t_ours * 1e6,
+                "diskcache_us": t_dc * 1e6, "hash_us": t_hash * 1e6, "ratio": t_ours / t_dc}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
@@ -113,6 +114,17 @@ class DiffBlockRow(Base):
     )
     block_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     slot: Mapped[int] = mapped_column(Integer)
+
+
+class NullStatsRow(Base):
+    """Cached null-adapter statistics (tdstore.nullstats), keyed by a stable hash."""
+
+    __tablename__ = "null_stats"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_json: Mapped[str] = mapped_column(Text)
+    schema_version: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 def now() -> float:

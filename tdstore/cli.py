@@ -550,6 +550,101 @@ def bench_attention(seq: int, q_heads: int, kv_heads: int, head_dim: int, window
                f"{'yes' if r['peak_ok'] else 'NO'}")
 
 
+# --------------------------------------------------------------------------- null stats
+
+
+@main.group()
+def nullstats() -> None:
+    """The cache of null-adapter statistics kept in a store's catalogue."""
+
+
+@nullstats.command(name="ls")
+@path_arg
+@json_opt
+def nullstats_ls(path: Path, as_json: bool) -> None:
+    """List the cached entries."""
+    from .nullstats import NullStatsCache
+
+    with _open(path) as store:
+        rows = NullStatsCache(store).keys()
+    if as_json:
+        _emit_json(rows)
+        return
+    _table(rows, ["key_hash", "schema_version", "created_at", "key"],
+           {"created_at": _when, "key_hash": lambda h: h[:16],
+            "key": lambda k: k if len(k) < 100 else k[:97] + "..."})
+
+
+@nullstats.command(name="show")
+@path_arg
+@click.argument("key_hash")
+@json_opt
+def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
+    """Show one entry (KEY_HASH: the hash or a unique prefix of it)."""
+    from .nullstats import NullStatsCache
+
+    with _open(path) as store:
+        entry = NullStatsCache(store).show(key_hash)
+    if as_json:
+        _emit_json(entry)
+        return
+    click.echo(f"key_hash        {entry['key_hash']}")
+    click.echo(f"key             {entry['key']}")
+    click.echo(f"schema_version  {entry['schema_version']}")
+    click.echo(f"created_at      {_when(entry['created_at'])}")
+    stats = entry["stats"] or {}
+    rows = [{"rank": rank, "kind": kind, **e} for rank, table in
+            (stats.get("by_rank") or {"-": stats.get("kinds", {})}).items()
+            for kind, e in table.items()]
+    if rows:
+        _table(rows, ["rank", "kind", "mean", "std", "n", "degenerate"],
+               {"mean": lambda x: f"{x:.6g}", "std": lambda x: f"{x:.6g}"})
+
+
+@nullstats.command(name="rm")
+@path_arg
+@click.argument("key_hash")
+def nullstats_rm(path: Path, key_hash: str) -> None:
+    """Remove one entry (KEY_HASH: the hash or a unique prefix of it)."""
+    from .errors import NotFoundError
+    from .nullstats import NullStatsCache
+
+    with _open(path) as store:
+        if not NullStatsCache(store).delete(key_hash):
+            raise NotFoundError(f"no null stats under {key_hash!r}")
+    click.echo(f"removed {key_hash}")
+
+
+@nullstats.command(name="clear")
+@path_arg
+def nullstats_clear(path: Path) -> None:
+    """Remove every entry."""
+    from .nullstats import NullStatsCache
+
+    with _open(path) as store:
+        n = NullStatsCache(store).clear()
+    click.echo(f"removed {n} entries")
+
+
+@main.command(name="bench-nullstats")
+@click.option("--gets", default=5000, show_default=True)
+@click.option("--reps", default=5, show_default=True)
+@json_opt
+def bench_nullstats(gets: int, reps: int, as_json: bool) -> None:
+    """A null-stats cache hit vs diskcache.Cache.get of the same payload."""
+    from .bench import nullstats_benchmark
+
+    r = nullstats_benchmark(gets, reps)
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"payload {r['payload_bytes']} bytes; best of {reps} x {gets} gets")
+    click.echo(f"tdstore NullStatsCache.get:  {r['tdstore_us']:.1f} us per hit")
+    click.echo(f"diskcache.Cache.get:         {r['diskcache_us']:.1f} us per hit")
+    click.echo(f"ratio {r['ratio']:.2f}x (target <= 1.5x); both include hashing the key "
+               f"({r['hash_us']:.1f} us)")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:

@@ -39,7 +39,7 @@ def test_a_newer_schema_is_refused_and_left_untouched(tmp_path):
     assert fingerprint(path) == before
 
 
-@pytest.mark.parametrize("revision", ["base", "0001"])
+@pytest.mark.parametrize("revision", ["base", "0001", "0002"])
 def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path, revision):
     path = tmp_path / "s"
     path.mkdir()
@@ -108,3 +108,17 @@ def test_a_store_written_at_0001_keeps_its_data_through_the_upgrade(tmp_path):
         assert g.attrs("a") == {}
         g.register_mirror("b", kv(8, seed=2), attrs={"tokens": 99})
         assert g.attrs("b") == {"tokens": 99}
+
+
+def test_a_store_from_before_the_null_stats_table_gains_it_on_open(tmp_path):
+    from tdstore.nullstats import NullStatsCache
+
+    with tdstore.open(tmp_path / "s") as store:
+        store.group("g").register_master("m", kv(4))
+        store.migrate("0002")
+    with tdstore.open(tmp_path / "s") as store:
+        cache = NullStatsCache(store)
+        cache.put("k", {"kinds": {"kl": {"mean": 0.1, "std": 0.01, "n": 3,
+                                         "degenerate": False}}})
+        assert cache.get("k")["kinds"]["kl"]["mean"] == 0.1
+        assert store.group("g").agents() == ["m"]

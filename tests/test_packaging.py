@@ -30,7 +30,8 @@ def test_wheel_contains_migrations_and_installed_package_creates_a_store(tmp_pat
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"tdstore/migrations/env.py", "tdstore/migrations/script.py.mako",
             "tdstore/migrations/versions/0001_initial.py",
-            "tdstore/migrations/versions/0002_agent_attrs.py"} <= names
+            "tdstore/migrations/versions/0002_agent_attrs.py",
+            "tdstore/migrations/versions/0003_null_stats.py"} <= names
     assert not any(n.startswith("migrations/") for n in names)  # no stray top-level package
 
     site = tmp_path / "site"

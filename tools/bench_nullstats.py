@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""A null-stats cache hit vs diskcache.Cache.get (the same as `tdstore bench-nullstats`)."""
+
+import sys
+
+from tdstore.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench-nullstats", *sys.argv[1:]]))
