@@ -71,6 +71,20 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(_canonical(obj), separators=(",", ":"), ensure_ascii=True)
 
 
+def readable_json(obj: Any) -> str:
+    """The key as people read it (the hash uses ``canonical_json``)."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, (np.ndarray, np.generic)):
+            a = np.asarray(o)
+            return f"<{a.dtype} {list(a.shape)} {_canonical(a)[3][:16]}>"
+        if isinstance(o, (bytes, bytearray)):
+            return f"<{len(o)} bytes {hashlib.sha256(bytes(o)).hexdigest()[:16]}>"
+        return repr(o)
+
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=default)
+
+
 def stable_hash(obj: Any) -> str:
     """sha256 hex of a canonical encoding of ``obj``: str, bytes, int, float (exact),
     bool, None, lists/tuples, dicts with str keys (order-free), numpy scalars and
@@ -146,7 +160,7 @@ class NullStatsCache:
         """Store ``stats`` under ``key`` (one transaction); returns the key hash."""
         self.store._check_writable()
         payload = json.dumps(_check_stats(stats), sort_keys=True, allow_nan=False)
-        key_hash, key_json = stable_hash(key), canonical_json(key)
+        key_hash, key_json = stable_hash(key), readable_json(key)
         with self.store.catalog.write() as s:
             s.merge(NullStatsRow(key_hash=key_hash, key_json=key_json,
                                  schema_version=SCHEMA_VERSION, payload=payload,
@@ -191,7 +205,7 @@ class NullStatsCache:
             return s.execute(delete(NullStatsRow)).rowcount
 
     def keys(self) -> list[dict[str, Any]]:
-        """Every entry: hash, its key as canonical JSON, schema version, creation time."""
+        """Every entry: hash, its key (as readable JSON), schema version, creation time."""
         with self.store.catalog.read() as s:
             rows = s.scalars(select(NullStatsRow).order_by(NullStatsRow.created_at))
             return [{"key_hash": r.key_hash, "key": r.key_json,
