@@ -17,12 +17,20 @@ the pattern *is* dense attention and the two agree to float32 rounding.
 
 Both functions work in tiles of queries, so memory stays bounded (nothing of size
 N x N is ever held); see ``TILE_BYTES``.
+
+``backend="auto"`` (the default) runs on a GPU through torch when the caller has imported
+torch and CUDA is available, else in numpy; ``backend="numpy"`` or ``"torch"`` (with ``device``)
+choose. The same code runs on both, through the small ``_Ops`` layer below.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,16 +71,114 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions) -> tuple:  
             pos, hq // hkv)
 
 
-def _grouped(q: np.ndarray, hkv: int, group: int) -> np.ndarray:
+class _Ops:
+    """The array operations the kernels use, for numpy (this class) and torch."""
+
+    name = "numpy"
+
+    def array(self, a: np.ndarray) -> Any:
+        return a
+
+    def index(self, i: np.ndarray) -> Any:
+        return i
+
+    def perm(self, a: Any, axes: tuple[int, ...]) -> Any:
+        return a.transpose(axes)
+
+    def fill_(self, a: Any, mask: np.ndarray, value: float) -> None:
+        a[..., mask] = value
+
+    def softmax_(self, s: Any) -> Any:
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        return s
+
+    def cat(self, parts: list) -> Any:
+        return np.concatenate(parts, axis=-1)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, np.float32)
+
+    def mean(self, a: Any, axis: int) -> Any:
+        return a.mean(axis=axis)
+
+    def numpy(self, a: Any) -> np.ndarray:
+        return a
+
+
+class _TorchOps(_Ops):
+    name = "torch"
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+
+    def array(self, a: np.ndarray) -> Any:
+        return self.torch.as_tensor(a, device=self.device)
+
+    def index(self, i: np.ndarray) -> Any:
+        return self.torch.as_tensor(i, device=self.device)
+
+    def perm(self, a: Any, axes: tuple[int, ...]) -> Any:
+        return a.permute(*axes)
+
+    def fill_(self, a: Any, mask: np.ndarray, value: float) -> None:
+        a.masked_fill_(self.torch.as_tensor(mask, device=self.device), value)
+
+    def softmax_(self, s: Any) -> Any:
+        return self.torch.softmax(s, dim=-1)
+
+    def cat(self, parts: list) -> Any:
+        return self.torch.cat(parts, dim=-1)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device)
+
+    def mean(self, a: Any, axis: int) -> Any:
+        return a.mean(dim=axis)
+
+    def numpy(self, a: Any) -> np.ndarray:
+        return a.cpu().numpy()
+
+
+def _cuda_available() -> bool:
+    """CUDA through torch, asked only of a torch the caller has imported already (so
+    numpy users never pay for importing it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and _torch_has_cuda(torch)
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_has_cuda(torch: Any) -> bool:
+    return bool(torch.cuda.is_available())
+
+
+def _ops(backend: str, device: Any) -> _Ops:
+    if backend == "auto":
+        backend = "torch" if device is not None or _cuda_available() else "numpy"
+    if backend == "numpy":
+        return _Ops()
+    if backend == "torch":
+        if importlib.util.find_spec("torch") is None:
+            raise InvalidInputError("attention: backend 'torch' needs torch installed")
+        return _TorchOps(device or ("cuda" if _cuda_available() else "cpu"))
+    raise InvalidInputError(f"attention: backend must be 'auto', 'numpy' or 'torch', "
+                            f"got {backend!r}")
+
+
+def _grouped(ops: _Ops, q: Any, hkv: int, group: int) -> Any:
     """(T, Hq, D) -> (Hkv, G, T, D)."""
     t, _, d = q.shape
-    return q.reshape(t, hkv, group, d).transpose(1, 2, 0, 3)
+    return ops.perm(q.reshape(t, hkv, group, d), (1, 2, 0, 3))
 
 
-def _ungrouped(o: np.ndarray) -> np.ndarray:
+def _ungrouped(ops: _Ops, o: Any) -> Any:
     """(Hkv, G, T, D) -> (T, Hq, D)."""
     hkv, g, t, d = o.shape
-    return o.transpose(2, 0, 1, 3).reshape(t, hkv * g, d)
+    return ops.perm(o, (2, 0, 1, 3)).reshape(t, hkv * g, d)
 
 
 def _tile(n_queries: int, heads: int, width: int) -> int:
@@ -81,30 +187,29 @@ def _tile(n_queries: int, heads: int, width: int) -> int:
 
 def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = True,
                     q_positions: Sequence[int] | np.ndarray | None = None,
-                    scale: float | None = None, return_probs_for=None) -> np.ndarray:  # noqa: ANN001
+                    scale: float | None = None, return_probs_for=None,  # noqa: ANN001
+                    backend: str = "auto", device: Any = None) -> np.ndarray:
     """Softmax attention of every query over every (causal) key. Returns float32
     ``(n_queries, q_heads, head_dim)``."""
     q, k, v, pos, group = _check(q, k, v, q_positions)
+    ops = _ops(backend, device)
     n, hkv, d = k.shape
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    kt = k.transpose(1, 2, 0)  # (Hkv, D, N)
-    vt = v.transpose(1, 0, 2)  # (Hkv, N, Dv)
+    qx, kt, vt = ops.array(q), ops.perm(ops.array(k), (1, 2, 0)), ops.perm(ops.array(v),
+                                                                              (1, 0, 2))
     out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)
     step = _tile(q.shape[0], q.shape[1], n)
     for a in range(0, q.shape[0], step):
         b = min(q.shape[0], a + step)
         p = pos[a:b]
         width = int(p.max()) + 1 if causal else n
-        s = (_grouped(q[a:b], hkv, group) @ kt[None, :, :, :width].transpose(1, 0, 2, 3)) \
-            * np.float32(scale)  # (Hkv, G, T, width)
-        if causal:
-            s[..., np.arange(width)[None, :] > p[:, None]] = -np.inf
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
+        s = (_grouped(ops, qx[a:b], hkv, group) @ kt[:, None, :, :width]) * float(scale)
+        if causal:  # (Hkv, G, T, width)
+            ops.fill_(s, np.arange(width)[None, :] > p[:, None], -np.inf)
+        s = ops.softmax_(s)
         if return_probs_for is not None:
-            return_probs_for(a, b, s)
-        out[a:b] = _ungrouped(s @ vt[:, None, :width])
+            return_probs_for(a, b, ops.numpy(s))
+        out[a:b] = ops.numpy(_ungrouped(ops, s @ vt[:, None, :width]))
     return out
 
 
@@ -140,7 +245,8 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, window: int
                      block_size: int, log_stride: bool = True, landmarks: bool = True,
                      global_tokens: Sequence[int] = (0,), causal: bool = True,
                      q_positions: Sequence[int] | np.ndarray | None = None,
-                     scale: float | None = None) -> np.ndarray:
+                     scale: float | None = None, backend: str = "auto",
+                     device: Any = None) -> np.ndarray:
     """Attention over the sparse pattern described in the module docstring.
 
     Returns float32 ``(n_queries, q_heads, head_dim)``. Non-causal mode attends to the
@@ -153,17 +259,19 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, window: int
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise InvalidInputError(
             f"sparse_attention: block_size must be an int >= 1, got {block_size!r}")
+    ops = _ops(backend, device)
     n, hkv, d = k.shape
     pattern = SparsePattern(int(window), int(block_size), bool(log_stride and causal),
                             bool(landmarks and causal), tuple(int(g) for g in global_tokens),
                             causal)
-    scale = np.float32(1.0 / np.sqrt(d) if scale is None else scale)
+    scale = float(1.0 / np.sqrt(d) if scale is None else scale)
     n_blocks = n // pattern.block_size
+    qx, kx, vx = ops.array(q), ops.array(k), ops.array(v)
     k_land = v_land = None
     if pattern.landmarks and n_blocks:
         used = n_blocks * pattern.block_size
-        k_land = k[:used].reshape(n_blocks, pattern.block_size, hkv, d).mean(axis=1)
-        v_land = v[:used].reshape(n_blocks, pattern.block_size, hkv, -1).mean(axis=1)
+        k_land = ops.mean(kx[:used].reshape(n_blocks, pattern.block_size, hkv, d), 1)
+        v_land = ops.mean(vx[:used].reshape(n_blocks, pattern.block_size, hkv, -1), 1)
     out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)
     half = pattern.window if not causal else 0  # non-causal windows look ahead too
     # a tile of about one window of queries: its band is then ~2 windows wide, so the
@@ -173,55 +281,53 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, window: int
     order = np.argsort(pos, kind="stable")  # tiles of nearby queries share their band
     for a in range(0, q.shape[0], step):
         sel = order[a : a + step]
-        out[sel] = _sparse_tile(q[sel], k, v, pos[sel], pattern, group, scale, half,
-                                k_land, v_land)
+        out[sel] = ops.numpy(_sparse_tile(ops, qx[ops.index(sel)], kx, vx, pos[sel], pattern,
+                                          group, scale, half, k_land, v_land))
     return out
 
 
-def _sparse_tile(q, k, v, p, pattern: SparsePattern, group, scale, half,  # noqa: ANN001
-                 k_land, v_land) -> np.ndarray:  # noqa: ANN001
+def _sparse_tile(ops: _Ops, q, k, v, p, pattern: SparsePattern, group, scale,  # noqa: ANN001
+                 half, k_land, v_land) -> Any:  # noqa: ANN001
     n, hkv, d = k.shape
     t = p.size
-    qg = _grouped(q, hkv, group) * scale  # (Hkv, G, T, D)
+    qg = _grouped(ops, q, hkv, group) * scale  # (Hkv, G, T, D)
     parts_s, parts_v = [], []
 
     # 1. the band holding every query's window: one small dense block
     lo = max(0, int(p.min()) - pattern.window + 1)
     hi = min(n, int(p.max()) + 1 + half)
     band = np.arange(lo, hi)
-    s = qg @ k[lo:hi].transpose(1, 2, 0)[:, None]  # (Hkv, G, T, S)
+    s = qg @ ops.perm(k[lo:hi], (1, 2, 0))[:, None]  # (Hkv, G, T, S)
     rel = band[None, :] - p[:, None]
     inside = (rel <= 0) & (rel > -pattern.window)
     if half:
         inside |= (rel > 0) & (rel < pattern.window)
-    s[..., ~inside] = -np.inf
+    ops.fill_(s, ~inside, -np.inf)
     parts_s.append(s)
-    parts_v.append(("band", v[lo:hi].transpose(1, 0, 2)[:, None]))  # (Hkv, 1, S, D)
+    parts_v.append(("band", ops.perm(v[lo:hi], (1, 0, 2))[:, None]))  # (Hkv, 1, S, D)
 
     # 2. exact keys outside the window: globals and log-strides, masked per query
     idx, valid = _extra_keys(pattern, p, n)
     if valid.any():
-        kx = k[idx].transpose(2, 0, 3, 1)  # (Hkv, T, D, M)
-        sx = (qg.transpose(0, 2, 1, 3) @ kx).transpose(0, 2, 1, 3)  # (Hkv, G, T, M)
-        sx[..., ~valid] = -np.inf
+        ix = ops.index(idx)
+        kx = ops.perm(k[ix], (2, 0, 3, 1))  # (Hkv, T, D, M)
+        sx = ops.perm(ops.perm(qg, (0, 2, 1, 3)) @ kx, (0, 2, 1, 3))  # (Hkv, G, T, M)
+        ops.fill_(sx, ~valid, -np.inf)
         parts_s.append(sx)
-        parts_v.append(("gather", v[idx].transpose(2, 0, 1, 3)))  # (Hkv, T, M, D)
+        parts_v.append(("gather", ops.perm(v[ix], (2, 0, 1, 3))))  # (Hkv, T, M, D)
 
     # 3. landmarks of completed blocks entirely before the window
     if k_land is not None:
         counts = np.maximum(0, (p - pattern.window + 1) // pattern.block_size)
         nl = int(counts.max(initial=0))
         if nl:
-            sl = qg @ k_land[:nl].transpose(1, 2, 0)[:, None]  # (Hkv, G, T, L)
-            sl[..., np.arange(nl)[None, :] >= counts[:, None]] = -np.inf
+            sl = qg @ ops.perm(k_land[:nl], (1, 2, 0))[:, None]  # (Hkv, G, T, L)
+            ops.fill_(sl, np.arange(nl)[None, :] >= counts[:, None], -np.inf)
             parts_s.append(sl)
-            parts_v.append(("band", v_land[:nl].transpose(1, 0, 2)[:, None]))
+            parts_v.append(("band", ops.perm(v_land[:nl], (1, 0, 2))[:, None]))
 
-    allp = np.concatenate(parts_s, axis=-1)
-    allp -= allp.max(axis=-1, keepdims=True)
-    np.exp(allp, out=allp)
-    allp /= allp.sum(axis=-1, keepdims=True)
-    o = np.zeros((hkv, group, t, v.shape[2]), np.float32)
+    allp = ops.softmax_(ops.cat(parts_s))
+    o = ops.zeros((hkv, group, t, v.shape[2]))
     start = 0
     for s_part, (kind, vals) in zip(parts_s, parts_v, strict=True):
         width = s_part.shape[-1]
@@ -230,8 +336,8 @@ def _sparse_tile(q, k, v, p, pattern: SparsePattern, group, scale, half,  # noqa
         if kind == "band":
             o += pr @ vals
         else:  # per-query gathered values: (Hkv, T, M, D)
-            o += (pr.transpose(0, 2, 1, 3) @ vals).transpose(0, 2, 1, 3)
-    return _ungrouped(o)
+            o += ops.perm(ops.perm(pr, (0, 2, 1, 3)) @ vals, (0, 2, 1, 3))
+    return _ungrouped(ops, o)
 
 
 def _extra_keys(pattern: SparsePattern, p: np.ndarray, n: int) -> tuple[np.ndarray,

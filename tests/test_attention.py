@@ -145,3 +145,23 @@ def test_bad_attention_input_is_refused_clearly(call, message):
     q, k, v = (np.zeros((8, 2, 4), np.float32) for _ in range(3))
     with pytest.raises(tdstore.InvalidInputError, match=message):
         call(q, k, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_torch_path_computes_the_same_attention(causal):
+    torch = pytest.importorskip("torch")  # installed by the test extra; optional otherwise
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((50, 6, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((50, 2, 8)).astype(np.float32) for _ in range(2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for fn in (lambda **kw: dense_attention(q, k, v, causal=causal, **kw),
+               lambda **kw: sparse_attention(q, k, v, window=7, block_size=5, causal=causal,
+                                             global_tokens=(0, 3), **kw)):
+        np.testing.assert_allclose(fn(backend="torch", device=device), fn(backend="numpy"),
+                                   atol=2e-6)
+
+
+def test_unknown_backends_are_refused():
+    q = np.zeros((4, 2, 4), np.float32)
+    with pytest.raises(tdstore.InvalidInputError, match="backend must be"):
+        dense_attention(q, q, q, backend="jax")
