@@ -153,10 +153,14 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True) -> Engin
         # A writer takes the write lock at BEGIN, so it waits on the busy timeout
         # instead of failing with "database is locked" when upgrading a read lock.
         options = conn.get_execution_options()
-        if options.get("tdstore_nowait"):  # best-effort writes: give up quickly if busy
+        if options.get("tdstore_nowait"):
+            # best-effort bookkeeping (access times): give up quickly if busy, and skip
+            # the fsync at commit (WAL + NORMAL: lost only by a power cut, never torn)
             conn.exec_driver_sql("PRAGMA busy_timeout = 20")
+            conn.exec_driver_sql("PRAGMA synchronous = NORMAL")
         elif options.get("tdstore_write"):
             conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.exec_driver_sql(f"PRAGMA synchronous = {SQLITE_PRAGMAS['synchronous']}")
         if options.get("tdstore_write"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:

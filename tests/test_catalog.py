@@ -122,3 +122,14 @@ def test_a_store_from_before_the_null_stats_table_gains_it_on_open(tmp_path):
                                          "degenerate": False}}})
         assert cache.get("k")["kinds"]["kl"]["mean"] == 0.1
         assert store.group("g").agents() == ["m"]
+
+
+def test_writes_commit_with_full_sync_even_after_best_effort_access_records(tmp_path):
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        g.register_master("m", kv(4))
+        stale = {i: 0.0 for i in g._snapshot("m").accessed}
+        store.catalog.touch(stale, 1.0)  # an access record: synchronous NORMAL, no fsync
+        with store.catalog.write() as s:
+            assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert store.catalog.engine.pool.checkedout() == 0
