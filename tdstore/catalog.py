@@ -8,7 +8,9 @@ data; any SQLAlchemy URL can replace it.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+import weakref
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -183,6 +185,19 @@ def sqlite_url(path: Path, *, readonly: bool = False, immutable: bool = False) -
     return f"sqlite:///file:{path}?{flags}&uri=true"
 
 
+_open_catalogs: weakref.WeakSet[Catalog] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # SQLite connections must not cross a fork: the child gets fresh ones, and leaves
+    # the parent's alone (close=False) instead of closing them under the parent
+    for catalog in list(_open_catalogs):
+        catalog.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Catalog:
     """The catalogue of one store: an engine plus transaction helpers."""
 
@@ -190,6 +205,7 @@ class Catalog:
         self.url = url
         self.readonly = readonly
         self.engine = make_engine(url, readonly=readonly)
+        _open_catalogs.add(self)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:

@@ -77,3 +77,27 @@ def test_a_concurrent_reader_sees_committed_state(tmp_path):
     run(WRITER, path)
     out, _ = reader.communicate("go\n", timeout=60)
     assert json.loads(out) == [["retriever", "reranker", "critic", "responder"], 67]
+
+
+def test_a_forked_child_uses_its_own_connections(tmp_path):
+    import multiprocessing
+
+    import numpy as np
+
+    import tdstore
+
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        g.register_master("m", np.zeros((4, 8), np.float32))
+        ctx = multiprocessing.get_context("fork")
+
+        def child() -> None:  # writes through the store object it inherited
+            g.register_mirror("from-child", np.ones((4, 8), np.float32))
+
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        g.register_mirror("from-parent", np.full((4, 8), 2, np.float32))
+        assert g.agents() == ["m", "from-child", "from-parent"]
+        assert store.verify().ok
