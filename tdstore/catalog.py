@@ -252,10 +252,6 @@ class Catalog:
             row = s.get(MetaRow, key)
             return row.value if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.write() as s:
-            s.merge(MetaRow(key=key, value=value))
-
     def touch(self, accessed: dict[int, float], resolution: float) -> None:
         """Record an access of these agent rows, if their last one is older than
         ``resolution`` seconds. Best effort: skipped when the writer lock is busy."""

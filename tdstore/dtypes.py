@@ -50,10 +50,6 @@ def stored_dtype(name: str) -> np.dtype:
     return _DTYPES[name][1]
 
 
-def is_float(name: str) -> bool:
-    return name.startswith(("float", "bfloat"))
-
-
 # For each float dtype: (unsigned view, mask without the sign bit, smallest non-finite
 # pattern). A value is NaN or inf iff (bits & mask) >= that pattern (exponent all ones;
 # float8_e4m3fn has no inf and one NaN pattern per sign).

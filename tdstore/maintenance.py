@@ -31,7 +31,6 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 DAMAGE = ("missing-array", "missing-chunk", "truncated-chunk", "checksum", "bad-metadata",
           "bad-index")
-GARBAGE = ("orphan-group", "orphan-array", "orphan-file")
 
 
 @dataclass

@@ -29,7 +29,6 @@ from .scoring import TokenDist
 
 SCHEMA_VERSION = 1
 STD_FLOOR = 1e-6
-PROBE_KINDS = ("kl", "js")
 
 
 # --------------------------------------------------------------------------- hashing
