@@ -12,8 +12,6 @@ All budgeted writes of a store take turns on ``locks/budget.lock``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from sqlalchemy import delete, func, select
 
 from .catalog import AgentRow, DiffBlockRow, GroupRow, MetaRow
 from .errors import InvalidInputError, StoreFullError
+from .locking import file_lock
 
 if TYPE_CHECKING:
     from .store import Store
@@ -141,16 +140,8 @@ def _try_group_lock(store: Store, gid: str, held_gid: str | None) -> Iterator[bo
     if gid == held_gid:
         yield True
         return
-    fd = os.open(Path(store.path) / "locks" / f"{gid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+    with file_lock(Path(store.path) / "locks" / f"{gid}.lock", wait=False) as held:
+        yield held
 
 
 def evict(store: Store, victims: list[Victim], held_gid: str | None = None) -> list[Victim]:
@@ -217,9 +208,5 @@ def budget_turn(store: Store) -> Iterator[None]:
     if get_max_bytes(store) is None:
         yield
         return
-    fd = os.open(Path(store.path) / "locks" / "budget.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(Path(store.path) / "locks" / "budget.lock"):
         yield
-    finally:
-        os.close(fd)

@@ -17,8 +17,6 @@ arrays it names. Unreferenced data is never read.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import secrets
 import unicodedata
@@ -64,6 +62,7 @@ from .errors import (
     StorageError,
     TdStoreError,
 )
+from .locking import file_lock
 from .reconstruct import (
     AgentSnapshot,
     check_out,
@@ -153,32 +152,6 @@ def check_finite(kv: np.ndarray, dtype_name: str, what: str,
             f"{what} holds NaN or inf in block(s) {', '.join(map(str, bad[:5]))}; "
             "refused (create the group with allow_nonfinite=True to store them exactly)"
         )
-
-
-# --------------------------------------------------------------------------- locking
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
-    """An ``flock`` on ``path``: excludes other processes and other threads alike."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # a directory this process cannot write: only reads happen here, and a writer
-        # would have created the lock file; share it if it exists
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            yield
-            return
-        shared = True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 # --------------------------------------------------------------------------- the store
