@@ -218,9 +218,14 @@ def _groups(store: Store) -> list[GroupRow]:
         return list(s.scalars(select(GroupRow).order_by(GroupRow.id)))
 
 
-def _scan(store: Store, *, checksums: bool, progress: Progress | None = None,
+def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
+          progress: Progress | None = None,
           on_group: Callable[[GroupRow, list[Finding]], None] | None = None) -> VerifyReport:
-    """Check every group (under its writer lock) and the directories no group owns."""
+    """Check every group (under its writer lock) and the directories no group owns.
+
+    With ``remove_garbage`` what no row references is removed under the same lock it
+    was found with, so a writer can never have claimed it in between.
+    """
     report = VerifyReport()
     groups = _groups(store)
     total = len(groups) + 1
@@ -240,6 +245,10 @@ def _scan(store: Store, *, checksums: bool, progress: Progress | None = None,
             gdir = store.arrays.root / g.gid
             if gdir.is_dir():
                 found += _orphans_in_group_dir(store, gdir, {r.path for r in refs}, g.name)
+            if remove_garbage:
+                for f in found:
+                    if not f.is_damage:
+                        _remove(store.path / f.path)
             if on_group is not None:
                 on_group(g, found)
         report.findings += found
@@ -257,6 +266,8 @@ def _scan(store: Store, *, checksums: bool, progress: Progress | None = None,
                 report.findings.append(Finding(
                     "orphan-group", _rel(store, entry), "directory of no group",
                     nbytes=_size(entry)))
+                if remove_garbage:
+                    _remove(entry)
     if progress:
         progress(total, total, "done")
     return report
@@ -285,31 +296,21 @@ def verify(store: Store, *, repair: bool = False, checksums: bool = True,
     """
     if repair:
         store._check_writable()
-    repaired: list[str] = []
+    quarantined: list[str] = []
 
-    def fix(g: GroupRow, found: list[Finding]) -> None:
-        if not repair:
-            return
-        for f in found:
-            if not f.is_damage:
-                _remove(store.path / f.path)
-                repaired.append(f"removed {f.path}")
+    def quarantine(g: GroupRow, found: list[Finding]) -> None:
         damaged = sorted({f.agent for f in found if f.is_damage and f.agent is not None})
         if damaged:
             with store.catalog.write() as s:
                 for row in s.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
                                                            AgentRow.name.in_(damaged))):
                     row.status = "quarantined"
-                    repaired.append(f"quarantined group {g.name!r} agent {row.name!r}")
+                    quarantined.append(f"quarantined group {g.name!r} agent {row.name!r}")
 
-    report = _scan(store, checksums=checksums, progress=progress, on_group=fix)
+    report = _scan(store, checksums=checksums, remove_garbage=repair, progress=progress,
+                   on_group=quarantine if repair else None)
     if repair:
-        for f in report.findings:
-            if f.kind == "orphan-group":
-                with store._group_lock(Path(f.path).name):
-                    _remove(store.path / f.path)
-                repaired.append(f"removed {f.path}")
-    report.repaired = repaired
+        report.repaired = [f"removed {f.path}" for f in report.garbage] + quarantined
     return report
 
 
@@ -328,26 +329,9 @@ def gc(store: Store, *, dry_run: bool = False, progress: Progress | None = None)
     interrupted writes); with ``dry_run`` only report it."""
     if not dry_run:
         store._check_writable()
-    removed, freed = [], 0
-
-    def collect(_g: GroupRow, found: list[Finding]) -> None:
-        nonlocal freed
-        for f in found:
-            if not f.is_damage:
-                if not dry_run:
-                    _remove(store.path / f.path)
-                removed.append(f.path)
-                freed += f.nbytes
-
-    report = _scan(store, checksums=False, progress=progress, on_group=collect)
-    for f in report.findings:
-        if f.kind == "orphan-group":
-            if not dry_run:
-                with store._group_lock(Path(f.path).name):
-                    _remove(store.path / f.path)
-            removed.append(f.path)
-            freed += f.nbytes
-    return GcReport(removed, freed, dry_run)
+    garbage = _scan(store, checksums=False, remove_garbage=not dry_run,
+                    progress=progress).garbage
+    return GcReport([f.path for f in garbage], sum(f.nbytes for f in garbage), dry_run)
 
 
 def info(store: Store) -> dict[str, Any]:
