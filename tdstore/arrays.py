@@ -1,29 +1,44 @@
-"""The zarr layout of a store's array data.
+"""The zarr layout of a store's array data, and the only code that touches its files.
 
 Every array is a zarr v3 array of shape ``(n_blocks, *block_shape)``, chunked along
 blocks, with flat chunk keys (``c.<i>.0.0...``) so that all chunk files of an array sit in
 one directory and one directory fsync makes them durable. Codecs: ``bytes`` (little
-endian), an optional compressor, then ``crc32c``, so every chunk file carries a checksum
-of its contents and damage is detected on ``verify`` (and on read with ``verify_reads``).
+endian), an optional compressor, then ``crc32c``: every chunk file ends with a checksum of
+what precedes it, and the result is an ordinary zarr array that zarr itself reads.
 
-For uncompressed arrays a chunk file is the raw C-order bytes of the chunk followed by 4
-bytes of crc32c. tdstore writes and reads those files directly (zarr's API costs ~1 ms
-per chunk and does not fsync); the result is an ordinary zarr array that zarr reads.
-Compressed arrays are written and read through zarr, and fsynced afterwards.
+tdstore reads and writes the chunk files directly, compressed ones included (zarr's API
+costs ~1 ms per chunk, does not fsync, and fills a chunk that vanished between its
+check and its read with the fill value, i.e. returns zeros without an error).
 
-Paths are generated hex ids; no user-supplied name ever becomes a path.
+Every chunk is also bound to its array and position: the catalogue records, per array,
+the crc32c of each chunk's decoded bytes (:class:`ArrayRef`). A read compares the chunk
+file's own checksum with that record, so a chunk swapped with another one, or copied
+from another array, is refused even though its own checksum is intact. The one chunk
+that may legitimately differ from its record is the last, partly filled chunk of a
+master that an append replaced (with the same committed blocks plus new ones): there the
+committed blocks, zero padded, must give the recorded checksum.
+
+Containment: paths are generated hex ids checked against a strict pattern; every file is
+opened relative to a directory descriptor with ``O_NOFOLLOW`` (no symlink is followed,
+at any level below ``data/``), non-blocking (a FIFO cannot hang a reader), and only
+regular files of a plausible size are read.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import mmap
 import os
+import re
 import secrets
 import shutil
+import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +60,13 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # several fsyncs in flight the disk sees a deeper queue (measured: 64 MiB in 4 MiB chunks,
 # sequential 62-67 ms, 4 threads 46 ms, np.save+fsync of one file 52 ms).
 IO_THREADS = 4
+# zarr.json documents are a few hundred bytes; anything much larger is not ours
+MAX_METADATA_BYTES = 1 << 16
+
+GID_RE = re.compile(r"[0-9a-f]{16}")
+ARRAY_RE = re.compile(r"([0-9a-f]{16})/([md])-([0-9a-f]{16})")
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -66,16 +88,22 @@ def _forget_pool() -> None:  # a forked child has the pool object but not its th
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def run_all(jobs: list) -> list:
+def run_all(jobs: Sequence[Callable[[], object]]) -> list:
     """Run the callables in ``jobs`` on the I/O pool; returns their results in order.
 
-    One job, or a call from a pool thread (which must never wait on the pool), runs
-    inline.
+    Every job has finished when this returns or raises (the first error is raised), so
+    a caller that cleans up after an error never races its own jobs. One job, or a call
+    from a pool thread (which must never wait on the pool), runs inline.
     """
     if len(jobs) <= 1 or threading.current_thread().name.startswith("tdstore-io"):
         return [job() for job in jobs]
     futures = [_io_pool().submit(job) for job in jobs]
-    return [f.result() for f in futures]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
+        wait(futures)
 
 
 def default_chunk_blocks(block_nbytes: int) -> int:
@@ -101,9 +129,25 @@ def check_compressor(compressor: str | None) -> None:
         )
 
 
+def check_gid(gid: object) -> str:
+    """A group directory name from the catalogue or from ``data/``: 16 hex digits."""
+    if not isinstance(gid, str) or not GID_RE.fullmatch(gid):
+        raise CorruptionError(f"group directory name {gid!r} is not a tdstore id "
+                              "(16 hex digits); refusing to use it as a path")
+    return gid
+
+
+def check_array_path(path: object) -> str:
+    """An array path from the catalogue: ``<gid>/m-<id>`` or ``<gid>/d-<id>``."""
+    if not isinstance(path, str) or not ARRAY_RE.fullmatch(path):
+        raise CorruptionError(f"array path {path!r} is not a tdstore array path "
+                              "(<16 hex>/m-<16 hex> or d-<16 hex>); refusing to use it")
+    return path
+
+
 @dataclass(frozen=True)
 class ArraySpec:
-    """How the blocks of one group are laid out on disk."""
+    """How the blocks of one array are laid out on disk."""
 
     block_shape: tuple[int, ...]
     dtype: np.dtype  # the stored (raw-bits) dtype
@@ -118,6 +162,13 @@ class ArraySpec:
     def chunk_nbytes(self) -> int:
         return self.block_nbytes * self.chunk_blocks
 
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest chunk file this layout can produce (compressors add a header)."""
+        if self.compressor is None:
+            return self.chunk_nbytes + CRC_BYTES
+        return self.chunk_nbytes + self.chunk_nbytes // 64 + 4096
+
     def chunk_key(self, chunk: int) -> str:
         return "c." + ".".join([str(chunk)] + ["0"] * len(self.block_shape))
 
@@ -126,6 +177,28 @@ class ArraySpec:
         if stop <= start:
             return range(0)
         return range(start // self.chunk_blocks, (stop - 1) // self.chunk_blocks + 1)
+
+    def windows(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """``(chunk, lo, hi)`` for each chunk holding blocks of ``[start, stop)``:
+        the blocks ``[lo, hi)`` of the range that lie in that chunk."""
+        for chunk in self.chunks_of(start, stop):
+            c0 = chunk * self.chunk_blocks
+            yield chunk, max(start, c0), min(stop, c0 + self.chunk_blocks)
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """A committed array as the catalogue records it: what a read may trust."""
+
+    path: str
+    spec: ArraySpec
+    rows: int  # committed rows: a master's blocks, a mirror's own blocks
+    crcs: tuple[int, ...] | None  # crc32c of each chunk's decoded bytes; None: unrecorded
+
+    def chunk_rows(self, chunk: int) -> int:
+        """How many of the chunk's blocks are committed."""
+        c0 = chunk * self.spec.chunk_blocks
+        return max(0, min(self.spec.chunk_blocks, self.rows - c0))
 
 
 def block_range(lo: int, hi: int, unit: str = "block") -> str:
@@ -192,16 +265,166 @@ def _metadata_template(spec: ArraySpec) -> str:
     return store._store_dict["zarr.json"].to_bytes().decode()
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_metadata(spec: ArraySpec) -> dict:
+    doc = json.loads(_metadata_template(spec))
+    doc["shape"] = None
+    return doc
+
+
+@functools.lru_cache(maxsize=64)
+def _codec(spec: ArraySpec):  # noqa: ANN202
+    """The numcodecs compressor equivalent to the zarr codec recorded in zarr.json
+    (checked by a test that reads tdstore's chunks back through zarr)."""
+    import numcodecs
+
+    conf = next(c for c in json.loads(_metadata_template(spec))["codecs"]
+                if c["name"] not in ("bytes", "crc32c"))
+    cfg = conf.get("configuration", {})
+    if conf["name"] == "zstd":
+        return numcodecs.Zstd(level=cfg["level"], checksum=cfg.get("checksum", False))
+    shuffles = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+    return numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"],
+                           shuffle=shuffles[cfg["shuffle"]], blocksize=cfg["blocksize"],
+                           typesize=cfg["typesize"])
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
 class ArrayStore:
     """The ``data/`` directory of a store: a zarr v3 hierarchy of generated ids."""
 
     def __init__(self, root: Path, *, verify_reads: bool = False):
         self.root = root
         self.verify_reads = verify_reads
+        self._meta_ok: dict[tuple, bool] = {}  # zarr.json documents already checked
+
+    # ------------------------------------------------------------------ safe access
+
+    @contextmanager
+    def _dir(self, rel: str) -> Iterator[int]:
+        """A descriptor of ``data/<rel>``, opened one component at a time without
+        following a symlink anywhere below the store directory."""
+        parts = ["data", *rel.split("/")] if rel else ["data"]
+        fd = os.open(self.root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts:
+                try:
+                    nxt = os.open(part, _O_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    raise CorruptionError(f"data/{rel}: array directory is missing") from None
+                except NotADirectoryError:
+                    raise CorruptionError(f"data/{rel}: {part} is not a directory") from None
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise CorruptionError(
+                            f"data/{rel}: {part} is a symlink; tdstore never follows one"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = nxt
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _open_file(dirfd: int, name: str, what: str, sizes: tuple[int, int]) -> int:
+        """Open a regular file of a size within ``sizes`` (inclusive) read-only."""
+        try:
+            fd = os.open(name, _O_READ, dir_fd=dirfd)
+        except FileNotFoundError:
+            raise CorruptionError(f"{what}: chunk file {name} is missing") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptionError(f"{what}: chunk file {name} is a symlink; tdstore "
+                                      "never follows one") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptionError(f"{what}: chunk file {name} is {_kind_of(st.st_mode)}")
+            if not sizes[0] <= st.st_size <= sizes[1]:
+                expected = (f"{sizes[0]}" if sizes[0] == sizes[1]
+                            else f"{sizes[0]}-{sizes[1]}")
+                raise CorruptionError(
+                    f"{what}: chunk file {name} has {st.st_size} bytes, expected {expected}")
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def check_metadata(self, ref: ArrayRef, dirfd: int | None = None) -> None:
+        """Check the array's ``zarr.json`` against the catalogue's record (dtype, byte
+        order, chunking, codecs, shape): zarr and other readers trust it."""
+        if dirfd is None:
+            with self._dir(ref.path) as fd:
+                return self.check_metadata(ref, fd)
+        what = f"array {ref.path}: zarr.json"
+        try:
+            fd = os.open("zarr.json", _O_READ, dir_fd=dirfd)
+        except FileNotFoundError:
+            raise CorruptionError(f"{what} is missing") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptionError(f"{what} is a symlink") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            key = (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns, st.st_size)
+            if key in self._meta_ok:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptionError(f"{what} is {_kind_of(st.st_mode)}")
+            if st.st_size > MAX_METADATA_BYTES:
+                raise CorruptionError(f"{what} has {st.st_size} bytes; expected a document "
+                                      f"of at most {MAX_METADATA_BYTES}")
+            raw = os.pread(fd, st.st_size, 0)
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
+            raise CorruptionError(f"{what} is not valid JSON ({type(exc).__name__})") from None
+        if not isinstance(doc, dict):
+            raise CorruptionError(f"{what} is not a JSON object")
+        shape = doc.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 1 + len(ref.spec.block_shape)
+                or not all(type(d) is int for d in shape) or shape[0] < ref.rows
+                or tuple(shape[1:]) != ref.spec.block_shape):
+            raise CorruptionError(f"{what}: shape {str(shape)[:80]} does not hold the "
+                                  f"{ref.rows} committed blocks of {ref.spec.block_shape}")
+        expected = _expected_metadata(ref.spec)
+        for field_name, value in expected.items():
+            if field_name != "shape" and doc.get(field_name) != value:
+                raise CorruptionError(
+                    f"{what}: {field_name} is {str(doc.get(field_name))[:120]}, but the "
+                    f"catalogue records {str(value)[:120]}")
+        extra = set(doc) - set(expected)
+        if extra:
+            raise CorruptionError(f"{what}: unexpected fields {sorted(extra)[:5]}")
+        if len(self._meta_ok) > 4096:
+            self._meta_ok.clear()
+        self._meta_ok[key] = True
+        return None
 
     # ------------------------------------------------------------------ paths
 
     def ensure_root(self) -> None:
+        if self.root.is_symlink():
+            raise CorruptionError(f"{self.root} is a symlink; tdstore never follows one")
         if not (self.root / "zarr.json").exists():
             zarr.open_group(str(self.root), mode="a")
             fsync_file(self.root / "zarr.json")
@@ -209,8 +432,16 @@ class ArrayStore:
             fsync_dir(self.root.parent)
 
     def new_group_dir(self, gid: str) -> None:
-        path = self.root / gid
-        if not (path / "zarr.json").exists():
+        path = self.root / check_gid(gid)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise CorruptionError(
+                f"data/{gid} is {_kind_of(st.st_mode)}, not a group directory; refusing to "
+                "write through it (`tdstore verify --repair` removes it)")
+        if st is None or not (path / "zarr.json").exists():
             zarr.open_group(str(path), mode="a")
             fsync_file(path / "zarr.json")
             fsync_dir(path)
@@ -219,16 +450,16 @@ class ArrayStore:
     @staticmethod
     def new_path(gid: str, kind: str) -> str:
         """A fresh array path for group ``gid``: ``m-<hex>`` (master) or ``d-<hex>``."""
-        return f"{gid}/{kind}-{secrets.token_hex(8)}"
+        return f"{check_gid(gid)}/{kind}-{secrets.token_hex(8)}"
 
     def chunk_file(self, path: str, spec: ArraySpec, chunk: int) -> Path:
-        return self.root / path / spec.chunk_key(chunk)
+        return self.root / check_array_path(path) / spec.chunk_key(chunk)
 
     # ------------------------------------------------------------------ writing
 
     def create(self, path: str, spec: ArraySpec, n_blocks: int, *, durable: bool = True) -> None:
         """Create the zarr metadata of a new, empty array (fsynced if ``durable``)."""
-        full = self.root / path
+        full = self.root / check_array_path(path)
         full.mkdir()
         self._write_metadata(full, spec, n_blocks)
         if durable:
@@ -260,203 +491,242 @@ class ArrayStore:
 
     def resize(self, path: str, spec: ArraySpec, n_blocks: int) -> None:
         """Grow the array's zarr shape (never shrinks: that would delete chunks)."""
-        full = self.root / path
+        full = self.root / check_array_path(path)
         if json.loads((full / "zarr.json").read_text())["shape"][0] < n_blocks:
             self._write_metadata(full, spec, n_blocks)
             fsync_file(full / "zarr.json")
             fsync_dir(full)
 
-    def write(self, path: str, spec: ArraySpec, start: int, blocks: np.ndarray,
-              also_fsync: tuple[Path, ...] = ()) -> None:
-        """Write ``blocks`` (stored dtype, C-contiguous) at block ``start``, durably.
+    def write(self, ref: ArrayRef, blocks: np.ndarray,
+              check: Callable[[np.ndarray, int], None] | None = None,
+              also_fsync: tuple[Path, ...] = ()) -> list[int] | None:
+        """Write ``blocks`` (stored dtype) at block ``ref.rows`` (the committed length),
+        durably; returns the array's new per-chunk checksums (``ref.crcs`` kept for the
+        chunks below the write).
 
-        Only chunks holding blocks ``>= start`` are written; a chunk that also holds
-        committed blocks below ``start`` keeps their bytes and is replaced atomically
-        (temporary file, fsync, rename), so readers never see a torn chunk.
+        Only chunks holding blocks ``>= ref.rows`` are written; a chunk that also holds
+        committed blocks keeps their bytes and is replaced atomically (temporary file,
+        fsync, rename), so readers never see a torn chunk. Each chunk is assembled in a
+        private buffer, and ``check(blocks, first_block)`` (e.g. the finite check) runs on
+        that copy: what is validated is exactly what is written, even if the caller
+        changes its array meanwhile.
         """
+        spec, start = ref.spec, ref.rows
         stop = start + blocks.shape[0]
+        old = None if ref.crcs is None else list(ref.crcs)
         if stop == start:
-            return
-        if spec.compressor is not None:
-            arr = zarr.open_array(
-                str(self.root / path), mode="r+", config={"write_empty_chunks": True}
-            )
-            arr[start:stop] = blocks
-            for chunk in spec.chunks_of(start, stop):
-                fsync_file(self.chunk_file(path, spec, chunk))
-            fsync_dir(self.root / path)
-            return
+            return old
+        path = check_array_path(ref.path)
+        full = self.root / path
         jobs, pending = [], []
-        for chunk in spec.chunks_of(start, stop):
-            c0 = chunk * spec.chunk_blocks
-            lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
-            final = self.chunk_file(path, spec, chunk)
+        for chunk, lo, hi in spec.windows(start, stop):
+            final = full / spec.chunk_key(chunk)
             tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(4)}")
-            body = as_bytes(blocks[lo - start : hi - start])
-            keep = (lo - c0) * spec.block_nbytes  # committed blocks at the front of the chunk
-            jobs.append(lambda f=final, t=tmp, b=body, k=keep, c=chunk: self._write_chunk(
-                f, t, b, k, spec.chunk_nbytes, f"{path} chunk {c}"))
+            body = blocks[lo - start : hi - start]
+            jobs.append(lambda c=chunk, t=tmp, b=body, lo=lo: self._write_chunk(
+                ref, c, t, b, lo, check))
             pending.append((tmp, final))
         jobs.extend(lambda f=f: fsync_file(f) for f in also_fsync)
         try:
-            run_all(jobs)
+            crcs = run_all(jobs)[: len(pending)]
             for tmp, final in pending:
                 os.replace(tmp, final)
             pending.clear()
-            fsync_dir(self.root / path)
+            fsync_dir(full)
         finally:
             for tmp, _ in pending:
                 tmp.unlink(missing_ok=True)
+        first = start // spec.chunk_blocks
+        if old is None and first:  # an array of an older store: its chunks are unrecorded
+            return None
+        return (old or [])[:first] + crcs
 
-    def _write_chunk(self, final: Path, tmp: Path, body: memoryview, keep: int,
-                     chunk_nbytes: int, what: str) -> None:
-        """Write one chunk file to ``tmp`` (fsynced): ``keep`` bytes of ``final``, then
-        ``body``, zero padding to the full chunk size, and the crc32c."""
-        head = bytearray(keep)
+    def _write_chunk(self, ref: ArrayRef, chunk: int, tmp: Path, body: np.ndarray, lo: int,
+                     check: Callable[[np.ndarray, int], None] | None) -> int:
+        """Write one chunk file to ``tmp`` (fsynced): the chunk's committed blocks, then
+        ``body`` (blocks from ``lo``), zero padding, encoded, plus the crc32c. Returns the
+        crc32c of the decoded chunk."""
+        spec = ref.spec
+        c0 = chunk * spec.chunk_blocks
+        buf = np.zeros(spec.chunk_nbytes, np.uint8)
+        keep = (lo - c0) * spec.block_nbytes  # committed blocks at the front of the chunk
         if keep:
-            self._read_raw(final, memoryview(head), 0, what)
-        pad = chunk_nbytes - keep - len(body)
-        crc = crc32c.crc32c(body, crc32c.crc32c(head))
-        if pad:
-            crc = crc32c.crc32c(bytes(pad), crc)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with self._dir(ref.path) as dirfd:
+                head = self._load_chunk(dirfd, ref, chunk, f"{ref.path} chunk {chunk}")
+            buf[:keep] = np.frombuffer(head, np.uint8, keep)
+        region = buf[keep : keep + body.nbytes]
+        region[:] = as_bytes(np.ascontiguousarray(body))
+        if check is not None:
+            check(region.view(spec.dtype).reshape(body.shape), lo)
+        decoded_crc = crc32c.crc32c(buf)
+        if spec.compressor is None:
+            payload = buf
+            crc = decoded_crc
+        else:
+            payload = np.frombuffer(_codec(spec).encode(buf), np.uint8)
+            crc = crc32c.crc32c(payload)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, head)
-            _write_all(fd, body)
-            if pad:
-                _write_all(fd, bytes(pad))
+            _write_all(fd, payload)
             _write_all(fd, crc.to_bytes(CRC_BYTES, "little"))
             os.fsync(fd)
         finally:
             os.close(fd)
+        return decoded_crc
 
-    def create_and_write(self, path: str, spec: ArraySpec, blocks: np.ndarray) -> int:
-        """A new array holding ``blocks`` (durable on return); returns its bytes on disk."""
-        self.create(path, spec, blocks.shape[0], durable=blocks.shape[0] == 0
-                    or spec.compressor is not None)
+    def create_and_write(self, path: str, spec: ArraySpec, blocks: np.ndarray,
+                         check: Callable[[np.ndarray, int], None] | None = None
+                         ) -> tuple[int, list[int]]:
+        """A new array holding ``blocks`` (durable on return); returns its bytes on disk
+        and its per-chunk checksums."""
+        n = blocks.shape[0]
+        self.create(path, spec, n, durable=n == 0)
         full = self.root / path
-        if blocks.shape[0] and spec.compressor is None:
-            self.write(path, spec, 0, blocks, also_fsync=(full / "zarr.json",))
+        ref = ArrayRef(path, spec, 0, ())
+        crcs = self.write(ref, blocks, check, also_fsync=(full / "zarr.json",)) if n else []
+        if n:
             fsync_dir(full.parent)
-        else:
-            self.write(path, spec, 0, blocks)
-        return self.nbytes(path)
+        return self.nbytes(path), crcs
 
     # ------------------------------------------------------------------ reading
 
-    def _read_raw(self, file: Path, buf: memoryview, offset: int, what: str) -> None:
+    def _verify_binding(self, ref: ArrayRef, chunk: int, decoded: memoryview | bytes,
+                        what: str, name: str) -> None:
+        """The decoded chunk is the one the catalogue recorded at this position."""
+        if ref.crcs is None:
+            return
+        if chunk >= len(ref.crcs):
+            raise CorruptionError(f"{what}: the catalogue records {len(ref.crcs)} chunk "
+                                  f"checksums, none for chunk {chunk}")
+        recorded = ref.crcs[chunk]
+        crc = crc32c.crc32c(decoded)
+        if crc == recorded:
+            return
+        # the last chunk of a master, replaced by an append (committed or not): its
+        # committed blocks, zero padded, are what was recorded
+        keep = ref.chunk_rows(chunk) * ref.spec.block_nbytes
+        if keep < ref.spec.chunk_nbytes:
+            crc = crc32c.crc32c(bytes(ref.spec.chunk_nbytes - keep),
+                                crc32c.crc32c(memoryview(decoded)[:keep]))
+            if crc == recorded:
+                return
+        raise CorruptionError(
+            f"{what}: chunk file {name} holds other data than the catalogue recorded at "
+            f"chunk {chunk} of array {ref.path} (a chunk swapped or copied from elsewhere)")
+
+    def _load_chunk(self, dirfd: int, ref: ArrayRef, chunk: int, what: str) -> memoryview:
+        """The decoded bytes of one chunk, every check applied (checksum, binding)."""
+        spec = ref.spec
+        name = spec.chunk_key(chunk)
+        lo = spec.chunk_nbytes + CRC_BYTES if spec.compressor is None else CRC_BYTES + 1
+        fd = self._open_file(dirfd, name, what, (lo, spec.max_file_bytes))
         try:
-            fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CorruptionError(f"{what}: chunk file {file.name} is missing") from None
-        try:
-            _read_exact(fd, buf, offset, what, file.name)
+            size = os.fstat(fd).st_size
+            data = bytearray(size)
+            _read_exact(fd, memoryview(data), 0, what, name)
         finally:
             os.close(fd)
-
-    def _read_chunk_verified(self, file: Path, spec: ArraySpec, what: str) -> bytearray:
-        data = bytearray(spec.chunk_nbytes + CRC_BYTES)
-        try:
-            size = os.path.getsize(file)
-        except FileNotFoundError:
-            raise CorruptionError(f"{what}: chunk file {file.name} is missing") from None
-        if size != len(data):
-            raise CorruptionError(
-                f"{what}: chunk file {file.name} has {size} bytes, expected {len(data)}"
-            )
-        self._read_raw(file, memoryview(data), 0, what)
+        body = memoryview(data)[:-CRC_BYTES]
         stored = int.from_bytes(data[-CRC_BYTES:], "little")
-        if crc32c.crc32c(memoryview(data)[:-CRC_BYTES]) != stored:
-            raise CorruptionError(f"{what}: chunk file {file.name} fails its crc32c checksum")
-        return data
+        if crc32c.crc32c(body) != stored:
+            raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
+        if spec.compressor is None:
+            decoded = body
+        else:
+            try:
+                decoded = memoryview(_codec(spec).decode(body)).cast("B")
+            except Exception as exc:  # numcodecs raises plain errors for bad input
+                raise CorruptionError(f"{what}: chunk file {name} cannot be decoded "
+                                      f"({exc})") from None
+            if len(decoded) != spec.chunk_nbytes:
+                raise CorruptionError(f"{what}: chunk file {name} decodes to "
+                                      f"{len(decoded)} bytes, expected {spec.chunk_nbytes}")
+        self._verify_binding(ref, chunk, decoded, what, name)
+        return decoded
 
-    def read(self, path: str, spec: ArraySpec, start: int, stop: int, out: np.ndarray,
+    def read(self, ref: ArrayRef, start: int, stop: int, out: np.ndarray,
              label: str = "", unit: str = "block") -> None:
         """Read blocks ``[start, stop)`` into ``out`` (stored dtype, C-contiguous).
         Errors name ``label`` and the positions read (as ``unit``s)."""
         if stop <= start:
             return
-        what = label or path
-        if spec.compressor is not None:
-            self._read_zarr(path, spec, start, stop, out, what, unit)
-            return
+        if stop > ref.rows:
+            raise CorruptionError(f"{label or ref.path}: {block_range(start, stop, unit)} "
+                                  f"past the {ref.rows} committed")
+        what = label or ref.path
         dst = as_bytes(out)
-        bn = spec.block_nbytes
-        jobs = []
-        for chunk in spec.chunks_of(start, stop):
-            c0 = chunk * spec.chunk_blocks
-            lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
-            jobs.append(lambda c=chunk, c0=c0, lo=lo, hi=hi: self._read_chunk_into(
-                self.chunk_file(path, spec, c), spec, dst[(lo - start) * bn : (hi - start) * bn],
-                (lo - c0) * bn, f"{what} {block_range(lo, hi, unit)}"))
-        run_all(jobs)
+        bn = ref.spec.block_nbytes
+        with self._dir(check_array_path(ref.path)) as dirfd:
+            self.check_metadata(ref, dirfd)
+            jobs = [lambda c=c, lo=lo, hi=hi: self._read_chunk_into(
+                dirfd, ref, c, dst[(lo - start) * bn : (hi - start) * bn],
+                (lo - c * ref.spec.chunk_blocks) * bn, f"{what} {block_range(lo, hi, unit)}")
+                for c, lo, hi in ref.spec.windows(start, stop)]
+            run_all(jobs)
 
-    def _read_chunk_into(self, file: Path, spec: ArraySpec, target: memoryview, offset: int,
-                         what: str) -> None:
-        if self.verify_reads:
-            data = self._read_chunk_verified(file, spec, what)
-            target[:] = memoryview(data)[offset : offset + len(target)]
-        else:
-            self._read_raw(file, target, offset, what)
-
-    def _read_zarr(self, path: str, spec: ArraySpec, start: int, stop: int,
-                   out: np.ndarray, what: str, unit: str = "block") -> None:
-        for chunk in spec.chunks_of(start, stop):  # zarr would silently fill a missing chunk
-            if not self.chunk_file(path, spec, chunk).exists():
-                c0 = chunk * spec.chunk_blocks
-                lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
-                raise CorruptionError(
-                    f"{what} {block_range(lo, hi, unit)}: chunk file {spec.chunk_key(chunk)} "
-                    "is missing"
-                )
+    def _read_chunk_into(self, dirfd: int, ref: ArrayRef, chunk: int, target: memoryview,
+                         offset: int, what: str) -> None:
+        spec = ref.spec
+        if self.verify_reads or spec.compressor is not None:
+            data = self._load_chunk(dirfd, ref, chunk, what)
+            target[:] = data[offset : offset + len(target)]
+            return
+        name = spec.chunk_key(chunk)
+        size = spec.chunk_nbytes + CRC_BYTES
+        fd = self._open_file(dirfd, name, what, (size, size))
         try:
-            arr = zarr.open_array(str(self.root / path), mode="r")
-            out[...] = arr[start:stop]
-        except CorruptionError:
-            raise
-        except Exception as exc:  # zarr raises plain errors for checksum/decoding failures
-            raise CorruptionError(f"{what} {block_range(start, stop, unit)}: {exc}") from exc
-
-    def mapped(self, path: str, spec: ArraySpec, start: int, stop: int
-               ) -> list[tuple[int, callable]]:
-        """Blocks ``[start, stop)`` as zero-copy views of the chunk files, one loader per
-        chunk: ``(first_block, load)`` where ``load()`` returns a read-only array of those
-        blocks (stored dtype) mapping the page cache. Uncompressed arrays only; falls back
-        to reading (with checksums) when ``verify_reads`` is on."""
-        loaders = []
-        for chunk in spec.chunks_of(start, stop):
-            c0 = chunk * spec.chunk_blocks
-            lo, hi = max(start, c0), min(stop, c0 + spec.chunk_blocks)
-            loaders.append((lo, lambda c=chunk, c0=c0, lo=lo, hi=hi: self._map_chunk(
-                path, spec, c, lo - c0, hi - lo)))
-        return loaders
-
-    def _map_chunk(self, path: str, spec: ArraySpec, chunk: int, first: int, count: int
-                   ) -> np.ndarray:
-        shape = (count, *spec.block_shape)
-        if self.verify_reads or spec.compressor is not None or spec.block_nbytes == 0:
-            out = np.empty(shape, spec.dtype)
-            c0 = chunk * spec.chunk_blocks
-            self.read(path, spec, c0 + first, c0 + first + count, out)
-            return out
-        file = self.chunk_file(path, spec, chunk)
-        what = f"{path} chunk {chunk}"
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CorruptionError(f"{what}: chunk file {file.name} is missing") from None
-        try:
-            if os.fstat(fd).st_size != spec.chunk_nbytes + CRC_BYTES:
-                raise CorruptionError(f"{what}: chunk file {file.name} has the wrong size")
-            mm = mmap.mmap(fd, spec.chunk_nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                           prot=mmap.PROT_READ)
+            _read_exact(fd, target, offset, what, name)
+            trailer = bytearray(CRC_BYTES)
+            _read_exact(fd, memoryview(trailer), spec.chunk_nbytes, what, name)
         finally:
             os.close(fd)
-        offset = first * spec.block_nbytes
+        if ref.crcs is not None and (chunk >= len(ref.crcs)
+                                     or int.from_bytes(trailer, "little") != ref.crcs[chunk]):
+            # not the chunk recorded here, or a master's last chunk replaced by an
+            # append: decide on the whole chunk (checksum and binding)
+            data = self._load_chunk(dirfd, ref, chunk, what)
+            target[:] = data[offset : offset + len(target)]
+
+    def mapped(self, ref: ArrayRef, start: int, stop: int
+               ) -> list[tuple[int, Callable[[], np.ndarray]]]:
+        """Blocks ``[start, stop)`` as zero-copy views of the chunk files, one loader per
+        chunk: ``(first_block, load)`` where ``load()`` returns a read-only array of those
+        blocks (stored dtype) mapping the page cache. Compressed arrays, and every array
+        when ``verify_reads`` is on, are read (and checked) instead."""
+        return [(lo, lambda c=c, lo=lo, hi=hi: self._map_chunk(ref, c, lo, hi))
+                for c, lo, hi in ref.spec.windows(start, stop)]
+
+    def _map_chunk(self, ref: ArrayRef, chunk: int, lo: int, hi: int) -> np.ndarray:
+        spec = ref.spec
+        shape = (hi - lo, *spec.block_shape)
+        if self.verify_reads or spec.compressor is not None or spec.block_nbytes == 0:
+            out = np.empty(shape, spec.dtype)
+            self.read(ref, lo, hi, out)
+            return out
+        what = f"{ref.path} chunk {chunk}"
+        name = spec.chunk_key(chunk)
+        size = spec.chunk_nbytes + CRC_BYTES
+        with self._dir(check_array_path(ref.path)) as dirfd:
+            self.check_metadata(ref, dirfd)
+            fd = self._open_file(dirfd, name, what, (size, size))
+            try:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            trailer = int.from_bytes(mm[spec.chunk_nbytes:], "little")
+            if ref.crcs is not None and (chunk >= len(ref.crcs) or trailer != ref.crcs[chunk]):
+                mm.close()
+                out = np.empty(shape, spec.dtype)
+                data = self._load_chunk(dirfd, ref, chunk, what)
+                offset = (lo - chunk * spec.chunk_blocks) * spec.block_nbytes
+                as_bytes(out)[:] = data[offset : offset + out.nbytes]
+                return out
+        offset = (lo - chunk * spec.chunk_blocks) * spec.block_nbytes
         return np.frombuffer(mm, spec.dtype, count=int(np.prod(shape)),
                              offset=offset).reshape(shape)
 
-    def read_runs(self, path: str, spec: ArraySpec, positions: np.ndarray, out: np.ndarray,
+    def read_runs(self, ref: ArrayRef, positions: np.ndarray, out: np.ndarray,
                   label: str = "", unit: str = "block") -> None:
         """Read the blocks at sorted ``positions`` into ``out`` (one row each)."""
         if positions.size == 0:
@@ -465,21 +735,90 @@ class ArrayStore:
         row = 0
         for run in np.split(positions, breaks):
             lo, hi = int(run[0]), int(run[-1]) + 1
-            self.read(path, spec, lo, hi, out[row : row + hi - lo], label, unit)
+            self.read(ref, lo, hi, out[row : row + hi - lo], label, unit)
             row += hi - lo
+
+    def check_chunk(self, ref: ArrayRef, chunk: int, what: str) -> None:
+        """Read one chunk with every check (``verify``); raises CorruptionError."""
+        with self._dir(check_array_path(ref.path)) as dirfd:
+            self._load_chunk(dirfd, ref, chunk, what)
 
     # ------------------------------------------------------------------ housekeeping
 
+    def extra_entries(self, path: str, spec: ArraySpec, rows: int) -> list[Path]:
+        """Entries of an array directory that no committed block uses: chunk files past
+        ``rows``, temporary files, anything foreign."""
+        full = self._inside(check_array_path(path))
+        keep = {"zarr.json"} | {spec.chunk_key(c) for c in spec.chunks_of(0, rows)}
+        try:
+            with os.scandir(full) as it:
+                return [Path(e.path) for e in it if e.name not in keep]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _inside(self, rel: str) -> Path:
+        """``data/<rel>``, after checking that no directory on the way below ``data/``
+        is a symlink (the last component is left to the caller)."""
+        parts = rel.split("/")
+        path = self.root
+        if self.root.is_symlink():
+            raise CorruptionError(f"{self.root} is a symlink; tdstore never follows one")
+        for part in parts[:-1]:
+            path = path / part
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                raise CorruptionError(f"data/{rel}: {part} is not a directory (a symlink?); "
+                                      "tdstore never follows one")
+        return path / parts[-1]
+
     def nbytes(self, path: str) -> int:
         total = 0
-        with os.scandir(self.root / path) as it:
+        with os.scandir(self._inside(check_array_path(path))) as it:
             for entry in it:
                 if entry.is_file(follow_symlinks=False):
                     total += entry.stat(follow_symlinks=False).st_size
         return total
 
     def remove(self, path: str) -> None:
-        shutil.rmtree(self.root / path, ignore_errors=True)
+        """Remove an array directory (only a checked array path; never follows a link)."""
+        remove_entry(self._inside(check_array_path(path)))
 
     def remove_group_dir(self, gid: str) -> None:
-        shutil.rmtree(self.root / gid, ignore_errors=True)
+        remove_entry(self._inside(check_gid(gid)))
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a symlink (the link itself, never its target) or a directory tree
+    (shutil.rmtree walks by descriptors and does not follow symlinks inside)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def entry_nbytes(path: Path) -> int:
+    """Bytes of the regular files at or below ``path``, without following symlinks."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not stat.S_ISDIR(st.st_mode):
+        return 0
+    total = 0
+    for _dirpath, _dirs, files, dirfd in os.fwalk(path, follow_symlinks=False):
+        for f in files:
+            try:
+                s = os.stat(f, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(s.st_mode):
+                total += s.st_size
+    return total

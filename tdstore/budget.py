@@ -1,9 +1,12 @@
 """The size budget: byte accounting and least-recently-used eviction.
 
 A store opened with ``max_bytes`` keeps the bytes under ``data/`` at or below it. Every
-array's size is recorded in the catalogue when it is written, so the accounting needs
-no walk of the file system. A write first reserves the bytes it will add (the old data
+array's size is recorded in the catalogue when it is written, and every byte no agent
+references (a write in progress, data a commit replaced, garbage a crash left) is
+journaled (:mod:`tdstore.journal`), so the accounting needs no walk of the file system
+and holds after crashes too. A write first reserves the bytes it will add (the old data
 it replaces stays counted until it is removed after the commit); if they do not fit,
+the garbage of crashed writes is collected first, then
 least-recently-used agents are evicted (a mirror alone; a master only with its whole
 group), and if even that cannot make room the write fails before writing anything.
 All budgeted writes of a store take turns on ``locks/budget.lock``.
@@ -14,14 +17,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select
 
-from .catalog import AgentRow, DiffBlockRow, GroupRow, MetaRow
+from . import journal
+from .catalog import AgentRow, DiffBlockRow, GroupRow, MetaRow, PendingRow
 from .errors import InvalidInputError, StoreFullError
-from .locking import file_lock
+from .locking import deferred_signals, file_lock
 
 if TYPE_CHECKING:
     from .store import Store
@@ -78,8 +81,9 @@ def accounted_bytes(store: Store) -> int:
     """Bytes under ``data/`` according to the catalogue (an upper bound of the files)."""
     with store.catalog.read() as s:
         arrays = s.scalar(select(func.coalesce(func.sum(AgentRow.nbytes), 0)))
+        pending = s.scalar(select(func.coalesce(func.sum(PendingRow.nbytes), 0)))
         n_groups = s.scalar(select(func.count(GroupRow.id)))
-    return int(arrays) + metadata_overhead(store, int(n_groups))
+    return int(arrays) + int(pending) + metadata_overhead(store, int(n_groups))
 
 
 def lru_order(store: Store) -> list[Victim]:
@@ -140,7 +144,7 @@ def _try_group_lock(store: Store, gid: str, held_gid: str | None) -> Iterator[bo
     if gid == held_gid:
         yield True
         return
-    with file_lock(Path(store.path) / "locks" / f"{gid}.lock", wait=False) as held:
+    with file_lock(store.lock_path(gid), wait=False) as held:
         yield held
 
 
@@ -151,7 +155,7 @@ def evict(store: Store, victims: list[Victim], held_gid: str | None = None) -> l
         with _try_group_lock(store, v.gid, held_gid) as locked:
             if not locked:
                 continue
-            with store.catalog.write() as s:
+            with deferred_signals(), store.catalog.write() as s:
                 g = s.scalars(select(GroupRow).where(GroupRow.gid == v.gid)).one_or_none()
                 if g is None:
                     continue
@@ -166,9 +170,9 @@ def evict(store: Store, victims: list[Victim], held_gid: str | None = None) -> l
                 s.execute(delete(AgentRow).where(AgentRow.id.in_(ids)))
                 if v.agent is None:
                     g.n_blocks, g.dtype, g.block_shape = 0, None, None
-                paths = [r.array for r in rows if r.array]
-            for p in paths:
-                store.arrays.remove(p)
+                removals = journal.schedule_removals(
+                    s, v.gid, [(r.array, r.nbytes) for r in rows if r.array])
+            journal.collect(store, v.gid, removals)
             done.append(v)
     return done
 
@@ -179,27 +183,44 @@ class Reservation:
     def __init__(self, store: Store, gid: str, protect: frozenset[str]):
         self.store, self.gid, self.protect = store, gid, protect
         self.max_bytes = get_max_bytes(store)
-        self.reserved = 0
 
     def need(self, nbytes: int, what: str) -> None:
-        """Make room for ``nbytes`` more, evicting LRU agents; StoreFullError if impossible."""
+        """Make room for ``nbytes`` more, evicting LRU agents; StoreFullError if impossible.
+
+        The bytes are then journaled by the caller before it writes them, so a later
+        ``need`` of the same write counts them through the journal."""
         if self.max_bytes is None:
             return
-        self.reserved += nbytes
-        victims, after = plan(self.store, self.max_bytes, extra=self.reserved,
+        victims, after = plan(self.store, self.max_bytes, extra=nbytes,
                               current_gid=self.gid, protect=self.protect)
-        if after + self.reserved > self.max_bytes:
+        if after + nbytes > self.max_bytes and collect_stale(self.store, self.gid):
+            victims, after = plan(self.store, self.max_bytes, extra=nbytes,
+                                  current_gid=self.gid, protect=self.protect)
+        if after + nbytes > self.max_bytes:
             raise StoreFullError(
                 f"store {self.store.path}: {what} needs {nbytes} bytes but the budget is "
-                f"{self.max_bytes} bytes and only {self.max_bytes - after - self.reserved + nbytes}"
-                " can be freed or are free; nothing was written"
+                f"{self.max_bytes} bytes and only {self.max_bytes - after} can be freed or "
+                "are free; nothing was written"
             )
         evict(self.store, victims, held_gid=self.gid)
-        if accounted_bytes(self.store) + self.reserved > self.max_bytes:
+        if accounted_bytes(self.store) + nbytes > self.max_bytes:
             raise StoreFullError(
                 f"store {self.store.path}: {what} needs {nbytes} bytes; agents that would make "
                 "room are busy with other writers; nothing was written"
             )
+
+
+def collect_stale(store: Store, held_gid: str | None = None) -> int:
+    """Collect the journaled garbage of crashed writes in every group whose lock is free
+    (a held lock means a live writer: its rows are not garbage); returns bytes freed."""
+    with store.catalog.read() as s:
+        gids = set(s.scalars(select(PendingRow.gid).distinct()))
+    freed = 0
+    for gid in sorted(gids - {held_gid}):
+        with _try_group_lock(store, gid, None) as locked:
+            if locked:
+                freed += journal.collect(store, gid)
+    return freed
 
 
 @contextlib.contextmanager
@@ -208,5 +229,5 @@ def budget_turn(store: Store) -> Iterator[None]:
     if get_max_bytes(store) is None:
         yield
         return
-    with file_lock(Path(store.path) / "locks" / "budget.lock"):
+    with file_lock(store.lock_path("budget")):
         yield

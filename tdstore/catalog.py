@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -105,6 +106,11 @@ class AgentRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     last_access: Mapped[float] = mapped_column(Float)
+    # crc32c of each chunk of `array` as decoded (binds every chunk to its array and
+    # position) and of the diff index (block indices in slot order, int64 little endian);
+    # None for rows written before schema 0004
+    chunk_crcs: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    index_crc: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class DiffBlockRow(Base):
@@ -126,6 +132,22 @@ class NullStatsRow(Base):
     key_json: Mapped[str] = mapped_column(Text)
     schema_version: Mapped[int] = mapped_column(Integer)
     payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PendingRow(Base):
+    """The journal: data put down under ``data/`` that no agent row references yet
+    (``kind`` "write": a write in progress, or an append to a live master) or any more
+    ("remove": replaced data whose removal follows the commit). Its bytes count against
+    the size budget until the row goes, and a row left by a crash marks garbage that is
+    collected under the group's lock (no live writer holds it then)."""
+
+    __tablename__ = "pending"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    gid: Mapped[str] = mapped_column(String(32), index=True)
+    path: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String(16))
+    nbytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -162,7 +184,10 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True) -> Engin
             conn.exec_driver_sql("PRAGMA synchronous = NORMAL")
         elif options.get("tdstore_write"):
             conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.exec_driver_sql(f"PRAGMA synchronous = {SQLITE_PRAGMAS['synchronous']}")
+            # journal rows (tdstore.journal) need no fsync of their own: the commit that
+            # follows them fsyncs the WAL, theirs included
+            sync = "NORMAL" if options.get("tdstore_lazy") else SQLITE_PRAGMAS["synchronous"]
+            conn.exec_driver_sql(f"PRAGMA synchronous = {sync}")
         if options.get("tdstore_write"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
@@ -215,11 +240,12 @@ class Catalog:
                 yield session
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Session]:
-        """A write transaction: committed on exit, rolled back on error."""
+    def write(self, *, lazy: bool = False) -> Iterator[Session]:
+        """A write transaction: committed on exit, rolled back on error. ``lazy``
+        commits without an fsync of its own (bookkeeping a later commit makes durable)."""
         with self.errors():
             with self.engine.connect() as conn:
-                conn = conn.execution_options(tdstore_write=True)
+                conn = conn.execution_options(tdstore_write=True, tdstore_lazy=lazy)
                 with Session(bind=conn, expire_on_commit=False) as session, session.begin():
                     yield session
 

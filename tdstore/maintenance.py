@@ -8,21 +8,30 @@ committed is never mistaken for garbage.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from . import __version__, budget
-from .arrays import CRC_BYTES, ArraySpec, block_range
+from . import __version__, budget, journal
+from .arrays import (
+    GID_RE,
+    ArrayRef,
+    ArraySpec,
+    block_range,
+    check_array_path,
+    entry_nbytes,
+    remove_entry,
+)
 from .catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
 from .diff import diff_mask
 from .errors import CorruptionError, InvalidInputError, NotFoundError
+from .locking import file_lock
 
 if TYPE_CHECKING:
     from .store import Group, Store
@@ -30,7 +39,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 DAMAGE = ("missing-array", "missing-chunk", "truncated-chunk", "checksum", "bad-metadata",
-          "bad-index")
+          "bad-index", "foreign-chunk", "unsafe-entry", "bad-path")
 
 
 @dataclass
@@ -86,12 +95,6 @@ class VerifyReport:
                 "repaired": self.repaired}
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _rel(store: Store, path: Path) -> str:
     return str(path.relative_to(store.path))
 
@@ -103,11 +106,13 @@ def _rel(store: Store, path: Path) -> str:
 class _ArrayRef:
     """An array the catalogue references, with what must hold for it."""
 
-    path: str
-    spec: ArraySpec
-    rows: int  # committed rows (master: n_blocks; mirror: n_diff)
+    ref: ArrayRef
     agent: AgentRow
     group: GroupRow
+
+    @property
+    def path(self) -> str:
+        return self.ref.path
 
 
 def _group_refs(store: Store, session, g: GroupRow) -> list[_ArrayRef]:  # noqa: ANN001
@@ -120,7 +125,8 @@ def _group_refs(store: Store, session, g: GroupRow) -> list[_ArrayRef]:  # noqa:
         spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype), a.chunk_blocks,
                          g.compressor)
         rows = g.n_blocks if a.role == "master" else a.n_diff
-        refs.append(_ArrayRef(a.array, spec, rows, a, g))
+        crcs = None if a.chunk_crcs is None else tuple(a.chunk_crcs)
+        refs.append(_ArrayRef(ArrayRef(a.array, spec, rows, crcs), a, g))
     return refs
 
 
@@ -128,75 +134,83 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
                  report: VerifyReport) -> list[Finding]:
     """Damage in one referenced array, plus the garbage files inside it."""
     found: list[Finding] = []
-    full = store.arrays.root / ref.path
     who = {"group": ref.group.name, "agent": ref.agent.name}
-    if not full.is_dir():
-        return [Finding("missing-array", _rel(store, full), "array directory is missing",
-                        **who)]
     try:
-        shape = json.loads((full / "zarr.json").read_text())["shape"]
-        if shape[0] < ref.rows or tuple(shape[1:]) != ref.spec.block_shape:
-            raise ValueError(f"shape {shape} does not hold {ref.rows} rows of "
-                             f"{ref.spec.block_shape}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        found.append(Finding("bad-metadata", _rel(store, full / "zarr.json"), str(exc), **who))
-    chunks = ref.spec.chunks_of(0, ref.rows)
-    expected = {ref.spec.chunk_key(c) for c in chunks}
-    for entry in full.iterdir():
-        if entry.name != "zarr.json" and entry.name not in expected:
-            found.append(Finding("orphan-file", _rel(store, entry),
-                                 "file no committed block uses", nbytes=_size(entry), **who))
-    for c in chunks:
-        lo = c * ref.spec.chunk_blocks
-        hi = min(ref.rows, lo + ref.spec.chunk_blocks)
+        check_array_path(ref.path)
+    except CorruptionError as exc:
+        return [Finding("bad-path", "catalog.sqlite", str(exc), **who)]
+    full = store.arrays.root / ref.path
+    spec, rows = ref.ref.spec, ref.ref.rows
+    try:
+        with store.arrays._dir(ref.path) as dirfd:
+            store.arrays.check_metadata(ref.ref, dirfd)
+    except CorruptionError as exc:
+        msg = str(exc)
+        kind = ("unsafe-entry" if "symlink" in msg or "not a directory" in msg else
+                "missing-array" if "is missing" in msg and "zarr.json" not in msg else
+                "bad-metadata")
+        found.append(Finding(kind, _rel(store, full / "zarr.json" if kind == "bad-metadata"
+                                         else full), msg.split(": ", 1)[-1], **who))
+        if kind != "bad-metadata":
+            return found
+    for extra in store.arrays.extra_entries(ref.path, spec, rows):
+        found.append(Finding("orphan-file", _rel(store, extra),
+                             "file no committed block uses", nbytes=entry_nbytes(extra), **who))
+    for c, lo, hi in spec.windows(0, rows):
         blocks = block_range(lo, hi) if ref.agent.role == "master" else \
             f"slots {lo}-{hi - 1} of its own blocks"
-        file = full / ref.spec.chunk_key(c)
+        file = full / spec.chunk_key(c)
         report.chunks_checked += 1
-        if not file.exists():
+        try:
+            if checksums:
+                store.arrays.check_chunk(ref.ref, c, ref.path)
+            else:
+                st = os.lstat(file)
+                if not stat.S_ISREG(st.st_mode):
+                    raise CorruptionError(f"chunk file {file.name} is not a regular file")
+        except FileNotFoundError:
             found.append(Finding("missing-chunk", _rel(store, file), "chunk file is missing",
                                  blocks=blocks, **who))
-            continue
-        if ref.spec.compressor is None and file.stat().st_size != ref.spec.chunk_nbytes + CRC_BYTES:
-            found.append(Finding(
-                "truncated-chunk", _rel(store, file),
-                f"{file.stat().st_size} bytes, expected {ref.spec.chunk_nbytes + CRC_BYTES}",
-                blocks=blocks, **who))
-            continue
-        if checksums:
-            try:
-                if ref.spec.compressor is None:
-                    store.arrays._read_chunk_verified(file, ref.spec, ref.path)
-                else:
-                    out = np.empty((hi - lo, *ref.spec.block_shape), ref.spec.dtype)
-                    store.arrays._read_zarr(ref.path, ref.spec, lo, hi, out, ref.path)
-            except CorruptionError as exc:
-                found.append(Finding("checksum", _rel(store, file), str(exc).split(": ")[-1],
-                                     blocks=blocks, **who))
+        except CorruptionError as exc:
+            msg = str(exc)
+            kind = ("missing-chunk" if "is missing" in msg else
+                    "truncated-chunk" if " bytes, expected" in msg or "truncated" in msg else
+                    "foreign-chunk" if "holds other data" in msg else
+                    "unsafe-entry" if "symlink" in msg or " is a" in msg
+                    or "not a regular" in msg else "checksum")
+            found.append(Finding(kind, _rel(store, file), msg.split(": ", 1)[-1],
+                                 blocks=blocks, **who))
     return found
 
 
 def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: ANN001
+    from .store import index_checksum
+
     found = []
-    rows = session.execute(
-        select(AgentRow.name, AgentRow.n_diff, func.count(DiffBlockRow.block_index),
-               func.min(DiffBlockRow.block_index), func.max(DiffBlockRow.block_index),
-               func.min(DiffBlockRow.slot), func.max(DiffBlockRow.slot))
-        .outerjoin(DiffBlockRow, DiffBlockRow.agent_id == AgentRow.id)
-        .where(AgentRow.group_id == g.id, AgentRow.role == "mirror")
-        .group_by(AgentRow.id)
-    ).all()
-    for name, n_diff, count, bmin, bmax, smin, smax in rows:
+    mirrors = session.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
+                                                    AgentRow.role == "mirror"))
+    for a in mirrors:
+        idx = np.array(list(session.scalars(
+            select(DiffBlockRow.block_index).where(DiffBlockRow.agent_id == a.id)
+            .order_by(DiffBlockRow.slot))), dtype=np.int64)
+        slots = list(session.scalars(select(DiffBlockRow.slot)
+                                     .where(DiffBlockRow.agent_id == a.id)
+                                     .order_by(DiffBlockRow.slot)))
         problems = []
-        if count != n_diff:
-            problems.append(f"{count} index rows for {n_diff} diff blocks")
-        if count and (bmin < 0 or bmax >= g.n_blocks):
-            problems.append(f"block indices {bmin}..{bmax} outside 0..{g.n_blocks - 1}")
-        if count and (smin != 0 or smax != count - 1):
-            problems.append(f"slots {smin}..{smax}, expected 0..{count - 1}")
+        if idx.size != a.n_diff:
+            problems.append(f"{idx.size} index rows for {a.n_diff} diff blocks")
+        if idx.size and (idx.min() < 0 or idx.max() >= g.n_blocks):
+            problems.append(f"block indices {idx.min()}..{idx.max()} outside "
+                            f"0..{g.n_blocks - 1}")
+        if idx.size and np.any(np.diff(idx) <= 0):
+            problems.append("block indices not strictly increasing by slot")
+        if slots != list(range(len(slots))):
+            problems.append(f"slots are not 0..{len(slots) - 1}")
+        if a.index_crc is not None and index_checksum(idx) != a.index_crc:
+            problems.append("block indices do not match the checksum recorded with them")
         if problems:
             found.append(Finding("bad-index", "catalog.sqlite", "; ".join(problems),
-                                 group=g.name, agent=name))
+                                 group=g.name, agent=a.name))
     return found
 
 
@@ -209,7 +223,7 @@ def _orphans_in_group_dir(store: Store, gdir: Path, referenced: set[str],
             continue
         found.append(Finding("orphan-array", _rel(store, entry),
                              "array no catalogue row references", group=group,
-                             nbytes=_size(entry)))
+                             nbytes=entry_nbytes(entry)))
     return found
 
 
@@ -224,62 +238,76 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
     """Check every group (under its writer lock) and the directories no group owns.
 
     With ``remove_garbage`` what no row references is removed under the same lock it
-    was found with, so a writer can never have claimed it in between.
+    was found with, so a writer can never have claimed it in between; the journal rows
+    a crashed writer left are collected the same way. Nothing is ever followed through
+    a symlink: a symlink (or FIFO, device...) under ``data/`` is itself the garbage.
     """
     report = VerifyReport()
     groups = _groups(store)
     total = len(groups) + 1
+    root = store.arrays.root
     for i, g in enumerate(groups):
         if progress:
             progress(i, total, f"group {g.name!r}")
-        with store._group_lock(g.gid), store.catalog.read() as s:
+        try:
+            lock = store.lock_path(g.gid)
+        except CorruptionError as exc:
+            report.findings.append(Finding("bad-path", "catalog.sqlite", str(exc),
+                                           group=g.name))
+            continue
+        with file_lock(lock), store.catalog.read() as s:
             g = s.get(GroupRow, g.id)
             if g is None:  # deleted meanwhile
                 continue
+            if remove_garbage and journal.stale_ids(s, g.gid):
+                journal.collect(store, g.gid)
             refs = _group_refs(store, s, g)
             found = _check_index(store, s, g)
             for ref in refs:
                 found += _check_array(store, ref, checksums, report)
             report.agents_checked += len(list(s.scalars(
                 select(AgentRow.id).where(AgentRow.group_id == g.id))))
-            gdir = store.arrays.root / g.gid
-            if gdir.is_dir():
+            gdir = root / g.gid
+            if gdir.is_symlink() or (gdir.exists() and not gdir.is_dir()):
+                found.append(Finding("unsafe-entry", _rel(store, gdir),
+                                     "a group directory replaced by a symlink or file",
+                                     group=g.name))
+            elif gdir.is_dir():
                 found += _orphans_in_group_dir(store, gdir, {r.path for r in refs}, g.name)
             if remove_garbage:
                 for f in found:
-                    if not f.is_damage:
-                        _remove(store.path / f.path)
+                    if not f.is_damage or f.kind == "unsafe-entry":
+                        remove_entry(store.path / f.path)
             if on_group is not None:
                 on_group(g, found)
         report.findings += found
     if progress:
         progress(total - 1, total, "directories of no group")
     known = {g.gid for g in _groups(store)}
-    root = store.arrays.root
-    if root.is_dir():
+    if root.is_dir() and not root.is_symlink():
         for entry in sorted(root.iterdir()):
             if entry.name == "zarr.json" or entry.name in known:
+                continue
+            if not GID_RE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+                report.findings.append(Finding(
+                    "foreign-entry", _rel(store, entry),
+                    "not a group directory (a symlink, file or foreign name)",
+                    nbytes=entry_nbytes(entry)))
+                if remove_garbage:
+                    remove_entry(entry)
                 continue
             with store._group_lock(entry.name):
                 if entry.name in {g.gid for g in _groups(store)}:
                     continue
                 report.findings.append(Finding(
                     "orphan-group", _rel(store, entry), "directory of no group",
-                    nbytes=_size(entry)))
+                    nbytes=entry_nbytes(entry)))
                 if remove_garbage:
-                    _remove(entry)
+                    remove_entry(entry)
+                    journal.collect(store, entry.name)
     if progress:
         progress(total, total, "done")
     return report
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- commands

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import ArraySpec, ArrayStore
+from .arrays import ArrayRef, ArraySpec, ArrayStore
 from .dtypes import numpy_dtype
 from .errors import InvalidInputError
 
@@ -26,18 +26,23 @@ class AgentSnapshot:
     group: str
     agent: str
     role: str
-    spec: ArraySpec  # of the master array
-    diff_spec: ArraySpec | None  # of the mirror's own blocks
+    master: ArrayRef  # the master's blocks
+    diff: ArrayRef | None  # the mirror's own blocks
     dtype_name: str
-    n_blocks: int
-    master_array: str
-    diff_array: str | None
     block_indices: np.ndarray  # int64, ascending; the values sit at slots 0..n_diff-1
     accessed: dict[int, float]  # agent row id -> last_access, for the agent and its master
 
     @property
     def label(self) -> str:
         return f"group {self.group!r} agent {self.agent!r}"
+
+    @property
+    def spec(self) -> ArraySpec:
+        return self.master.spec
+
+    @property
+    def n_blocks(self) -> int:
+        return self.master.rows
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -48,8 +53,8 @@ class AgentSnapshot:
         return numpy_dtype(self.dtype_name)
 
     @property
-    def arrays_key(self) -> tuple[str, str | None]:
-        return (self.master_array, self.diff_array)
+    def arrays_key(self) -> tuple[object, ...]:
+        return (self.master, self.diff)
 
 
 def check_out(snap: AgentSnapshot, out: np.ndarray) -> np.ndarray:
@@ -83,13 +88,12 @@ def reconstruct_into(arrays: ArrayStore, snap: AgentSnapshot, out: np.ndarray) -
     release = _page_releaser(out)
     for start in range(0, snap.n_blocks, window):
         stop = min(snap.n_blocks, start + window)
-        arrays.read(snap.master_array, spec, start, stop, raw[start:stop],
-                    f"{snap.label} (master)")
+        arrays.read(snap.master, start, stop, raw[start:stop], f"{snap.label} (master)")
         lo, hi = np.searchsorted(idx, [start, stop])
         if hi > lo:  # the mirror's own blocks in this window sit at slots lo..hi-1
             values = np.empty((hi - lo, *spec.block_shape), spec.dtype)
-            arrays.read(snap.diff_array, snap.diff_spec, int(lo), int(hi), values,
-                        f"{snap.label} (own blocks)", "slot")
+            arrays.read(snap.diff, int(lo), int(hi), values, f"{snap.label} (own blocks)",
+                        "slot")
             raw[idx[lo:hi]] = values
         if release is not None:
             release(raw[start:stop])
@@ -124,14 +128,13 @@ def read_blocks(arrays: ArrayStore, snap: AgentSnapshot, indices: np.ndarray) ->
     spec = snap.spec
     uniq = np.unique(indices)
     raw = np.empty((uniq.size, *spec.block_shape), spec.dtype)
-    arrays.read_runs(snap.master_array, spec, uniq, raw, f"{snap.label} (master)")
-    if snap.diff_array is not None and snap.block_indices.size:
+    arrays.read_runs(snap.master, uniq, raw, f"{snap.label} (master)")
+    if snap.diff is not None and snap.block_indices.size:
         hit = np.isin(uniq, snap.block_indices)
         if hit.any():
             slots = np.searchsorted(snap.block_indices, uniq[hit])
             values = np.empty((slots.size, *spec.block_shape), spec.dtype)
-            arrays.read_runs(snap.diff_array, snap.diff_spec, slots, values,
-                             f"{snap.label} (own blocks)", "slot")
+            arrays.read_runs(snap.diff, slots, values, f"{snap.label} (own blocks)", "slot")
             raw[hit] = values
     if uniq.size != indices.size or not np.array_equal(uniq, indices):
         raw = raw[np.searchsorted(uniq, indices)]
@@ -147,7 +150,14 @@ def normalize_index(key, n_blocks: int, label: str) -> tuple[np.ndarray, bool]: 
             )
         key = key[0]
     if isinstance(key, slice):
-        return np.arange(*key.indices(n_blocks), dtype=np.int64), False
+        if key.step == 0:
+            raise InvalidInputError(f"{label}: slice step must not be zero")
+        try:
+            bounds = key.indices(n_blocks)
+        except TypeError:
+            raise InvalidInputError(
+                f"{label}: slice bounds must be ints or None, got {key!r}") from None
+        return np.arange(*bounds, dtype=np.int64), False
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         i = operator.index(key)
         if not -n_blocks <= i < n_blocks:

@@ -18,22 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
+import time
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 from sqlalchemy import delete, insert, select
 
-from . import __version__, budget, maintenance
+from . import __version__, budget, journal, maintenance
 from .arrays import (
+    ArrayRef,
     ArraySpec,
     ArrayStore,
     balanced_chunk_blocks,
     check_compressor,
+    check_gid,
     default_chunk_blocks,
     run_all,
 )
@@ -62,7 +67,7 @@ from .errors import (
     StorageError,
     TdStoreError,
 )
-from .locking import file_lock
+from .locking import deferred_signals, file_lock
 from .reconstruct import (
     AgentSnapshot,
     check_out,
@@ -77,7 +82,12 @@ DATA_DIR = "data"
 LOCK_DIR = "locks"
 MAX_NAME_CHARS = 1024
 DEFAULT_DIFF_THRESHOLD = 0.0
-READ_RETRIES = 3
+# A read that finds its data replaced by a concurrent writer retries on a fresh
+# snapshot (with a randomised backoff); it gives up only if the data it read is damaged
+# (the same snapshot fails again) or after this many replacements in a row.
+READ_RETRIES = 200
+# blocks along the leading axis; catalogue columns are 32-bit on PostgreSQL
+MAX_BLOCKS = 2**31 - 1
 # last_access is recorded at most this often per agent (reads stay read-mostly)
 ACCESS_RESOLUTION_S = 1.0
 
@@ -94,6 +104,13 @@ def check_name(kind: str, name: object, where: str = "") -> str:
         raise InvalidInputError(f"{prefix}{kind} name {name!r} must not be empty or blank")
     if name in (".", ".."):
         raise InvalidInputError(f"{prefix}{kind} name {name!r} is not allowed")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{prefix}{kind} name {name[:80]!r} is not valid Unicode text (it holds a lone "
+            "surrogate, e.g. from undecodable command-line bytes); names must encode as "
+            "UTF-8") from None
     bad = sorted({c for c in name if c in "/\\" or unicodedata.category(c) == "Cc"})
     if bad:
         raise InvalidInputError(
@@ -115,6 +132,10 @@ def as_blocks(kv: object, what: str) -> tuple[np.ndarray, str]:
     and blocks with no elements. Values are never converted: byte order and memory
     layout are normalised exactly.
     """
+    if isinstance(kv, np.ma.MaskedArray):
+        raise InvalidInputError(
+            f"{what} is a masked array; its mask cannot be stored: pass np.ma.getdata(a) "
+            "or a.filled(value)")
     if not isinstance(kv, np.ndarray):
         kv = _from_tensor(kv, what)
     if kv.ndim < 2:
@@ -129,6 +150,19 @@ def as_blocks(kv: object, what: str) -> tuple[np.ndarray, str]:
             f"{what}: block shape {kv.shape[1:]} has no elements; every block dimension "
             "must be >= 1"
         )
+    if kv.shape[0] > MAX_BLOCKS:
+        raise InvalidInputError(
+            f"{what}: {kv.shape[0]} blocks; expected at most {MAX_BLOCKS}")
+    if not kv.flags.c_contiguous:
+        # a strided or broadcast array is copied; refuse a copy that cannot fit
+        import psutil
+
+        available = psutil.virtual_memory().available
+        if kv.nbytes > available:
+            raise InvalidInputError(
+                f"{what}: shape {kv.shape} ({kv.nbytes} bytes) is not contiguous and a "
+                f"contiguous copy would not fit in the {available} bytes of free memory; "
+                "pass a contiguous array (or np.memmap)")
     return np.ascontiguousarray(kv), name
 
 
@@ -242,7 +276,7 @@ class Store:
                 f"store {self.path}: catalogue schema {current or 'empty'} needs an upgrade to "
                 f"{', '.join(heads)}; open it once without readonly=True or run `tdstore migrate`"
             )
-        with file_lock(self.path / LOCK_DIR / "store.lock"):
+        with file_lock(self.lock_path("store")):
             current, heads = check_not_newer(self.catalog, str(self.path))
             if set(current) != set(heads):
                 created = not current
@@ -258,9 +292,16 @@ class Store:
         if self.readonly:
             raise ReadOnlyError(f"store {self.path} is open read-only")
 
+    def lock_path(self, name: str) -> Path:
+        """The lock file of a group id (checked: it comes from the catalogue or from
+        ``data/``), or of ``budget`` / ``store``."""
+        if name not in ("budget", "store"):
+            check_gid(name)
+        return self.path / LOCK_DIR / f"{name}.lock"
+
     @contextlib.contextmanager
     def _group_lock(self, gid: str) -> Iterator[None]:
-        with file_lock(self.path / LOCK_DIR / f"{gid}.lock"):
+        with file_lock(self.lock_path(gid)):
             yield
 
     def _group_row(self, session, name: str) -> GroupRow:  # noqa: ANN001
@@ -367,22 +408,34 @@ class Store:
             return list(s.scalars(select(GroupRow.name).order_by(GroupRow.id)))
 
     def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
         with self.catalog.read() as s:
             return s.scalars(select(GroupRow.id).where(GroupRow.name == name)).first() is not None
 
     def delete_group(self, name: str) -> None:
-        """Delete a group, its agents and their data. Raises NotFoundError if missing."""
+        """Delete a group, its agents and their data. Raises NotFoundError if missing.
+
+        Deletes the group the name means when its lock is held: racing a re-creation of
+        the same name, either the old or the new group goes, never the wrong data."""
         self._check_writable()
-        with self.catalog.read() as s:
-            gid = self._group_row(s, name).gid
-        with self._group_lock(gid):
-            with self.catalog.write() as s:
-                g = self._group_row(s, name)
-                ids = list(s.scalars(select(AgentRow.id).where(AgentRow.group_id == g.id)))
-                s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
-                s.execute(delete(AgentRow).where(AgentRow.group_id == g.id))
-                s.delete(g)
-            self.arrays.remove_group_dir(gid)
+        while True:
+            with self.catalog.read() as s:
+                gid = self._group_row(s, name).gid
+            with self._group_lock(gid):
+                with deferred_signals(), self.catalog.write() as s:
+                    g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
+                    if g is None or g.name != name:
+                        continue  # deleted (and perhaps re-created) meanwhile: look again
+                    ids = list(s.scalars(select(AgentRow.id).where(AgentRow.group_id == g.id)))
+                    nbytes = sum(s.scalars(select(AgentRow.nbytes)
+                                           .where(AgentRow.group_id == g.id)))
+                    s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
+                    s.execute(delete(AgentRow).where(AgentRow.group_id == g.id))
+                    s.delete(g)
+                    journal.schedule_removals(s, gid, [(gid, nbytes)], journal.REMOVE_GROUP)
+                journal.collect(self, gid)
+                return
 
     # ------------------------------------------------------------------ maintenance
 
@@ -415,7 +468,7 @@ class Store:
     def migrate(self, revision: str = "head") -> tuple[str, ...]:
         """Upgrade (or downgrade) the catalogue schema; returns the new revision."""
         self._check_writable()
-        with file_lock(self.path / LOCK_DIR / "store.lock"):
+        with file_lock(self.lock_path("store")):
             check_not_newer(self.catalog, str(self.path))
             upgrade(self.catalog, revision)
         from .catalog import schema_status
@@ -466,7 +519,7 @@ def _writable(path: Path) -> bool:
 def _check_threshold(value: object, group: str) -> float:
     try:
         t = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidInputError(
             f"group {group!r}: diff_threshold must be a number, got {value!r}"
         ) from None
@@ -552,32 +605,58 @@ class Group:
                     s.scalars(select(DiffBlockRow.block_index)
                               .where(DiffBlockRow.agent_id == row.id)
                               .order_by(DiffBlockRow.slot)),
-                    dtype=np.int64, count=row.n_diff,
+                    dtype=np.int64,
                 )
+            self._check_index(g, row, idx)
             return AgentSnapshot(
-                group=self.name, agent=agent, role=row.role,
-                spec=self._spec(g, master.chunk_blocks),
-                diff_spec=self._spec(g, row.chunk_blocks) if row.chunk_blocks else None,
-                dtype_name=g.dtype, n_blocks=g.n_blocks, master_array=master.array,
-                diff_array=row.array if row.role == "mirror" else None, block_indices=idx,
+                group=self.name, agent=agent, role=row.role, master=self._ref(g, master),
+                diff=self._ref(g, row) if row.role == "mirror" and row.array else None,
+                dtype_name=g.dtype, block_indices=idx,
                 accessed={row.id: row.last_access, master.id: master.last_access},
             )
 
+    def _ref(self, g: GroupRow, row: AgentRow) -> ArrayRef:
+        """The committed array of an agent row, as reads check it."""
+        return ArrayRef(
+            row.array, self._spec(g, row.chunk_blocks),
+            g.n_blocks if row.role == "master" else row.n_diff,
+            None if row.chunk_crcs is None else tuple(row.chunk_crcs))
+
+    def _check_index(self, g: GroupRow, row: AgentRow, idx: np.ndarray) -> None:
+        """The diff index read from the catalogue is the one its writer recorded."""
+        problem = None
+        if row.role == "mirror" and idx.size != row.n_diff:
+            problem = f"{idx.size} index rows for {row.n_diff} diff blocks"
+        elif idx.size and (idx[0] < 0 or idx[-1] >= g.n_blocks or np.any(np.diff(idx) <= 0)):
+            problem = f"block indices not strictly increasing within 0..{g.n_blocks - 1}"
+        elif row.index_crc is not None and row.role == "mirror" \
+                and index_checksum(idx) != row.index_crc:
+            problem = "block indices do not match the checksum recorded with them"
+        if problem:
+            raise CorruptionError(f"{self._where(row.name)}: diff index is damaged ({problem});"
+                                  " re-register the agent or delete it")
+
     def _read(self, agent: str, fn, *, touch: bool = True):  # noqa: ANN001
-        """Run ``fn(snapshot)``, retrying if a concurrent writer replaced the data read;
-        then record the access (for least-recently-used eviction)."""
+        """Run ``fn(snapshot)``; if it fails on data that a concurrent writer replaced
+        meanwhile, run it again on a fresh snapshot (with a short randomised backoff), so
+        churn never surfaces as corruption. Then record the access (for LRU eviction)."""
         snap = self._snapshot(agent)
+        delay = 0.0005
         for _ in range(READ_RETRIES):
             try:
                 result = fn(snap)
                 break
             except CorruptionError:
                 fresh = self._snapshot(agent)
-                if fresh.arrays_key == snap.arrays_key and fresh.n_blocks == snap.n_blocks:
-                    raise
+                if fresh.arrays_key == snap.arrays_key:
+                    raise  # the data this snapshot names is damaged
                 snap = fresh
+                time.sleep(delay * random.random())
+                delay = min(delay * 2, 0.05)
         else:
-            result = fn(snap)
+            raise StorageError(
+                f"{self._where(agent)}: the agent was replaced {READ_RETRIES} times while "
+                "being read; try again")
         if touch and not self.store.readonly:
             self.store.catalog.touch(snap.accessed, ACCESS_RESOLUTION_S)
         return result
@@ -637,6 +716,8 @@ class Group:
             return [a.name for a in self._agents(s, self._row(s))]
 
     def __contains__(self, agent: object) -> bool:
+        if not isinstance(agent, str):
+            return False
         with self.store.catalog.read() as s:
             g = self._row(s)
             return s.scalars(select(AgentRow.id).where(
@@ -646,22 +727,36 @@ class Group:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[GroupRow]:
+        """The group's writer lock, held on the group the name means *now*: if it was
+        deleted and re-created while we waited, the new group's lock is taken instead.
+        Journal rows the group's last writer left behind (it died) are collected first.
+        """
         self.store._check_writable()
-        with self.store.catalog.read() as s:
-            gid = self._row(s).gid
-        with self.store._group_lock(gid), budget_turn(self.store):
-            with self.store.catalog.read() as s:  # state as of holding the lock
-                g = self._row(s)
-                if g.gid != gid:  # deleted and re-created meanwhile
-                    raise StateError(f"group {self.name!r} was replaced concurrently; retry")
-            try:
-                yield g
-            except TdStoreError:
-                raise
-            except OSError as exc:  # the write removed what it had put down before this
-                raise StorageError(
-                    f"group {self.name!r}: writing failed ({exc}); nothing was committed "
-                    "and the store is as it was") from exc
+        while True:
+            with self.store.catalog.read() as s:
+                gid = self._row(s).gid
+            with self.store._group_lock(gid), budget_turn(self.store):
+                with self.store.catalog.read() as s:  # state as of holding the lock
+                    g = s.scalars(select(GroupRow).where(GroupRow.name == self.name)
+                                  ).one_or_none()
+                    stale = journal.stale_ids(s, gid) if g is not None else []
+                if g is None:
+                    raise NotFoundError(
+                        f"group {self.name!r} does not exist in store {self.store.path} "
+                        "(deleted meanwhile)")
+                if g.gid != gid:
+                    continue  # deleted and re-created meanwhile: lock the new one
+                if stale:
+                    journal.collect(self.store, gid, stale)
+                try:
+                    yield g
+                except TdStoreError:
+                    raise
+                except OSError as exc:  # the write removed what it had put down before this
+                    raise StorageError(
+                        f"group {self.name!r}: writing failed ({exc}); nothing was committed "
+                        "and the store is as it was") from exc
+                return
 
     def _prepare(self, kv: object, what: str, g: GroupRow, *, check: bool = True
                  ) -> tuple[np.ndarray, str]:
@@ -669,6 +764,18 @@ class Group:
         if check and not g.allow_nonfinite:
             check_finite(kv, dtype_name, what)
         return kv, dtype_name
+
+    @staticmethod
+    def _finite_check(g: GroupRow, dtype_name: str, what: str):  # noqa: ANN205
+        """The finite check run on each chunk as it is written (the bytes written)."""
+        if g.allow_nonfinite:
+            return None
+
+        def check(blocks: np.ndarray, first: int) -> None:
+            check_finite(blocks, dtype_name, what,
+                         block_numbers=np.arange(first, first + blocks.shape[0]))
+
+        return check
 
     def register_master(self, agent_id: str, kv_blocks: object, *,
                         attrs: dict[str, Any] | None = None) -> None:
@@ -686,7 +793,7 @@ class Group:
         where = self._where(agent_id)
         check_name("agent", agent_id, f"group {self.name!r}")
         attrs = _check_attrs(attrs, where)
-        with self._locked() as g:
+        with self._locked() as g, _Write(self, g) as w:
             kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
             if g.kv_layout and kv.ndim - 1 != len(g.kv_layout["axes"]):
                 raise InvalidInputError(
@@ -710,30 +817,25 @@ class Group:
             spec = replace(spec, chunk_blocks=self._chunk_for(g, spec, kv.shape[0]))
             arrays = self.store.arrays
             room = Reservation(self.store, g.gid, frozenset(a.name for a in agents))
-            room.need(arrays.estimate_nbytes(spec, kv.shape[0]), f"{where}: the master")
-            arrays.new_group_dir(g.gid)
-            path = arrays.new_path(g.gid, "m")
-            written = [path]
-            try:
-                nbytes = arrays.create_and_write(path, spec, kv.view(spec.dtype))
-                rederived = []
-                # a quarantined master is being restored: its mirrors' own blocks are
-                # intact and stay as stored (they cannot be rebuilt through damaged data)
-                if same_master and mirrors and master.status == "ok":
-                    for m in mirrors:
-                        old = self._read(m.name, lambda snap: self._full(snap), touch=False)
-                        rederived.append((m, self._write_diff(g, spec, path, old, written,
-                                                              room=room)))
-            except BaseException:
-                for p in written:
-                    arrays.remove(p)
-                raise
+            path = w.new_array("m", arrays.estimate_nbytes(spec, kv.shape[0]),
+                               f"{where}: the master", room)
+            nbytes, crcs = arrays.create_and_write(
+                path, spec, kv.view(spec.dtype),
+                check=self._finite_check(g, dtype_name, f"{where}: kv_blocks"))
+            mref = ArrayRef(path, spec, kv.shape[0], tuple(crcs))
+            rederived = []
+            # a quarantined master is being restored: its mirrors' own blocks are
+            # intact and stay as stored (they cannot be rebuilt through damaged data)
+            if same_master and mirrors and master.status == "ok":
+                for m in mirrors:
+                    old = self._read(m.name, self._full, touch=False)
+                    rederived.append((m, self._write_diff(g, mref, old, w, room=room)))
             kept_mirrors = same_master and not rederived
-            obsolete = [a.array for a in agents
-                        if a.array and not (kept_mirrors and a.role == "mirror")]
             t = now()
-            with self.store.catalog.write() as s:
-                row = self._row(s)
+            with w.commit() as (s, row):
+                for a in agents:
+                    if a.array and not (kept_mirrors and a.role == "mirror"):
+                        w.unreference(a.array, a.nbytes)
                 if not same_master:
                     ids = [a.id for a in agents]
                     s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
@@ -742,25 +844,23 @@ class Group:
                     s.add(AgentRow(group_id=row.id, name=agent_id, role="master", array=path,
                                    chunk_blocks=spec.chunk_blocks, n_diff=0, nbytes=nbytes,
                                    status="ok", created_at=t, updated_at=t, last_access=t,
-                                   attrs=attrs))
+                                   attrs=attrs, chunk_crcs=crcs))
                 else:
                     mrow = s.get(AgentRow, master.id)
                     mrow.array, mrow.nbytes, mrow.updated_at, mrow.status = path, nbytes, t, "ok"
-                    mrow.chunk_blocks, mrow.attrs = spec.chunk_blocks, attrs
+                    mrow.chunk_blocks, mrow.attrs, mrow.chunk_crcs = spec.chunk_blocks, attrs, crcs
                     for m, diff in rederived:
                         self._store_diff_rows(s, s.get(AgentRow, m.id), diff, t)
                 row.dtype, row.block_shape = dtype_name, list(kv.shape[1:])
                 row.n_blocks, row.updated_at = kv.shape[0], t
-            for p in obsolete:
-                arrays.remove(p)
 
     def _full(self, snap: AgentSnapshot) -> np.ndarray:
         out = np.empty(snap.shape, snap.dtype)
         reconstruct_into(self.store.arrays, snap, out)
         return out
 
-    def _diff_indices(self, g: GroupRow, spec: ArraySpec, master_path: str,
-                      kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _diff_indices(self, g: GroupRow, mref: ArrayRef, kv: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """Blocks of ``kv`` that differ from the stored master, and the master's values of
         those blocks. The master is read and compared in parallel batches of bounded size.
         """
@@ -770,35 +870,33 @@ class Group:
             kept = np.flatnonzero(diff_mask(master, kv[start:stop], g.diff_threshold))
             return kept + start, master[kept]
 
-        loaders = self.store.arrays.mapped(master_path, spec, 0, kv.shape[0])
+        loaders = self.store.arrays.mapped(mref, 0, kv.shape[0])
         parts = run_all([lambda s=s, f=f: compare(s, f) for s, f in loaders])
         if not parts:
-            return np.zeros(0, np.int64), np.empty((0, *spec.block_shape), kv.dtype)
+            return np.zeros(0, np.int64), np.empty((0, *mref.spec.block_shape), kv.dtype)
         return (np.concatenate([p[0] for p in parts]).astype(np.int64),
                 np.concatenate([p[1] for p in parts]))
 
-    def _write_diff(self, g: GroupRow, spec: ArraySpec, master_path: str, kv: np.ndarray,
-                    written: list[str], what: str = "", room: Reservation | None = None
-                    ) -> _WrittenDiff:
-        """Write the mirror's own differing blocks (``spec``: the master's layout).
+    def _write_diff(self, g: GroupRow, mref: ArrayRef, kv: np.ndarray, w: _Write,
+                    what: str = "", room: Reservation | None = None) -> _WrittenDiff:
+        """Write the mirror's own differing blocks (``mref``: the master they differ from).
 
         Only the kept blocks need the finite check: a dropped block is byte-identical to,
         or within a finite distance of, a finite master block, so it is finite itself.
+        The values written are a private copy, so what is checked is what is written.
         """
-        idx, master_values = self._diff_indices(g, spec, master_path, kv)
+        spec = mref.spec
+        idx, master_values = self._diff_indices(g, mref, kv)
         values = kv[idx]
         if what and not g.allow_nonfinite:
             check_finite(values, g.dtype, what, block_numbers=idx)
         if idx.size == 0:
-            return _WrittenDiff(idx, None, None, 0, values, master_values)
+            return _WrittenDiff(idx, None, None, 0, values, master_values, None)
         dspec = replace(spec, chunk_blocks=self._chunk_for(g, spec, idx.size))
-        if room is not None:
-            room.need(self.store.arrays.estimate_nbytes(dspec, idx.size),
-                      what or f"group {self.name!r}: a mirror")
-        path = self.store.arrays.new_path(g.gid, "d")
-        written.append(path)
-        nbytes = self.store.arrays.create_and_write(path, dspec, values.view(spec.dtype))
-        return _WrittenDiff(idx, path, dspec.chunk_blocks, nbytes, values, master_values)
+        path = w.new_array("d", self.store.arrays.estimate_nbytes(dspec, idx.size),
+                           what or f"group {self.name!r}: a mirror", room)
+        nbytes, crcs = self.store.arrays.create_and_write(path, dspec, values.view(spec.dtype))
+        return _WrittenDiff(idx, path, dspec.chunk_blocks, nbytes, values, master_values, crcs)
 
     @staticmethod
     def _store_diff_rows(s, row: AgentRow, diff: _WrittenDiff, t: float) -> None:  # noqa: ANN001
@@ -810,6 +908,7 @@ class Group:
             ])
         row.array, row.chunk_blocks = diff.path, diff.chunk_blocks
         row.n_diff, row.nbytes = int(diff.indices.size), diff.nbytes
+        row.chunk_crcs, row.index_crc = diff.crcs, index_checksum(diff.indices)
         row.updated_at = t
         row.status = "ok"
 
@@ -825,7 +924,7 @@ class Group:
         where = self._where(agent_id)
         check_name("agent", agent_id, f"group {self.name!r}")
         attrs = _check_attrs(attrs, where)
-        with self._locked() as g:
+        with self._locked() as g, _Write(self, g) as w:
             with self.store.catalog.read() as s:
                 master, old = self._master_and(s, g, agent_id)
             if master is None:
@@ -847,30 +946,22 @@ class Group:
                 raise InvalidInputError(
                     f"{where}: kv_blocks dtype {dtype_name} must match master dtype {g.dtype}"
                 )
-            spec = self._spec(g, master.chunk_blocks)
-            written: list[str] = []
-            try:
-                room = Reservation(self.store, g.gid, frozenset({agent_id}))
-                diff = self._write_diff(g, spec, master.array, kv, written, what, room)
-                t = now()
-                with self.store.catalog.write() as s:
-                    if old is None:
-                        row = AgentRow(group_id=g.id, name=agent_id, role="mirror", n_diff=0,
-                                       nbytes=0, status="ok", created_at=t, updated_at=t,
-                                       last_access=t)
-                        s.add(row)
-                        s.flush()
-                    else:
-                        row = s.get(AgentRow, old.id)
-                    self._store_diff_rows(s, row, diff, t)
-                    row.last_access, row.attrs = t, attrs
-                    s.get(AgentRow, master.id).last_access = t  # the diff read the master
-            except BaseException:
-                for p in written:
-                    self.store.arrays.remove(p)
-                raise
-            if old is not None and old.array:
-                self.store.arrays.remove(old.array)
+            room = Reservation(self.store, g.gid, frozenset({agent_id}))
+            diff = self._write_diff(g, self._ref(g, master), kv, w, what, room)
+            t = now()
+            with w.commit() as (s, _):
+                if old is None:
+                    row = AgentRow(group_id=g.id, name=agent_id, role="mirror", n_diff=0,
+                                   nbytes=0, status="ok", created_at=t, updated_at=t,
+                                   last_access=t)
+                    s.add(row)
+                    s.flush()
+                else:
+                    row = s.get(AgentRow, old.id)
+                    w.unreference(old.array, old.nbytes)
+                self._store_diff_rows(s, row, diff, t)
+                row.last_access, row.attrs = t, attrs
+                s.get(AgentRow, master.id).last_access = t  # the diff read the master
         return SparseKVDiff(block_indices=diff.indices, total_blocks=kv.shape[0],
                             threshold=g.diff_threshold, values=diff.values,
                             master_values=diff.master_values)
@@ -886,8 +977,11 @@ class Group:
         to the master. Cost is O(new blocks): existing chunks are not rewritten. Returns
         the number of diff blocks of the master and of each agent named.
         """
+        if isinstance(agent_ids, str):
+            raise InvalidInputError(f"group {self.name!r}: agent_ids must be a list of names, "
+                                    f"not the string {agent_ids[:80]!r}")
         names = [check_name("agent", a, f"group {self.name!r}") for a in agent_ids]
-        with self._locked() as g:
+        with self._locked() as g, _Write(self, g) as w:
             with self.store.catalog.read() as s:
                 agents = {a.name: a for a in self._agents(s, g)}
             master = next((a for a in agents.values() if a.role == "master"), None)
@@ -900,33 +994,39 @@ class Group:
                     f"{what} blocks of shape {new.shape[1:]} and dtype {dtype_name} must match "
                     f"the master's blocks of shape {tuple(g.block_shape)} and dtype {g.dtype}"
                 )
-            spec = self._spec(g, master.chunk_blocks)
-            n_old, n_new = g.n_blocks, g.n_blocks + new.shape[0]
+            mref = self._ref(g, master)
+            spec = mref.spec
+            n_new = g.n_blocks + new.shape[0]
             arrays = self.store.arrays
+            crcs = master.chunk_crcs
             if new.shape[0]:
-                grown = arrays.estimate_nbytes(spec, n_new) - master.nbytes
                 # the replaced last chunk and zarr.json exist twice for a moment
-                Reservation(self.store, g.gid, frozenset(names)).need(
-                    grown + spec.chunk_nbytes + 4096, what)
+                grown = (arrays.estimate_nbytes(spec, n_new) - master.nbytes
+                         + spec.chunk_nbytes + 4096)
+                w.append(master.array, grown, what,
+                         Reservation(self.store, g.gid, frozenset(names)))
                 arrays.resize(master.array, spec, n_new)
-                arrays.write(master.array, spec, n_old, new.view(spec.dtype))
+                crcs = arrays.write(mref, new.view(spec.dtype),
+                                    check=self._finite_check(g, dtype_name, what))
             t = now()
             counts = {master.name: 0}
-            with self.store.catalog.write() as s:
-                row = self._row(s)
+            with w.commit() as (s, row):
                 row.n_blocks, row.updated_at = n_new, t
                 mrow = s.get(AgentRow, master.id)
                 mrow.nbytes, mrow.last_access = arrays.nbytes(master.array), t
+                mrow.chunk_crcs = crcs
                 for name in names:
                     if name == master.name:
                         continue
                     if name not in agents:
                         s.add(AgentRow(group_id=g.id, name=name, role="mirror", n_diff=0,
                                        nbytes=0, status="ok", created_at=t, updated_at=t,
-                                       last_access=t))
+                                       last_access=t, index_crc=index_checksum(
+                                           np.zeros(0, np.int64))))
+                        agents[name] = None  # a name given twice joins once
                         counts[name] = 0
                     else:
-                        counts[name] = agents[name].n_diff
+                        counts[name] = agents[name].n_diff if agents[name] else 0
         return counts
 
     def delete(self, agent_id: str) -> None:
@@ -935,26 +1035,22 @@ class Group:
         The master can be deleted only once it has no mirrors (delete them, or the whole
         group with ``Store.delete_group``). Raises NotFoundError for an unknown agent.
         """
-        with self._locked() as g:
-            with self.store.catalog.write() as s:
-                rows = self._agents(s, g)
-                row = next((a for a in rows if a.name == agent_id), None)
-                if row is None:
-                    raise NotFoundError(f"group {self.name!r}: unknown agent {agent_id!r}")
-                if row.role == "master" and len(rows) > 1:
-                    raise StateError(
-                        f"{self._where(agent_id)} is the master of {len(rows) - 1} mirror(s); "
-                        "delete the mirrors first or delete the whole group"
-                    )
-                path = row.array
-                s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == row.id))
-                s.delete(row)
-                if row.role == "master":
-                    grow = self._row(s)
-                    grow.n_blocks, grow.dtype, grow.block_shape = 0, None, None
-                    grow.updated_at = now()
-            if path:
-                self.store.arrays.remove(path)
+        with self._locked() as g, _Write(self, g) as w, w.commit() as (s, grow):
+            rows = self._agents(s, g)
+            row = next((a for a in rows if a.name == agent_id), None)
+            if row is None:
+                raise NotFoundError(f"group {self.name!r}: unknown agent {agent_id!r}")
+            if row.role == "master" and len(rows) > 1:
+                raise StateError(
+                    f"{self._where(agent_id)} is the master of {len(rows) - 1} mirror(s); "
+                    "delete the mirrors first or delete the whole group"
+                )
+            w.unreference(row.array, row.nbytes)
+            s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == row.id))
+            s.delete(row)
+            if row.role == "master":
+                grow.n_blocks, grow.dtype, grow.block_shape = 0, None, None
+                grow.updated_at = now()
 
     def _replace_all(self, new_master: str) -> None:
         """Rewrite every agent of the group against ``new_master``, atomically.
@@ -963,7 +1059,7 @@ class Group:
         agent plus the new master) and re-diffed; one transaction swaps in the new arrays
         and roles. Backs ``rebase`` and ``compact``.
         """
-        with self._locked() as g:
+        with self._locked() as g, _Write(self, g) as w:
             with self.store.catalog.read() as s:
                 agents = self._agents(s, g)
             names = [a.name for a in agents]
@@ -974,37 +1070,31 @@ class Group:
             spec = replace(spec, chunk_blocks=self._chunk_for(g, spec, master_kv.shape[0]))
             arrays = self.store.arrays
             room = Reservation(self.store, g.gid, frozenset(names))
-            room.need(arrays.estimate_nbytes(spec, master_kv.shape[0]), f"group {self.name!r}")
-            path = arrays.new_path(g.gid, "m")
-            written = [path]
-            try:
-                nbytes = arrays.create_and_write(path, spec, master_kv.view(spec.dtype))
-                diffs = {}
-                for a in agents:
-                    if a.name != new_master:
-                        kv = self._read(a.name, self._full, touch=False)
-                        diffs[a.id] = self._write_diff(g, spec, path, kv, written, room=room)
-                t = now()
-                with self.store.catalog.write() as s:
-                    for a in agents:  # demote first: one master per group at any time
-                        s.get(AgentRow, a.id).role = "mirror"
-                    s.flush()
-                    for a in agents:
-                        row = s.get(AgentRow, a.id)
-                        if a.name == new_master:
-                            s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == a.id))
-                            row.role, row.array = "master", path
-                            row.chunk_blocks, row.n_diff = spec.chunk_blocks, 0
-                            row.nbytes, row.updated_at = nbytes, t
-                        else:
-                            self._store_diff_rows(s, row, diffs[a.id], t)
-            except BaseException:
-                for p in written:
-                    arrays.remove(p)
-                raise
+            path = w.new_array("m", arrays.estimate_nbytes(spec, master_kv.shape[0]),
+                               f"group {self.name!r}", room)
+            nbytes, crcs = arrays.create_and_write(path, spec, master_kv.view(spec.dtype))
+            mref = ArrayRef(path, spec, master_kv.shape[0], tuple(crcs))
+            diffs = {}
             for a in agents:
-                if a.array:
-                    arrays.remove(a.array)
+                if a.name != new_master:
+                    kv = self._read(a.name, self._full, touch=False)
+                    diffs[a.id] = self._write_diff(g, mref, kv, w, room=room)
+            t = now()
+            with w.commit() as (s, _):
+                for a in agents:  # demote first: one master per group at any time
+                    s.get(AgentRow, a.id).role = "mirror"
+                    w.unreference(a.array, a.nbytes)
+                s.flush()
+                for a in agents:
+                    row = s.get(AgentRow, a.id)
+                    if a.name == new_master:
+                        s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id == a.id))
+                        row.role, row.array = "master", path
+                        row.chunk_blocks, row.n_diff = spec.chunk_blocks, 0
+                        row.nbytes, row.updated_at = nbytes, t
+                        row.chunk_crcs, row.index_crc = crcs, None
+                    else:
+                        self._store_diff_rows(s, row, diffs[a.id], t)
 
     # ------------------------------------------------------------------ reads
 
@@ -1131,6 +1221,67 @@ class _WrittenDiff:
     nbytes: int
     values: np.ndarray  # the mirror's values of those blocks
     master_values: np.ndarray  # the master's values of those blocks
+    crcs: list[int] | None  # per-chunk checksums of the array
+
+
+def index_checksum(indices: np.ndarray) -> int:
+    """crc32c of a mirror's diff index (block indices in slot order, int64 LE)."""
+    return crc32c.crc32c(np.ascontiguousarray(indices, dtype="<i8").tobytes())
+
+
+class _Write:
+    """The data one write puts down, journaled before any byte is written.
+
+    ``new_array`` / ``append`` reserve room under the budget and journal the data;
+    ``commit`` makes it visible in one transaction (with signals held back) that also
+    checks the group is still the one locked, and journals what the commit
+    unreferences (``unreference``), which is removed right after. On any exception,
+    the signals included, what this write journaled is removed if, and only if, a fresh
+    read of the catalogue shows nothing references it.
+    """
+
+    def __init__(self, group: Group, g: GroupRow):
+        self.store, self.g, self.name = group.store, g, group.name
+        self.ids: list[int] = []
+        self.obsolete: list[tuple[str, int]] = []
+
+    def __enter__(self) -> _Write:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is not None and self.ids:
+            with contextlib.suppress(Exception):
+                journal.collect(self.store, self.g.gid, self.ids)
+
+    def new_array(self, kind: str, nbytes: int, what: str, room: Reservation | None) -> str:
+        if room is not None:
+            room.need(nbytes, what)
+        self.store.arrays.new_group_dir(self.g.gid)
+        path = self.store.arrays.new_path(self.g.gid, kind)
+        self.ids.append(journal.record(self.store, self.g.gid, path, journal.WRITE, nbytes))
+        return path
+
+    def append(self, path: str, nbytes: int, what: str, room: Reservation) -> None:
+        room.need(nbytes, what)
+        self.ids.append(journal.record(self.store, self.g.gid, path, journal.APPEND, nbytes))
+
+    def unreference(self, path: str | None, nbytes: int) -> None:
+        if path:
+            self.obsolete.append((path, nbytes))
+
+    @contextlib.contextmanager
+    def commit(self) -> Iterator[tuple[Any, GroupRow]]:
+        with deferred_signals():
+            with self.store.catalog.write() as s:
+                row = s.get(GroupRow, self.g.id)
+                if row is None or row.gid != self.g.gid:  # cannot happen under the lock
+                    raise StateError(f"group {self.name!r} was deleted during the write; "
+                                     "nothing was committed")
+                yield s, row
+                journal.settle(s, self.ids)
+                removals = journal.schedule_removals(s, self.g.gid, self.obsolete)
+            self.ids = []
+        journal.collect(self.store, self.g.gid, removals)
 
 
 class BlockView:

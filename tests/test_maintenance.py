@@ -60,7 +60,7 @@ def test_verify_reports_a_truncated_chunk(group_path):
         chunk.write_bytes(chunk.read_bytes()[:100])
         (f,) = store.verify().findings
     assert (f.kind, f.group, f.agent) == ("truncated-chunk", "rag", "critic")
-    assert f.detail.startswith("100 bytes, expected")
+    assert "has 100 bytes, expected" in f.detail
 
 
 def test_verify_reports_a_deleted_chunk(group_path):
