@@ -155,8 +155,8 @@ def now() -> float:
     return time.time()
 
 
-def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: Any) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S}, **kw)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
@@ -224,19 +224,54 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Catalog:
-    """The catalogue of one store: an engine plus transaction helpers."""
+    """The catalogue of one store: an engine plus transaction helpers.
 
-    def __init__(self, url: str, *, readonly: bool = False):
+    ``unwritable_file``: a SQLite catalogue in a directory this process cannot write.
+    SQLite must create the ``-shm`` file to read a WAL database, so while no writer has
+    left a WAL file the catalogue is opened ``immutable`` (with a fresh connection for
+    each transaction, which therefore sees the database file as it is now), and while a
+    WAL file holds transactions, read-only through the writer's ``-shm`` file: either
+    way a reader sees later commits.
+    """
+
+    def __init__(self, url: str, *, readonly: bool = False,
+                 unwritable_file: Path | None = None):
         self.url = url
         self.readonly = readonly
-        self.engine = make_engine(url, readonly=readonly)
+        self.unwritable_file = unwritable_file
+        if unwritable_file is not None:
+            from sqlalchemy.pool import NullPool
+
+            self.url = sqlite_url(unwritable_file, readonly=True)
+            self._immutable = _sqlite_engine(
+                sqlite_url(unwritable_file, readonly=True, immutable=True), True,
+                poolclass=NullPool)
+            self.engine = self._immutable
+            self._wal_engine: Engine | None = None
+        else:
+            self.engine = make_engine(url, readonly=readonly)
         _open_catalogs.add(self)
+
+    def _read_engine(self) -> Engine:
+        if self.unwritable_file is None:
+            return self.engine
+        wal = self.unwritable_file.with_name(self.unwritable_file.name + "-wal")
+        try:
+            live = wal.stat().st_size > 0
+        except FileNotFoundError:
+            live = False
+        if not live:
+            return self._immutable
+        if self._wal_engine is None:
+            self._wal_engine = make_engine(self.url, readonly=True)
+        return self._wal_engine
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
         """A read transaction (a consistent snapshot)."""
         with self.errors():
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            with Session(self._read_engine(), expire_on_commit=False) as session, \
+                    session.begin():
                 yield session
 
     @contextlib.contextmanager
@@ -299,6 +334,8 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.unwritable_file is not None and self._wal_engine is not None:
+            self._wal_engine.dispose()
 
 
 # ---------------------------------------------------------------------------- migrations
@@ -327,7 +364,7 @@ def schema_status(catalog: Catalog) -> tuple[tuple[str, ...], tuple[str, ...]]:
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(_alembic_config(catalog))
-    with catalog.engine.connect() as conn:
+    with catalog._read_engine().connect() as conn:
         current = MigrationContext.configure(conn).get_current_heads()
     return tuple(current), tuple(script.get_heads())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,14 +30,28 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 class _Group(click.Group):
-    """Turns tdstore's errors into one line on stderr and exit status 2."""
+    """Turns tdstore's errors into one line on stderr and exit status 2, and SIGINT or
+    SIGTERM into one line and exit status 130: the write in progress has then either
+    committed or been rolled back (the library holds signals back during a commit)."""
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except TdStoreError as exc:
             _fail(exc)
+        except KeyboardInterrupt as exc:
+            what = str(exc) or "SIGINT"
+            click.echo(f"interrupted ({what}): the operation in progress was completed or "
+                       "rolled back; the store is consistent", err=True)
+            sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _open(path: Path, **kwargs: Any) -> Store:
@@ -356,6 +371,24 @@ def migrate(path: Path, revision: str) -> None:
     with _open(path) as store:
         current = store.migrate(revision)
     click.echo(f"schema revision: {', '.join(current) or 'base'}")
+
+
+@main.command()
+@path_arg
+@click.argument("dest", type=click.Path(path_type=Path))
+@json_opt
+def backup(path: Path, dest: Path, as_json: bool) -> None:
+    """Copy the store at PATH to DEST (new or empty) consistently, while it is in use."""
+    from .backup import backup as backup_store
+
+    with _progress("backup") as progress:
+        report = backup_store(path, dest, progress=progress)
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(f"backed up {report['groups']} group(s), {report['agents']} agent(s), "
+               f"{report['arrays']} array(s), {_size(report['bytes'])} to "
+               f"{report['destination']} in {report['seconds']:.2f} s (verified)")
 
 
 # --------------------------------------------------------------------------- demo, bench

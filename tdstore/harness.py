@@ -40,6 +40,7 @@ from .store import open as open_store
 BLOCK = (4, 32)  # float16: 256 bytes a block
 DTYPE = np.float16
 GROUPS = ("g0", "g1")
+COMPRESSOR = {"g0": None, "g1": "zstd"}  # one raw and one compressed group
 AGENTS = ("a0", "a1", "a2", "a3")
 
 
@@ -129,7 +130,7 @@ def execute(store, op: dict[str, Any], model: Model) -> None:  # noqa: ANN001
     if kind == "delete_group":
         store.delete_group(g)
         return
-    group = store.group(g, diff_threshold=0.0)
+    group = store.group(g, diff_threshold=0.0, compressor=COMPRESSOR.get(g))
     if kind == "master":
         group.register_master(op["agent"], gen(op["seed"], op["n"]))
     elif kind == "mirror":
@@ -196,6 +197,7 @@ class CrashReport:
     in_flight_committed: int = 0
     in_flight_lost: int = 0
     killed_during: Counter = field(default_factory=Counter)
+    signals: Counter = field(default_factory=Counter)
     garbage_collected: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -207,15 +209,25 @@ class CrashReport:
         return {"kills": self.kills, "ops_committed": self.ops_committed,
                 "in_flight_committed": self.in_flight_committed,
                 "in_flight_rolled_back": self.in_flight_lost,
-                "killed_during": dict(self.killed_during),
+                "killed_during": dict(self.killed_during), "signals": dict(self.signals),
                 "garbage_items_collected": self.garbage_collected,
                 "failures": self.failures}
 
 
+def _stopped_by(sig: int, returncode: int, err: str) -> bool:
+    """Whether a writer ended the way ``sig`` ends a Python program with default
+    handlers: SIGINT raises KeyboardInterrupt (exit status 1 after the traceback)."""
+    if sig == signal.SIGINT:
+        return returncode == -sig or (returncode == 1 and "KeyboardInterrupt" in err)
+    return returncode == -sig
+
+
 def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                max_ops_before_kill: int = 6, max_delay_s: float = 0.05,
+               signals: tuple[int, ...] = (signal.SIGKILL,),
                progress=None) -> CrashReport:  # noqa: ANN001
-    """Run ``kills`` writer processes into ``path``, each SIGKILLed at a random moment."""
+    """Run ``kills`` writer processes into ``path``, each stopped at a random moment by
+    a signal drawn from ``signals`` (SIGKILL, SIGTERM, SIGINT)."""
     path = str(path)
     rng = random.Random(seed)
     report = CrashReport()
@@ -227,6 +239,7 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
              "writer_main(sys.argv[1], int(sys.argv[2]))", path, str(rng.randrange(1 << 30))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         target = rng.randint(1, max_ops_before_kill)
+        sig = signals[0]
         begun: dict[int, dict] = {}
         acked: list[int] = []
         lines = []
@@ -240,7 +253,8 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                 begun[msg["begin"]["seq"]] = msg["begin"]
                 if len(begun) == target:
                     time.sleep(rng.uniform(0, max_delay_s))
-                    proc.send_signal(signal.SIGKILL)
+                    sig = rng.choice(signals)
+                    proc.send_signal(sig)
                     break
             else:
                 acked.append(msg["ack"])
@@ -251,10 +265,12 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                 acked.append(msg["ack"])
             elif "begin" in msg:
                 begun[msg["begin"]["seq"]] = msg["begin"]
-        if proc.returncode != -signal.SIGKILL:
-            report.failures.append(f"kill {k}: writer exited {proc.returncode}: {err[-2000:]}")
+        if not _stopped_by(sig, proc.returncode, err):
+            report.failures.append(f"kill {k}: writer exited {proc.returncode} after "
+                                   f"{signal.Signals(sig).name}: {err[-2000:]}")
             break
         report.kills += 1
+        report.signals[signal.Signals(sig).name] += 1
         for seq in sorted(acked):
             apply(model, begun[seq])
             report.ops_committed += 1
@@ -309,13 +325,25 @@ def _versioned(owner: int, agent: int, version: int, base: np.ndarray) -> np.nda
     return data
 
 
-def _worker(path: str, proc_id: int, threads: int, seconds: float, out: str) -> None:
-    """One process of the concurrency test (run in a subprocess)."""
+SHARED = {"shared": None, "shared-z": "zstd"}  # groups every thread writes and reads
+VOLATILE = "volatile"  # deleted and re-created while others use it
+
+
+def _worker(path: str, proc_id: int, threads: int, ops: int, out: str) -> None:
+    """One process of the concurrency test (run in a subprocess): each thread runs
+    ``ops`` operations (a fixed count, so the test does not depend on machine speed)."""
+    from .errors import NoMasterError, NotFoundError
+
     base = gen(7, 32)
     log: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+
+    def check(where: str, target: str, got: np.ndarray) -> None:
+        o, a = (int(x) for x in target[1:].split("-"))
+        if not any(got.tobytes() == _versioned(o, a, ver, base).tobytes()
+                   for ver in range(1, ops + 2)):
+            errors.append(f"{where}/{target}: read a value never written")
 
     def thread_main(tid: int) -> None:
         owner = proc_id * 100 + tid
@@ -323,48 +351,69 @@ def _worker(path: str, proc_id: int, threads: int, seconds: float, out: str) -> 
         own = f"own-{owner}"
         versions: dict[tuple[str, int], int] = {}
         with open_store(path) as store:
-            shared = store.group("shared", diff_threshold=0.0)
-            mine = store.group(own, diff_threshold=0.0)
-            mine.register_master("m", base)
-            while time.monotonic() < deadline:
+            groups = {name: store.group(name, diff_threshold=0.0, compressor=comp)
+                      for name, comp in SHARED.items()}
+            groups[own] = store.group(own, diff_threshold=0.0)
+            groups[own].register_master("m", base)
+            for _ in range(ops):
+                where = rng.choice([*SHARED, own, VOLATILE])
+                agent = rng.randrange(3)
+                name = f"w{owner}-{agent}"
+                r = rng.random()
+                entry: dict[str, Any] = {"group": where, "t0": time.monotonic()}
                 try:
-                    where = rng.choice(["shared", own])
-                    g = shared if where == "shared" else mine
-                    agent = rng.randrange(3)
-                    name = f"w{owner}-{agent}"
-                    r = rng.random()
-                    if r < 0.45:
+                    if where == VOLATILE and r < 0.08:
+                        store.delete_group(VOLATILE)
+                        entry["deleted_group"] = True
+                    elif where == VOLATILE and r < 0.2:
+                        store.group(VOLATILE, diff_threshold=0.0).register_master("m", base)
+                        entry["master"] = True
+                    elif r < 0.05 and where != VOLATILE:
+                        # replace the master: every mirror is re-derived against it and
+                        # must still reconstruct to its own values
+                        g = groups[where]
+                        g.register_master("m", gen(rng.randrange(1 << 20), 32))
+                        entry["master"] = True
+                    elif r < 0.5:
+                        g = store.group(where, create=False) if where == VOLATILE \
+                            else groups[where]
                         v = versions.get((where, agent), 0) + 1
                         g.register_mirror(name, _versioned(owner, agent, v, base))
                         versions[(where, agent)] = v
-                        entry = {"group": where, "agent": name, "owner": owner,
-                                 "idx": agent, "version": v}
-                    elif r < 0.55:
+                        entry |= {"agent": name, "owner": owner, "idx": agent, "version": v}
+                    elif r < 0.6:
                         if (where, agent) not in versions:
                             continue
+                        g = store.group(where, create=False) if where == VOLATILE \
+                            else groups[where]
                         g.delete(name)
                         versions.pop((where, agent))
-                        entry = {"group": where, "agent": name, "deleted": True}
+                        entry |= {"agent": name, "deleted": True}
                     else:
-                        # read someone's agent in the shared group, or one of our own
+                        g = store.group(where, create=False) if where == VOLATILE \
+                            else groups[where]
                         names = [a for a in g.agents() if a != "m"]
                         if not names:
                             continue
                         target = rng.choice(names)
-                        try:
-                            got = g.reconstruct(target)
-                        except KeyError:
-                            continue  # deleted meanwhile: fine
-                        o, a = (int(x) for x in target[1:].split("-"))
-                        if not any(got.tobytes() == _versioned(o, a, ver, base).tobytes()
-                                   for ver in range(1, 400)):
-                            errors.append(f"{where}/{target}: not a version ever written")
-                        entry = {"read": target}
-                    with lock:
-                        log.append(entry)
+                        check(where, target, g.reconstruct(target))
+                        entry["read"] = target
+                except (NotFoundError, NoMasterError) as exc:
+                    # the agent or the volatile group was deleted meanwhile (or re-created
+                    # without its master yet): a correct answer, not an error
+                    if where != VOLATILE and not isinstance(exc, NotFoundError):
+                        with lock:
+                            errors.append(f"{type(exc).__name__}: {exc}")
+                    if where == VOLATILE:
+                        versions = {k: v for k, v in versions.items() if k[0] != VOLATILE}
+                    entry["missed"] = True
                 except Exception as exc:  # noqa: BLE001 - every error is a finding
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                entry["t1"] = time.monotonic()
+                with lock:
+                    log.append(entry)
 
     ts = [threading.Thread(target=thread_main, args=(t,)) for t in range(threads)]
     for t in ts:
@@ -375,40 +424,62 @@ def _worker(path: str, proc_id: int, threads: int, seconds: float, out: str) -> 
 
 
 def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, threads: int = 2,
-                     seconds: float = 5.0) -> dict[str, Any]:
-    """Run the concurrency test; returns counts and every error seen."""
+                     ops: int = 200) -> dict[str, Any]:
+    """Run the concurrency test (each thread runs ``ops`` operations); returns counts
+    and every error seen.
+
+    Groups ``shared`` (raw) and ``shared-z`` (zstd) are written by every thread, each
+    thread also has a group of its own, and the group ``volatile`` is deleted and
+    re-created while others write and read it. Masters are replaced now and then (every
+    mirror is re-derived). Every value read must be a version its writer wrote; in the
+    end each agent of the stable groups must hold exactly its last acknowledged version
+    (or be absent after an acknowledged delete), and each agent of ``volatile`` one of
+    its acknowledged versions.
+    """
     path = Path(path)
     with open_store(path) as store:
-        store.group("shared", diff_threshold=0.0).register_master("m", gen(7, 32))
+        for name, comp in SHARED.items():
+            store.group(name, diff_threshold=0.0, compressor=comp).register_master(
+                "m", gen(7, 32))
+        store.group(VOLATILE, diff_threshold=0.0).register_master("m", gen(7, 32))
     outs = [path.parent / f"{path.name}-worker{p}.json" for p in range(processes)]
     procs = [subprocess.Popen(
         [sys.executable, "-c", "import sys; from tdstore.harness import _worker; "
-         "_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), "
-         "sys.argv[5])", str(path), str(p), str(threads), str(seconds), str(outs[p])],
+         "_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
+         "sys.argv[5])", str(path), str(p), str(threads), str(ops), str(outs[p])],
         stderr=subprocess.PIPE, text=True) for p in range(processes)]
     errors = []
+    started = time.monotonic()
     for p, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=seconds + 300)
+        _, err = proc.communicate()
         if proc.returncode != 0:
             errors.append(f"process {p} exited {proc.returncode}: {err[-2000:]}")
+    seconds = time.monotonic() - started
     expected: dict[tuple[str, str], tuple[int, int, int] | None] = {}
-    ops = Counter()
+    volatile: dict[str, set[tuple[int, int, int]]] = {}
+    counts = Counter()
     for out in outs:
         if not out.exists():
             continue
         data = json.loads(out.read_text())
         errors += data["errors"]
         for e in data["log"]:
-            if "read" in e:
-                ops["reads"] += 1
-                continue
-            group = "shared" if e["group"] == "shared" else e["group"]
-            if e.get("deleted"):
-                ops["deletes"] += 1
-                expected[(group, e["agent"])] = None
-            else:
-                ops["writes"] += 1
-                expected[(group, e["agent"])] = (e["owner"], e["idx"], e["version"])
+            g = e["group"]
+            kind = ("missed" if e.get("missed") else "reads" if "read" in e else
+                    "group_deletes" if e.get("deleted_group") else
+                    "master_writes" if e.get("master") else
+                    "deletes" if e.get("deleted") else "writes")
+            counts[kind] += 1
+            if g in SHARED:
+                counts[f"ops_{'compressed' if SHARED[g] else 'raw'}"] += 1
+            if kind == "writes":
+                version = (e["owner"], e["idx"], e["version"])
+                if g == VOLATILE:
+                    volatile.setdefault(e["agent"], set()).add(version)
+                else:
+                    expected[(g, e["agent"])] = version
+            elif kind == "deletes" and g != VOLATILE:
+                expected[(g, e["agent"])] = None
         out.unlink()
     base = gen(7, 32)
     mismatches = 0
@@ -421,7 +492,18 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
             got = g.reconstruct(agent) if agent in g else None
             if got is None or got.tobytes() != _versioned(*want, base).tobytes():
                 mismatches += 1
-        verify_ok = store.verify().ok
-    return {"processes": processes, "threads": threads, "seconds": seconds,
-            "ops": dict(ops), "agents_checked": len(expected), "mismatches": mismatches,
+        if VOLATILE in store:
+            g = store.group(VOLATILE, create=False)
+            for agent in g.agents():
+                if agent == "m":
+                    continue
+                got = g.reconstruct(agent).tobytes()
+                if not any(got == _versioned(*v, base).tobytes()
+                           for v in volatile.get(agent, ())):
+                    mismatches += 1
+        verify = store.verify()
+        verify_ok = not verify.damage
+    return {"processes": processes, "threads": threads, "ops_per_thread": ops,
+            "seconds": round(seconds, 1), "ops": dict(counts),
+            "agents_checked": len(expected), "mismatches": mismatches,
             "verify_ok": verify_ok, "errors": errors}

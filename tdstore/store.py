@@ -216,15 +216,16 @@ class Store:
             raise NotFoundError(f"store {self.path}: no {CATALOG_FILE}; not a tdstore store")
         self._prepare_directory()
         catalog_file = self.path / CATALOG_FILE
+        unwritable = None
         if url is None:
+            _refuse_empty_catalog(self.path)
             # SQLite needs to write its -shm file even to read a WAL database; in a
-            # directory we cannot write, open it immutable, which is exact only while no
-            # WAL file holds transactions not yet moved into the database file
-            wal = catalog_file.with_name(CATALOG_FILE + "-wal")
-            immutable = (readonly and not _writable(self.path)
-                         and not (wal.exists() and wal.stat().st_size))
-            url = sqlite_url(catalog_file, readonly=readonly, immutable=immutable)
-        self.catalog = Catalog(url, readonly=readonly)
+            # directory we cannot write, Catalog reads it immutable or through the
+            # writer's -shm file, whichever is exact at the time (see Catalog)
+            if readonly and not _writable(self.path):
+                unwritable = catalog_file
+            url = sqlite_url(catalog_file, readonly=readonly)
+        self.catalog = Catalog(url, readonly=readonly, unwritable_file=unwritable)
         self.arrays = ArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
         try:
             with self.catalog.errors():
@@ -501,6 +502,23 @@ def _check_attrs(attrs: object, where: str) -> dict[str, Any] | None:
         return json.loads(json.dumps(attrs, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{where}: attrs must be JSON-able: {exc}") from None
+
+
+def _refuse_empty_catalog(path: Path) -> None:
+    """An empty (or headerless) catalogue file beside existing data: connecting would
+    write a database header into it, so refuse before connecting."""
+    catalog = path / CATALOG_FILE
+    try:
+        size = catalog.stat().st_size
+    except FileNotFoundError:
+        return
+    data = path / DATA_DIR
+    held = [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
+    if size < 100 and held:  # 100 bytes: the SQLite header
+        raise CorruptionError(
+            f"store {path}: {CATALOG_FILE} is empty ({size} bytes) but data/ holds "
+            f"{len(held)} group directories; refusing to initialise it over them "
+            f"(restore {CATALOG_FILE} from a backup)")
 
 
 def _writable(path: Path) -> bool:
