@@ -63,6 +63,8 @@ IO_THREADS = 4
 # zarr.json documents are a few hundred bytes; anything much larger is not ours
 MAX_METADATA_BYTES = 1 << 16
 
+# what zarr.open_group writes (zarr's own API would start its event loop thread)
+GROUP_METADATA = '{\n  "attributes": {},\n  "zarr_format": 3,\n  "node_type": "group"\n}'
 GID_RE = re.compile(r"[0-9a-f]{16}")
 ARRAY_RE = re.compile(r"([0-9a-f]{16})/([md])-([0-9a-f]{16})")
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -422,13 +424,25 @@ class ArrayStore:
 
     # ------------------------------------------------------------------ paths
 
+    @staticmethod
+    def _write_group_metadata(path: Path) -> None:
+        """The zarr.json of a zarr v3 group, as zarr writes it (durable on return)."""
+        tmp = path / f"zarr.json.tmp-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, GROUP_METADATA.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path / "zarr.json")
+        fsync_dir(path)
+
     def ensure_root(self) -> None:
         if self.root.is_symlink():
             raise CorruptionError(f"{self.root} is a symlink; tdstore never follows one")
         if not (self.root / "zarr.json").exists():
-            zarr.open_group(str(self.root), mode="a")
-            fsync_file(self.root / "zarr.json")
-            fsync_dir(self.root)
+            self.root.mkdir(exist_ok=True)
+            self._write_group_metadata(self.root)
             fsync_dir(self.root.parent)
 
     def new_group_dir(self, gid: str) -> None:
@@ -442,9 +456,8 @@ class ArrayStore:
                 f"data/{gid} is {_kind_of(st.st_mode)}, not a group directory; refusing to "
                 "write through it (`tdstore verify --repair` removes it)")
         if st is None or not (path / "zarr.json").exists():
-            zarr.open_group(str(path), mode="a")
-            fsync_file(path / "zarr.json")
-            fsync_dir(path)
+            path.mkdir(exist_ok=True)
+            self._write_group_metadata(path)
             fsync_dir(self.root)
 
     @staticmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -49,6 +50,15 @@ class _Group(click.Group):
             what = str(exc) or "SIGINT"
             click.echo(f"interrupted ({what}): the operation in progress was completed or "
                        "rolled back; the store is consistent", err=True)
+            sys.stderr.flush()
+            # what background threads of other libraries may print while the
+            # interpreter shuts down is not for the user: the line above is the message
+            try:
+                own_stderr = sys.stderr.fileno() == 2
+            except (AttributeError, OSError, ValueError):  # a test runner's stream
+                own_stderr = False
+            if own_stderr:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
             sys.exit(130)
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -306,6 +306,7 @@ class Store:
             yield
 
     def _group_row(self, session, name: str) -> GroupRow:  # noqa: ANN001
+        check_name("group", name)
         row = session.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
         if row is None:
             raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
@@ -604,6 +605,7 @@ class Group:
         return f"group {self.name!r}" + (f" agent {agent!r}" if agent is not None else "")
 
     def _snapshot(self, agent: str) -> AgentSnapshot:
+        check_name("agent", agent, f"group {self.name!r}")
         with self.store.catalog.read() as s:
             g = self._row(s)
             master, row = self._master_and(s, g, agent)
@@ -722,6 +724,7 @@ class Group:
 
     def attrs(self, agent_id: str) -> dict[str, Any]:
         """The attributes stored with an agent (empty if none)."""
+        check_name("agent", agent_id, f"group {self.name!r}")
         with self.store.catalog.read() as s:
             _, row = self._master_and(s, self._row(s), agent_id)
         if row is None:
@@ -1053,6 +1056,7 @@ class Group:
         The master can be deleted only once it has no mirrors (delete them, or the whole
         group with ``Store.delete_group``). Raises NotFoundError for an unknown agent.
         """
+        check_name("agent", agent_id, f"group {self.name!r}")
         with self._locked() as g, _Write(self, g) as w, w.commit() as (s, grow):
             rows = self._agents(s, g)
             row = next((a for a in rows if a.name == agent_id), None)
