@@ -368,12 +368,15 @@ class ArrayStore:
             os.close(fd)
             raise
 
-    def check_metadata(self, ref: ArrayRef, dirfd: int | None = None) -> None:
+    def check_metadata(self, ref: ArrayRef, dirfd: int | None = None, *,
+                       cached: bool = True) -> None:
         """Check the array's ``zarr.json`` against the catalogue's record (dtype, byte
-        order, chunking, codecs, shape): zarr and other readers trust it."""
+        order, chunking, codecs, shape): zarr and other readers trust it. Reads skip a
+        document already checked (same inode, size and mtime); ``cached=False`` (verify)
+        reads it anyway."""
         if dirfd is None:
             with self._dir(ref.path) as fd:
-                return self.check_metadata(ref, fd)
+                return self.check_metadata(ref, fd, cached=cached)
         what = f"array {ref.path}: zarr.json"
         try:
             fd = os.open("zarr.json", _O_READ, dir_fd=dirfd)
@@ -386,7 +389,7 @@ class ArrayStore:
         try:
             st = os.fstat(fd)
             key = (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns, st.st_size)
-            if key in self._meta_ok:
+            if cached and key in self._meta_ok:
                 return None
             if not stat.S_ISREG(st.st_mode):
                 raise CorruptionError(f"{what} is {_kind_of(st.st_mode)}")
@@ -751,6 +754,13 @@ class ArrayStore:
             self.read(ref, lo, hi, out[row : row + hi - lo], label, unit)
             row += hi - lo
 
+    def chunk_checksums(self, ref: ArrayRef) -> list[int]:
+        """The crc32c of each committed chunk as decoded (each chunk's own checksum is
+        verified first); for recording them where an older store did not."""
+        with self._dir(check_array_path(ref.path)) as dirfd:
+            return [crc32c.crc32c(self._load_chunk(dirfd, ref, c, ref.path))
+                    for c in ref.spec.chunks_of(0, ref.rows)]
+
     def check_chunk(self, ref: ArrayRef, chunk: int, what: str) -> None:
         """Read one chunk with every check (``verify``); raises CorruptionError."""
         with self._dir(check_array_path(ref.path)) as dirfd:
@@ -797,6 +807,11 @@ class ArrayStore:
 
     def remove_group_dir(self, gid: str) -> None:
         remove_entry(self._inside(check_gid(gid)))
+
+    def remove_below(self, rel: str) -> None:
+        """Remove ``data/<rel>`` (garbage found by a scan): never through a symlinked
+        directory on the way, never the target of a symlink."""
+        remove_entry(self._inside(rel))
 
 
 def remove_entry(path: Path) -> None:

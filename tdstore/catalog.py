@@ -8,6 +8,7 @@ data; any SQLAlchemy URL can replace it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import weakref
@@ -295,6 +296,10 @@ class Catalog:
 
         try:
             yield
+        except json.JSONDecodeError as exc:  # a JSON column holds something else
+            raise CorruptionError(
+                f"catalogue {self.url}: a JSON column holds malformed JSON ({exc}); "
+                "`tdstore verify` names the rows it can read") from exc
         except DatabaseError as exc:
             text = str(exc.orig if exc.orig is not None else exc).lower()
             if "malformed" in text or "not a database" in text or "corrupt" in text:
@@ -320,7 +325,8 @@ class Catalog:
         from sqlalchemy.exc import OperationalError
 
         t = now()
-        stale = [i for i, last in accessed.items() if t - last >= resolution]
+        stale = [i for i, last in accessed.items()
+                 if not isinstance(last, (int, float)) or t - last >= resolution]
         if not stale:
             return
         try:

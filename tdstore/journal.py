@@ -23,6 +23,7 @@ from .arrays import ArraySpec, check_array_path, check_gid, remove_entry
 from .catalog import AgentRow, GroupRow, PendingRow, now
 from .dtypes import stored_dtype
 from .errors import CorruptionError
+from .integrity import check_group_row
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -93,6 +94,7 @@ def collect(store: Store, gid: str, ids: list[int] | None = None) -> int:
             elif r.path not in refs:
                 store.arrays.remove(check_array_path(r.path))
             elif r.kind == APPEND and group is not None and group.dtype is not None:
+                check_group_row(group)
                 # an append that did not commit: drop its chunk files past the committed
                 # length (the rewritten last chunk keeps the committed blocks: it stays)
                 a = refs[r.path]

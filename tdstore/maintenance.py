@@ -8,8 +8,10 @@ committed is never mistaken for garbage.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,13 +26,13 @@ from .arrays import (
     ArrayRef,
     ArraySpec,
     block_range,
-    check_array_path,
     entry_nbytes,
     remove_entry,
 )
 from .catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
 from .diff import diff_mask
 from .errors import CorruptionError, InvalidInputError, NotFoundError
+from .integrity import agent_ref, check_group_row
 from .locking import file_lock
 
 if TYPE_CHECKING:
@@ -39,7 +41,8 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 DAMAGE = ("missing-array", "missing-chunk", "truncated-chunk", "checksum", "bad-metadata",
-          "bad-index", "foreign-chunk", "unsafe-entry", "bad-path")
+          "bad-index", "foreign-chunk", "unsafe-entry", "bad-row", "bad-path")
+DATA_DIR = "data"
 
 
 @dataclass
@@ -115,19 +118,32 @@ class _ArrayRef:
         return self.ref.path
 
 
-def _group_refs(store: Store, session, g: GroupRow) -> list[_ArrayRef]:  # noqa: ANN001
-    from .dtypes import stored_dtype
-
-    refs = []
-    for a in session.scalars(select(AgentRow).where(AgentRow.group_id == g.id)):
-        if a.array is None:
+def _group_refs(session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]:  # noqa: ANN001
+    """The checked arrays of a group's agents, and the rows that fail their checks
+    (see tdstore.integrity)."""
+    try:
+        check_group_row(g)
+    except CorruptionError as exc:
+        return [], [Finding("bad-row", "catalog.sqlite", str(exc), group=g.name)]
+    refs, found = [], []
+    rows = list(session.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
+    # an array path lies in its own group's directory (agent_ref checks that), so two
+    # rows naming one array can only be agents of the same group
+    counts = Counter(a.array for a in rows if a.array is not None)
+    for a in rows:
+        try:
+            if counts.get(a.array, 0) > 1:
+                raise CorruptionError(f"array {a.array} is referenced by more than one agent")
+            ref = agent_ref(g, a)
+        except CorruptionError as exc:
+            kind = "bad-path" if "array path" in str(exc) or "array " in str(exc)[:7] \
+                or "referenced by more than one" in str(exc) else "bad-row"
+            found.append(Finding(kind, "catalog.sqlite", str(exc), group=g.name,
+                                 agent=a.name))
             continue
-        spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype), a.chunk_blocks,
-                         g.compressor)
-        rows = g.n_blocks if a.role == "master" else a.n_diff
-        crcs = None if a.chunk_crcs is None else tuple(a.chunk_crcs)
-        refs.append(_ArrayRef(ArrayRef(a.array, spec, rows, crcs), a, g))
-    return refs
+        if ref is not None:
+            refs.append(_ArrayRef(ref, a, g))
+    return refs, found
 
 
 def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
@@ -135,15 +151,11 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
     """Damage in one referenced array, plus the garbage files inside it."""
     found: list[Finding] = []
     who = {"group": ref.group.name, "agent": ref.agent.name}
-    try:
-        check_array_path(ref.path)
-    except CorruptionError as exc:
-        return [Finding("bad-path", "catalog.sqlite", str(exc), **who)]
     full = store.arrays.root / ref.path
     spec, rows = ref.ref.spec, ref.ref.rows
     try:
         with store.arrays._dir(ref.path) as dirfd:
-            store.arrays.check_metadata(ref.ref, dirfd)
+            store.arrays.check_metadata(ref.ref, dirfd, cached=False)
     except CorruptionError as exc:
         msg = str(exc)
         kind = ("unsafe-entry" if "symlink" in msg or "not a directory" in msg else
@@ -184,7 +196,7 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
 
 
 def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: ANN001
-    from .store import index_checksum
+    from .integrity import index_checksum
 
     found = []
     mirrors = session.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
@@ -206,7 +218,7 @@ def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: 
             problems.append("block indices not strictly increasing by slot")
         if slots != list(range(len(slots))):
             problems.append(f"slots are not 0..{len(slots) - 1}")
-        if a.index_crc is not None and index_checksum(idx) != a.index_crc:
+        if a.index_crc is None or index_checksum(idx) != a.index_crc:
             problems.append("block indices do not match the checksum recorded with them")
         if problems:
             found.append(Finding("bad-index", "catalog.sqlite", "; ".join(problems),
@@ -252,7 +264,7 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
         try:
             lock = store.lock_path(g.gid)
         except CorruptionError as exc:
-            report.findings.append(Finding("bad-path", "catalog.sqlite", str(exc),
+            report.findings.append(Finding("bad-row", "catalog.sqlite", str(exc),
                                            group=g.name))
             continue
         with file_lock(lock), store.catalog.read() as s:
@@ -261,23 +273,32 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
                 continue
             if remove_garbage and journal.stale_ids(s, g.gid):
                 journal.collect(store, g.gid)
-            refs = _group_refs(store, s, g)
-            found = _check_index(store, s, g)
+            refs, found = _group_refs(s, g)
+            # garbage is removed only where every row could be read: a damaged row may
+            # be the one that references what looks unreferenced
+            trusted = not found
+            found += _check_index(store, s, g)
+            gdir = root / g.gid
+            if gdir.is_symlink() or (gdir.exists() and not gdir.is_dir()):
+                found.append(Finding("unsafe-entry", _rel(store, gdir),
+                                     "the group directory is a symlink or not a directory",
+                                     group=g.name))
+                found += [Finding("unsafe-entry", _rel(store, root / r.path),
+                                  "its group directory is not a directory of the store",
+                                  group=g.name, agent=r.agent.name) for r in refs]
+                refs = []
             for ref in refs:
                 found += _check_array(store, ref, checksums, report)
             report.agents_checked += len(list(s.scalars(
                 select(AgentRow.id).where(AgentRow.group_id == g.id))))
-            gdir = root / g.gid
-            if gdir.is_symlink() or (gdir.exists() and not gdir.is_dir()):
-                found.append(Finding("unsafe-entry", _rel(store, gdir),
-                                     "a group directory replaced by a symlink or file",
-                                     group=g.name))
-            elif gdir.is_dir():
+            if gdir.is_dir() and not gdir.is_symlink():
                 found += _orphans_in_group_dir(store, gdir, {r.path for r in refs}, g.name)
-            if remove_garbage:
+            if remove_garbage and trusted:
                 for f in found:
                     if not f.is_damage or f.kind == "unsafe-entry":
-                        remove_entry(store.path / f.path)
+                        with contextlib.suppress(CorruptionError):
+                            store.arrays.remove_below(
+                                str(Path(f.path).relative_to(DATA_DIR)))
             if on_group is not None:
                 on_group(g, found)
         report.findings += found
@@ -308,6 +329,49 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
     if progress:
         progress(total, total, "done")
     return report
+
+
+def backfill_checksums(store: Store) -> int:
+    """Record the per-chunk and diff-index checksums of rows written before schema
+    0004 (each chunk's own checksum is verified first; a damaged chunk leaves its row
+    unrecorded, which ``verify`` reports). Returns the rows updated."""
+    from .integrity import index_checksum
+
+    with store.catalog.read() as s:
+        groups = {g.id: g for g in s.scalars(select(GroupRow))}
+        rows = [a for a in s.scalars(select(AgentRow))
+                if (a.array is not None and a.chunk_crcs is None)
+                or (a.role == "mirror" and a.index_crc is None)]
+    done = 0
+    for a in rows:
+        g = groups.get(a.group_id)
+        if g is None:
+            continue
+        try:
+            with store._group_lock(g.gid):
+                crcs = a.chunk_crcs
+                if a.array is not None and crcs is None:
+                    from .dtypes import stored_dtype
+
+                    spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype),
+                                     a.chunk_blocks, g.compressor)
+                    rows_n = g.n_blocks if a.role == "master" else a.n_diff
+                    crcs = store.arrays.chunk_checksums(ArrayRef(a.array, spec, rows_n, None))
+                with store.catalog.write() as s:
+                    row = s.get(AgentRow, a.id)
+                    if row is None:
+                        continue
+                    row.chunk_crcs = crcs
+                    if row.role == "mirror":
+                        idx = np.array(list(s.scalars(
+                            select(DiffBlockRow.block_index)
+                            .where(DiffBlockRow.agent_id == a.id)
+                            .order_by(DiffBlockRow.slot))), dtype=np.int64)
+                        row.index_crc = index_checksum(idx)
+                done += 1
+        except (CorruptionError, KeyError, TypeError, ValueError):
+            continue  # damaged: verify reports it
+    return done
 
 
 # --------------------------------------------------------------------------- commands

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
 from sqlalchemy import delete, insert, select
 
@@ -67,6 +66,7 @@ from .errors import (
     StorageError,
     TdStoreError,
 )
+from .integrity import agent_ref, check_group_row, index_checksum
 from .locking import deferred_signals, file_lock
 from .reconstruct import (
     AgentSnapshot,
@@ -286,6 +286,8 @@ class Store:
                     if created:
                         s.merge(MetaRow(key="created_by", value=__version__))
                     s.merge(MetaRow(key="tdstore_version", value=__version__))
+                if not created:  # rows of an older schema get their checksums recorded
+                    maintenance.backfill_checksums(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -473,6 +475,8 @@ class Store:
         with file_lock(self.lock_path("store")):
             check_not_newer(self.catalog, str(self.path))
             upgrade(self.catalog, revision)
+            if revision == "head":
+                maintenance.backfill_checksums(self)
         from .catalog import schema_status
 
         return schema_status(self.catalog)[0]
@@ -608,6 +612,7 @@ class Group:
         check_name("agent", agent, f"group {self.name!r}")
         with self.store.catalog.read() as s:
             g = self._row(s)
+            check_group_row(g)
             master, row = self._master_and(s, g, agent)
             if master is None:
                 raise NoMasterError(f"group {self.name!r}: no master registered")
@@ -630,17 +635,18 @@ class Group:
             self._check_index(g, row, idx)
             return AgentSnapshot(
                 group=self.name, agent=agent, role=row.role, master=self._ref(g, master),
-                diff=self._ref(g, row) if row.role == "mirror" and row.array else None,
+                diff=agent_ref(g, row) if row.role != "master" else None,
                 dtype_name=g.dtype, block_indices=idx,
                 accessed={row.id: row.last_access, master.id: master.last_access},
             )
 
-    def _ref(self, g: GroupRow, row: AgentRow) -> ArrayRef:
-        """The committed array of an agent row, as reads check it."""
-        return ArrayRef(
-            row.array, self._spec(g, row.chunk_blocks),
-            g.n_blocks if row.role == "master" else row.n_diff,
-            None if row.chunk_crcs is None else tuple(row.chunk_crcs))
+    @staticmethod
+    def _ref(g: GroupRow, row: AgentRow) -> ArrayRef:
+        """The committed array of an agent row, checked (see tdstore.integrity)."""
+        ref = agent_ref(g, row)
+        if ref is None:
+            raise CorruptionError(f"group {g.name!r} agent {row.name!r}: no array recorded")
+        return ref
 
     def _check_index(self, g: GroupRow, row: AgentRow, idx: np.ndarray) -> None:
         """The diff index read from the catalogue is the one its writer recorded."""
@@ -649,8 +655,8 @@ class Group:
             problem = f"{idx.size} index rows for {row.n_diff} diff blocks"
         elif idx.size and (idx[0] < 0 or idx[-1] >= g.n_blocks or np.any(np.diff(idx) <= 0)):
             problem = f"block indices not strictly increasing within 0..{g.n_blocks - 1}"
-        elif row.index_crc is not None and row.role == "mirror" \
-                and index_checksum(idx) != row.index_crc:
+        elif row.role == "mirror" and (row.index_crc is None
+                                       or index_checksum(idx) != row.index_crc):
             problem = "block indices do not match the checksum recorded with them"
         if problem:
             raise CorruptionError(f"{self._where(row.name)}: diff index is damaged ({problem});"
@@ -710,8 +716,9 @@ class Group:
     @property
     def dtype(self) -> np.dtype | None:
         with self.store.catalog.read() as s:
-            name = self._row(s).dtype
-            return None if name is None else numpy_dtype(name)
+            g = self._row(s)
+            check_group_row(g)
+            return None if g.dtype is None else numpy_dtype(g.dtype)
 
     @property
     def kv_layout(self) -> dict[str, Any] | None:
@@ -767,6 +774,7 @@ class Group:
                         "(deleted meanwhile)")
                 if g.gid != gid:
                     continue  # deleted and re-created meanwhile: lock the new one
+                check_group_row(g)
                 if stale:
                     journal.collect(self.store, gid, stale)
                 try:
@@ -1172,6 +1180,7 @@ class Group:
         """The seed's statistics plus the layout and bytes (logical and on disk)."""
         with self.store.catalog.read() as s:
             g = self._row(s)
+            check_group_row(g)
             agents = self._agents(s, g)
         master = next((a for a in agents if a.role == "master"), None)
         mirrors = [a for a in agents if a.role == "mirror"]
@@ -1244,11 +1253,6 @@ class _WrittenDiff:
     values: np.ndarray  # the mirror's values of those blocks
     master_values: np.ndarray  # the master's values of those blocks
     crcs: list[int] | None  # per-chunk checksums of the array
-
-
-def index_checksum(indices: np.ndarray) -> int:
-    """crc32c of a mirror's diff index (block indices in slot order, int64 LE)."""
-    return crc32c.crc32c(np.ascontiguousarray(indices, dtype="<i8").tobytes())
 
 
 class _Write:

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import fingerprint, kv
 
 import tdstore
 from tdstore.cli import main as cli
-
-from conftest import fingerprint, kv
 
 BLOCKS = 24
 SHAPE = (8, 32)

@@ -1,0 +1,90 @@
+"""Checks of catalogue rows before anything is built from them.
+
+The catalogue is the source of truth, but its rows are still input: a damaged or
+tampered row must give a clear CorruptionError naming the group and agent, never a
+KeyError, a ZeroDivisionError, a path outside the store, or silently different data.
+"""
+
+from __future__ import annotations
+
+import crc32c
+import numpy as np
+
+from .arrays import ARRAY_RE, COMPRESSORS, ArrayRef, ArraySpec, check_gid
+from .catalog import AgentRow, GroupRow
+from .dtypes import SUPPORTED, stored_dtype
+from .errors import CorruptionError
+
+ROLES = ("master", "mirror")
+
+
+def index_checksum(indices: np.ndarray) -> int:
+    """crc32c of a mirror's diff index (block indices in slot order, int64 LE)."""
+    return crc32c.crc32c(np.ascontiguousarray(indices, dtype="<i8").tobytes())
+
+
+def _int(value: object) -> bool:
+    return type(value) is int
+
+
+def check_group_row(g: GroupRow) -> None:
+    """A group row's layout fields, as reads and maintenance use them."""
+    where = f"catalogue: group {g.name!r}"
+    try:
+        check_gid(g.gid)
+    except CorruptionError as exc:
+        raise CorruptionError(f"{where}: {exc}") from None
+    if g.dtype is not None and g.dtype not in SUPPORTED:
+        raise CorruptionError(f"{where}: dtype {str(g.dtype)[:40]!r} is not one of "
+                              f"{', '.join(SUPPORTED)}")
+    if g.compressor is not None and g.compressor not in COMPRESSORS:
+        raise CorruptionError(f"{where}: compressor {str(g.compressor)[:40]!r} is not one of "
+                              f"{', '.join(COMPRESSORS)}")
+    shape = g.block_shape
+    if (g.dtype is None) != (shape is None) or (shape is not None and not (
+            isinstance(shape, list) and shape and all(_int(d) and d >= 1 for d in shape))):
+        raise CorruptionError(f"{where}: block_shape {str(shape)[:60]} with dtype "
+                              f"{g.dtype!r} is not a layout (positive ints, both or neither)")
+    if not _int(g.n_blocks) or g.n_blocks < 0:
+        raise CorruptionError(f"{where}: n_blocks {str(g.n_blocks)[:40]} is not an int >= 0")
+    if g.chunk_blocks is not None and (not _int(g.chunk_blocks) or g.chunk_blocks < 1):
+        raise CorruptionError(f"{where}: chunk_blocks {str(g.chunk_blocks)[:40]} is not an "
+                              "int >= 1")
+
+
+def agent_ref(g: GroupRow, a: AgentRow) -> ArrayRef | None:
+    """The checked array of an agent row (None: a mirror identical to its master).
+
+    Checks the role, that the array lies in the agent's own group directory, the
+    chunking, the row count and that one checksum is recorded per committed chunk.
+    """
+    where = f"catalogue: group {g.name!r} agent {a.name!r}"
+    if a.role not in ROLES:
+        raise CorruptionError(f"{where}: role {str(a.role)[:40]!r} is not master or mirror")
+    rows = g.n_blocks if a.role == "master" else a.n_diff
+    if not _int(rows) or rows < 0 or (a.role == "mirror" and rows > g.n_blocks):
+        raise CorruptionError(f"{where}: {str(rows)[:40]} diff blocks for a group of "
+                              f"{g.n_blocks} blocks")
+    if a.array is None:
+        if a.role == "master" or rows:
+            raise CorruptionError(f"{where}: no array recorded for {rows} blocks")
+        return None
+    if g.dtype is None:
+        raise CorruptionError(f"{where}: an array but the group has no layout")
+    m = ARRAY_RE.fullmatch(a.array) if isinstance(a.array, str) else None
+    if m is None or m.group(1) != g.gid or m.group(2) != ("m" if a.role == "master" else "d"):
+        raise CorruptionError(
+            f"{where}: array path {str(a.array)[:80]!r} is not a {a.role} array of this "
+            f"group's directory {g.gid!r}; refusing to use it")
+    if not _int(a.chunk_blocks) or a.chunk_blocks < 1:
+        raise CorruptionError(f"{where}: chunk_blocks {str(a.chunk_blocks)[:40]} is not an "
+                              "int >= 1")
+    spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype), a.chunk_blocks, g.compressor)
+    crcs = a.chunk_crcs
+    n_chunks = len(spec.chunks_of(0, rows))
+    if not (isinstance(crcs, list) and len(crcs) == n_chunks
+            and all(_int(c) and 0 <= c < 1 << 32 for c in crcs)):
+        have = f"{len(crcs)} checksums" if isinstance(crcs, list) else f"checksums {crcs!r}"
+        raise CorruptionError(f"{where}: {have[:60]} recorded for the {n_chunks} chunks of "
+                              f"{rows} blocks")
+    return ArrayRef(a.array, spec, rows, tuple(crcs))
