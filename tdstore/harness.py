@@ -258,7 +258,14 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                     break
             else:
                 acked.append(msg["ack"])
-        rest, err = proc.communicate()
+        try:
+            rest, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # the signal was lost: that is a failure too
+            proc.kill()
+            rest, err = proc.communicate()
+            report.failures.append(f"kill {k}: the writer did not stop after "
+                                   f"{signal.Signals(sig).name}")
+            break
         for line in rest.splitlines():
             msg = json.loads(line)
             if "ack" in msg:

@@ -46,34 +46,60 @@ def file_lock(path: Path, *, shared: bool = False, wait: bool = True) -> Iterato
 
 
 _DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_depth = 0  # deferrals open in the main thread
+_pending: list[int] = []  # signals that arrived meanwhile
+_originals: dict[int, object] = {}  # the handlers the wrapper stands in front of
+
+
+def _deliver(signum: int, frame: object) -> None:
+    handler = _originals.get(signum, signal.SIG_DFL)
+    if callable(handler):
+        handler(signum, frame)
+    elif handler in (signal.SIG_DFL, None):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # the default action: terminate, now
+
+
+def _wrapper(signum: int, frame: object) -> None:
+    if _depth > 0:
+        _pending.append(signum)
+    else:
+        _deliver(signum, frame)
 
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP back for the duration (a commit): a signal that
-    arrives meanwhile is delivered, to the handler that was installed before, once the
-    block has finished. So Ctrl-C can never land between the database's commit and the
-    code that learns of it. Python runs signal handlers in the main thread only, so
-    elsewhere this does nothing (no signal can interrupt those threads).
+    arrives meanwhile goes, once the block has finished, to the handler that was
+    installed before. So Ctrl-C can never land between the database's commit and the
+    code that learns of it.
+
+    A small wrapper stays installed in front of the process's handlers (it passes
+    signals straight through outside a deferral; for a default handler it restores the
+    default and re-sends the signal). Swapping handlers in and out instead would lose a
+    signal that arrives just before the swap back: Python runs the handler installed
+    when it gets to it, and drops the signal if that is the default one. Python runs
+    signal handlers in the main thread only, so elsewhere this does nothing.
     """
+    global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
-    previous: dict[int, object] = {}
-    try:
-        for signum in _DEFERRED:
-            previous[signum] = signal.signal(signum, lambda s, _f: received.append(s))
-    except ValueError:  # not the main interpreter
-        pass
+    for signum in _DEFERRED:
+        current = signal.getsignal(signum)
+        if current is not _wrapper:
+            _originals[signum] = current
+            try:
+                signal.signal(signum, _wrapper)
+            except ValueError:  # not the main interpreter
+                pass
+    _depth += 1
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-        for signum in dict.fromkeys(received):
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), signum)
+        _depth -= 1
+        if _depth == 0 and _pending:
+            todo = list(dict.fromkeys(_pending))
+            _pending.clear()
+            for signum in todo:
+                _deliver(signum, None)

@@ -537,3 +537,27 @@ def test_cli_rm_of_an_undecodable_name_is_one_line(tmp_path):
         assert result.exit_code == 2, result.output
         assert "UTF-8" in result.output and len(result.output.strip().splitlines()) == 1
     assert fingerprint(path) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_commit_is_delivered_after_it(sig):
+    """A signal inside the deferred block (a commit) waits for the block, then acts as
+    it would have: KeyboardInterrupt for SIGINT, termination for SIGTERM; none is lost."""
+    done = _py(f"""
+import os, signal, time
+from tdstore.locking import deferred_signals
+try:
+    with deferred_signals():
+        os.kill(os.getpid(), {int(sig)})
+        time.sleep(0.05)
+        print("committed", flush=True)
+    time.sleep(0.5)
+    print("not stopped", flush=True)
+except KeyboardInterrupt:
+    print("interrupted after the block", flush=True)
+""")
+    assert done.stdout.splitlines()[0] == "committed"
+    if sig == signal.SIGINT:
+        assert done.stdout.splitlines()[1:] == ["interrupted after the block"]
+    else:
+        assert done.returncode == -signal.SIGTERM and "not stopped" not in done.stdout
