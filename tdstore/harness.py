@@ -130,7 +130,8 @@ def execute(store, op: dict[str, Any], model: Model) -> None:  # noqa: ANN001
     if kind == "delete_group":
         store.delete_group(g)
         return
-    group = store.group(g, diff_threshold=0.0, compressor=COMPRESSOR.get(g))
+    group = store.group(g, diff_threshold=0.0,
+                        compressor=op.get("compressor", COMPRESSOR.get(g)))
     if kind == "master":
         group.register_master(op["agent"], gen(op["seed"], op["n"]))
     elif kind == "mirror":
@@ -198,6 +199,7 @@ class CrashReport:
     in_flight_lost: int = 0
     killed_during: Counter = field(default_factory=Counter)
     signals: Counter = field(default_factory=Counter)
+    repeated: int = 0  # signals sent again to a writer that kept going
     garbage_collected: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -210,6 +212,7 @@ class CrashReport:
                 "in_flight_committed": self.in_flight_committed,
                 "in_flight_rolled_back": self.in_flight_lost,
                 "killed_during": dict(self.killed_during), "signals": dict(self.signals),
+                "signals_repeated": self.repeated,
                 "garbage_items_collected": self.garbage_collected,
                 "failures": self.failures}
 
@@ -258,13 +261,20 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                     break
             else:
                 acked.append(msg["ack"])
-        try:
-            rest, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:  # the signal was lost: that is a failure too
+        # Python drops a KeyboardInterrupt raised inside a finaliser ("Exception ignored
+        # in ..."): like a user, press Ctrl-C again while the writer keeps going
+        for _ in range(60):
+            try:
+                rest, err = proc.communicate(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                report.repeated += 1
+                proc.send_signal(sig)
+        else:
             proc.kill()
             rest, err = proc.communicate()
-            report.failures.append(f"kill {k}: the writer did not stop after "
-                                   f"{signal.Signals(sig).name}")
+            report.failures.append(f"kill {k}: the writer did not stop after 60 "
+                                   f"{signal.Signals(sig).name}s")
             break
         for line in rest.splitlines():
             msg = json.loads(line)

@@ -16,7 +16,12 @@ from tdstore.harness import BLOCK, DTYPE, apply, execute, read_state, same
 # names that must be stored exactly and never reach the file system
 NAMES = st.sampled_from(["a", "b", "critic", "名前", "🤖", "x" * 300, "a..b", ".hidden", "-",
                          " lead", "tab\u00a0nbsp"])
-GROUPS = st.sampled_from(["g", "グループ", "with space", "%s", "' OR 1=1 --"])
+# groups and the compressor each is (re-)created with: raw and compressed groups alike
+COMPRESSORS = {"g": None, "グループ": "zstd", "with space": "blosc-lz4", "%s": None,
+               "' OR 1=1 --": "zstd"}
+GROUPS = st.sampled_from(sorted(COMPRESSORS))
+# any string at all, lone surrogates included (hypothesis leaves them out by default)
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=24)
 BAD_NAMES = st.sampled_from(["../escape", "a/b", "..", "", "   ", "nul\0", "back\\slash",
                              "\n", "x" * 2000])
 
@@ -47,7 +52,8 @@ class StoreMachine(RuleBasedStateMachine):
         agents = self.model.get(group, {})
         if agent == self._master(group) and len(agents) > 1:
             n = len(agents[agent])  # re-registering keeps the shape its mirrors need
-        self._do({"op": "master", "group": group, "agent": agent, "seed": seed, "n": n})
+        self._do({"op": "master", "group": group, "agent": agent, "seed": seed, "n": n,
+                  "compressor": COMPRESSORS[group]})
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), agent=NAMES, seed=st.integers(0, 2**30))
@@ -105,6 +111,25 @@ class StoreMachine(RuleBasedStateMachine):
             pass
         else:
             raise AssertionError("bad input was accepted")
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), name=ANY_TEXT)
+    def any_name_is_stored_exactly_or_refused(self, data, name):
+        """A name drawn from all of Unicode is either stored and found again exactly,
+        or refused with InvalidInputError before anything is written."""
+        group = data.draw(st.sampled_from(sorted(self.model)))
+        if name in self.model[group]:
+            return
+        g = self.store.group(group)
+        kv = self.model[group][self._master(group)]
+        try:
+            g.register_mirror(name, kv)
+        except tdstore.InvalidInputError:
+            assert name not in g.agents()
+            return
+        assert name.encode("utf-8")  # only valid text gets here
+        assert name in g.agents() and g.reconstruct(name).tobytes() == kv.tobytes()
+        g.delete(name)
 
     @rule()
     def reopen(self):
