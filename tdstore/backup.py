@@ -28,7 +28,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .arrays import ARRAY_RE, GID_RE, fsync_dir, fsync_file
 from .errors import CorruptionError, InvalidInputError, StorageError
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
@@ -48,8 +48,8 @@ DATA_DIR = "data"
 LOCK_DIR = "locks"
 META_FILE = "zarr.json"
 MAX_ROUNDS = 20
-ARRAY_PATH = re.compile(r"[0-9a-f]{16}/[md]-[0-9a-f]{16}")
-GROUP_ID = re.compile(r"[0-9a-f]{16}")
+ARRAY_PATH = ARRAY_RE
+GROUP_ID = GID_RE
 COPY_BLOCK = 1 << 20
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -273,7 +273,7 @@ class _Backup:
                 target.close()
         finally:
             raw.close()
-        _fsync_file(tmp)
+        fsync_file(tmp)
         return snap
 
     def _finish(self, tmp: Path) -> None:
@@ -282,11 +282,11 @@ class _Backup:
         os.replace(tmp, self.dest / CATALOG_FILE)
         data = self.dest / DATA_DIR
         for gid in self.groups_copied:
-            _fsync_dir(data / gid)
-        _fsync_dir(data)
-        _fsync_dir(self.dest / LOCK_DIR)
-        _fsync_dir(self.dest)
-        _fsync_dir(self.dest.parent)
+            fsync_dir(data / gid)
+        fsync_dir(data)
+        fsync_dir(self.dest / LOCK_DIR)
+        fsync_dir(self.dest)
+        fsync_dir(self.dest.parent)
 
     # ------------------------------------------------------------------ data
 
@@ -393,9 +393,9 @@ class _Backup:
             for n in [META_FILE, *ref.chunk_names(have or 0)]:
                 _copy_file(afd, n, target / n, f"{where}: data/{ref.path}/{n}",
                            replace=have is not None)
-            _fsync_dir(target)
+            fsync_dir(target)
             if have is None:
-                _fsync_dir(gdir)
+                fsync_dir(gdir)
         finally:
             os.close(afd)
         self.copied[ref.path] = ref.rows
@@ -535,20 +535,6 @@ def _tally(dest: Path) -> tuple[int, int]:
     return files, nbytes
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_sqlite(path: Path) -> None:
