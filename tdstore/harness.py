@@ -178,6 +178,9 @@ def describe(model: Model) -> str:
 
 def writer_main(path: str, seed: int) -> None:
     """The crash writer: rebuilds its model from the store, then runs operations."""
+    # Ctrl-C raises KeyboardInterrupt here as in an interactive program, even when the
+    # harness was started where SIGINT is ignored (a background job of a shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(seed)
     with open_store(path) as store:
         model = read_state(store)
