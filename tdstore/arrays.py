@@ -448,7 +448,8 @@ class ArrayStore:
             self._write_group_metadata(self.root)
             fsync_dir(self.root.parent)
 
-    def new_group_dir(self, gid: str) -> None:
+    def new_group_dir(self, gid: str) -> bool:
+        """Create ``data/<gid>`` if missing; returns whether it was created."""
         path = self.root / check_gid(gid)
         try:
             st = os.lstat(path)
@@ -462,6 +463,8 @@ class ArrayStore:
             path.mkdir(exist_ok=True)
             self._write_group_metadata(path)
             fsync_dir(self.root)
+            return st is None
+        return False
 
     @staticmethod
     def new_path(gid: str, kind: str) -> str:
@@ -564,8 +567,9 @@ class ArrayStore:
         crc32c of the decoded chunk."""
         spec = ref.spec
         c0 = chunk * spec.chunk_blocks
-        buf = np.zeros(spec.chunk_nbytes, np.uint8)
+        buf = np.empty(spec.chunk_nbytes, np.uint8)
         keep = (lo - c0) * spec.block_nbytes  # committed blocks at the front of the chunk
+        buf[keep + body.nbytes :] = 0  # zarr pads an edge chunk with the fill value
         if keep:
             with self._dir(ref.path) as dirfd:
                 head = self._load_chunk(dirfd, ref, chunk, f"{ref.path} chunk {chunk}")

@@ -67,6 +67,13 @@ def stale_ids(session: Session, gid: str) -> list[int]:
     return list(session.scalars(select(PendingRow.id).where(PendingRow.gid == gid)))
 
 
+def references_under(store: Store, gid: str) -> bool:
+    """Whether any agent row references an array in group directory ``gid``."""
+    with store.catalog.read() as s:
+        return s.scalars(select(AgentRow.id).where(AgentRow.array.startswith(f"{gid}/"))
+                         ).first() is not None
+
+
 def collect(store: Store, gid: str, ids: list[int] | None = None) -> int:
     """Remove the unreferenced data that journal rows of group ``gid`` mark (all of its
     rows, or those in ``ids``) and delete the rows; returns the bytes they counted.

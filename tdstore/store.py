@@ -823,7 +823,9 @@ class Group:
         check_name("agent", agent_id, f"group {self.name!r}")
         attrs = _check_attrs(attrs, where)
         with self._locked() as g, _Write(self, g) as w:
-            kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g)
+            # values are checked as they are written (on the bytes written), so bad ones
+            # are refused with nothing left behind and the array is scanned once
+            kv, dtype_name = self._prepare(kv_blocks, f"{where}: kv_blocks", g, check=False)
             if g.kv_layout and kv.ndim - 1 != len(g.kv_layout["axes"]):
                 raise InvalidInputError(
                     f"{where}: blocks of shape {kv.shape[1:]} do not fit the group's kv_layout "
@@ -1270,19 +1272,26 @@ class _Write:
         self.store, self.g, self.name = group.store, g, group.name
         self.ids: list[int] = []
         self.obsolete: list[tuple[str, int]] = []
+        self.created_dir = False  # this write created data/<gid>
 
     def __enter__(self) -> _Write:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        if exc_type is not None and self.ids:
-            with contextlib.suppress(Exception):
+        if exc_type is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.ids:
                 journal.collect(self.store, self.g.gid, self.ids)
+            # a group directory this write created holds nothing committed unless a
+            # row says so (the interruption may have come after the commit)
+            if self.created_dir and not journal.references_under(self.store, self.g.gid):
+                self.store.arrays.remove_group_dir(self.g.gid)
 
     def new_array(self, kind: str, nbytes: int, what: str, room: Reservation | None) -> str:
         if room is not None:
             room.need(nbytes, what)
-        self.store.arrays.new_group_dir(self.g.gid)
+        self.created_dir |= self.store.arrays.new_group_dir(self.g.gid)
         path = self.store.arrays.new_path(self.g.gid, kind)
         self.ids.append(journal.record(self.store, self.g.gid, path, journal.WRITE, nbytes))
         return path
