@@ -1,17 +1,21 @@
 """Store and Group: the write protocol, orchestrating the catalogue and the arrays.
 
-Every write follows the same protocol (DESIGN.md, "Write protocol"):
+Every write follows the same protocol (README, "Crash safety: the write protocol"):
 
 1. validate the input completely, before anything is written;
-2. take the group's writer lock (an ``flock`` on ``locks/<gid>.lock``), so writers of one
-   group are serialised across threads and processes, and re-read the group's state;
-3. write new array data under a fresh path (or, for a master append, only past the
-   committed length), fsync the files and their directories;
-4. make the new state visible in one catalogue transaction;
-5. remove the data the transaction made unreferenced (``gc`` removes what a crash left).
+2. take the group's writer lock (an ``flock`` on ``locks/<gid>.lock``) on the group the
+   name means now, so writers of one group are serialised across threads and
+   processes, and re-read the group's state;
+3. journal the arrays about to be written (``tdstore.journal``), then write the data
+   under fresh paths (or, for a master append, only past the committed length), fsync
+   the files and their directories;
+4. make the new state visible in one catalogue transaction, with signals held back;
+5. remove the data the transaction made unreferenced (a crash leaves it journaled).
 
-Readers trust only the catalogue: a read takes one catalogue snapshot and reads the
-arrays it names. Unreferenced data is never read.
+On any failure, what the write journaled is removed only if a fresh read of the
+catalogue shows nothing references it. Readers trust only the catalogue: a read takes
+one catalogue snapshot and reads the arrays it names, retrying on a fresh snapshot if a
+writer replaced them meanwhile. Unreferenced data is never read.
 """
 
 from __future__ import annotations
