@@ -220,6 +220,25 @@ class CrashReport:
                 "failures": self.failures}
 
 
+STOP_TRIES = 60
+
+
+def wait_stopped(proc: subprocess.Popen, sig: int) -> tuple[str, str, int]:
+    """Wait for a process sent ``sig`` to end; returns (the rest of its stdout, its
+    stderr, how often the signal was sent again). Python drops a KeyboardInterrupt
+    raised inside a finaliser ("Exception ignored in ..."), so, like a user, this presses
+    Ctrl-C again while the process keeps going; after STOP_TRIES it is killed."""
+    for repeated in range(STOP_TRIES):
+        try:
+            rest, err = proc.communicate(timeout=2)
+            return rest, err, repeated
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)
+    proc.kill()
+    rest, err = proc.communicate()
+    return rest, err, STOP_TRIES
+
+
 def _stopped_by(sig: int, returncode: int, err: str) -> bool:
     """Whether a writer ended the way ``sig`` ends a Python program with default
     handlers: SIGINT raises KeyboardInterrupt (exit status 1 after the traceback)."""
@@ -264,20 +283,11 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                     break
             else:
                 acked.append(msg["ack"])
-        # Python drops a KeyboardInterrupt raised inside a finaliser ("Exception ignored
-        # in ..."): like a user, press Ctrl-C again while the writer keeps going
-        for _ in range(60):
-            try:
-                rest, err = proc.communicate(timeout=2)
-                break
-            except subprocess.TimeoutExpired:
-                report.repeated += 1
-                proc.send_signal(sig)
-        else:
-            proc.kill()
-            rest, err = proc.communicate()
-            report.failures.append(f"kill {k}: the writer did not stop after 60 "
-                                   f"{signal.Signals(sig).name}s")
+        rest, err, repeated = wait_stopped(proc, sig)
+        report.repeated += repeated
+        if repeated == STOP_TRIES:
+            report.failures.append(f"kill {k}: the writer did not stop after "
+                                   f"{STOP_TRIES} {signal.Signals(sig).name}s")
             break
         for line in rest.splitlines():
             msg = json.loads(line)

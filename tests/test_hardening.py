@@ -24,6 +24,7 @@ from conftest import fingerprint, kv
 
 import tdstore
 from tdstore.cli import main as cli
+from tdstore.harness import STOP_TRIES, wait_stopped
 
 BLOCKS = 24
 SHAPE = (8, 32)
@@ -210,17 +211,8 @@ def test_a_signal_in_a_write_loop_never_loses_the_acknowledged_state(tmp_path, k
                     break
             else:
                 acked.append(msg["ack"])
-        for _ in range(60):
-            try:
-                rest, _ = proc.communicate(timeout=2)
-                break
-            except subprocess.TimeoutExpired:
-                # Python drops a KeyboardInterrupt raised inside a finaliser ("Exception
-                # ignored in ..."); as a user would, press Ctrl-C again
-                proc.send_signal(sig)
-        else:
-            proc.kill()
-            raise AssertionError(f"the writer did not stop after 60 {sig.name}s")
+        rest, _, repeated = wait_stopped(proc, sig)
+        assert repeated < STOP_TRIES, f"the writer did not stop after {sig.name}"
         for line in rest.splitlines():  # the writer may have run ahead of what we read
             msg = json.loads(line)
             if "begin" in msg:
