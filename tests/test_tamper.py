@@ -308,15 +308,20 @@ def run_cli_verify(path: Path) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- 1. swapped
 
 
+def swap(a: Path, b: Path) -> None:
+    """Exchange the contents of two chunk files."""
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+
+
+
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 def test_two_swapped_master_chunks_are_refused(store_path, outside, compressor):
     data = build(store_path, compressor)
     outside.seal()
     arr = array_dir(store_path, "m")
-    c0, c2 = arr / "c.0.0.0", arr / "c.2.0.0"
-    b0, b2 = c0.read_bytes(), c2.read_bytes()
-    c0.write_bytes(b2)
-    c2.write_bytes(b0)
+    swap(arr / "c.0.0.0", arr / "c.2.0.0")
     report = verify(store_path)
     assert_damage(report, "m", {"foreign-chunk", "checksum"}, "c.0.0.0")
     assert_damage(report, "m", {"foreign-chunk", "checksum"}, "c.2.0.0")
@@ -333,10 +338,7 @@ def test_two_swapped_diff_chunks_of_a_mirror_are_refused(store_path, outside, co
     data = build(store_path, compressor)
     outside.seal()
     arr = array_dir(store_path, "a")
-    c0, c1 = arr / "c.0.0.0", arr / "c.1.0.0"
-    b0, b1 = c0.read_bytes(), c1.read_bytes()
-    c0.write_bytes(b1)
-    c1.write_bytes(b0)
+    swap(arr / "c.0.0.0", arr / "c.1.0.0")
     report = verify(store_path)
     assert_damage(report, "a", {"foreign-chunk", "checksum"})
     assert not [f for f in report.findings if f.agent in ("m", "b")]
@@ -909,10 +911,7 @@ def test_cleared_chunk_checksums_with_swapped_chunks_are_damage(tmp_path):
     with tdstore.open(path) as store:
         a = next(p for p in (path / "data").rglob("m-*")
                  if p.parent.name == _gid(path, "rag"))
-        c0, c1 = a / "c.0.0.0", a / "c.1.0.0"
-        b0, b1 = c0.read_bytes(), c1.read_bytes()
-        c0.write_bytes(b1)
-        c1.write_bytes(b0)
+        swap(a / "c.0.0.0", a / "c.1.0.0")
         with pytest.raises(tdstore.CorruptionError, match="checksums"):
             store.group("rag").reconstruct("m")
         report = store.verify()
