@@ -518,7 +518,14 @@ def attention_benchmark(seq: int = 8192, q_heads: int = 8, kv_heads: int = 2,
 def nullstats_benchmark(gets: int = 5000, reps: int = 5) -> dict[str, Any]:
     """A cache hit of NullStatsCache vs diskcache.Cache.get of the same payload, both
     looked up by the same key object (so both pay for a stable hash of it)."""
-    import diskcache
+    try:
+        import diskcache
+    except ImportError:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            "bench-nullstats compares with diskcache, which is not installed: "
+            "pip install 'tdstore[bench]'") from None
 
     from .nullstats import NullStatsCache, calibrate, calibration_key, stable_hash
     from .scoring import DummyDifferentialBackend, DummyResponses

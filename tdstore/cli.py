@@ -406,14 +406,21 @@ def backup(path: Path, dest: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path", default="tdstore-demo", type=click.Path(path_type=Path))
-@click.option("--agents", default=8, show_default=True, help="Agents in the group.")
-@click.option("--blocks", default=256, show_default=True, help="Blocks per agent.")
-@click.option("--tail", default=8, show_default=True, help="Tail blocks where agents differ.")
-@click.option("--near", default=4, show_default=True,
+@click.option("--agents", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Agents in the group.")
+@click.option("--blocks", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Blocks per agent.")
+@click.option("--tail", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Tail blocks where agents differ.")
+@click.option("--near", default=4, show_default=True, type=click.IntRange(min=0),
               help="Blocks where agents differ by rounding-level noise.")
 def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
     """Write a synthetic group of agents to PATH, re-read it in a fresh process."""
     from .demo import DemoWorkload, run
+
+    if tail + near > blocks:
+        raise click.BadParameter(f"--tail {tail} plus --near {near} exceed the {blocks} "
+                                 "blocks", param_hint="--tail/--near")
 
     work = DemoWorkload(n_agents=agents, n_blocks=blocks, tail_blocks=tail, near_blocks=near)
     click.echo(

@@ -564,6 +564,8 @@ def export_agent(group: Group, agent: str, file: str | os.PathLike[str]) -> dict
     kind = path.suffix.lower()
     if kind not in (".npy", ".safetensors"):
         raise InvalidInputError(f"export file {path}: expected a .npy or .safetensors name")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"export file {path}: directory {path.parent} does not exist")
     full = group.reconstruct(agent)
     name = logical_name(full.dtype)
     raw = full.view(f"u{full.dtype.itemsize}") if name in ("bfloat16", "float8_e4m3fn",

@@ -476,6 +476,13 @@ class Store:
     def migrate(self, revision: str = "head") -> tuple[str, ...]:
         """Upgrade (or downgrade) the catalogue schema; returns the new revision."""
         self._check_writable()
+        from .catalog import known_revisions
+
+        known = known_revisions(self.catalog)
+        if revision != "head" and revision not in known:
+            raise InvalidInputError(
+                f"store {self.path}: schema revision {revision!r} is unknown; expected "
+                f"'head' or one of {', '.join(sorted(known))}")
         with file_lock(self.lock_path("store")):
             check_not_newer(self.catalog, str(self.path))
             upgrade(self.catalog, revision)
