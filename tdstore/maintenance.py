@@ -202,12 +202,11 @@ def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: 
     mirrors = session.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
                                                     AgentRow.role == "mirror"))
     for a in mirrors:
-        idx = np.array(list(session.scalars(
-            select(DiffBlockRow.block_index).where(DiffBlockRow.agent_id == a.id)
-            .order_by(DiffBlockRow.slot))), dtype=np.int64)
-        slots = list(session.scalars(select(DiffBlockRow.slot)
-                                     .where(DiffBlockRow.agent_id == a.id)
-                                     .order_by(DiffBlockRow.slot)))
+        rows = session.execute(select(DiffBlockRow.block_index, DiffBlockRow.slot)
+                               .where(DiffBlockRow.agent_id == a.id)
+                               .order_by(DiffBlockRow.slot)).all()
+        idx = np.array([r[0] for r in rows], dtype=np.int64)
+        slots = [r[1] for r in rows]
         problems = []
         if idx.size != a.n_diff:
             problems.append(f"{idx.size} index rows for {a.n_diff} diff blocks")
