@@ -23,6 +23,22 @@ def index_checksum(indices: np.ndarray) -> int:
     return crc32c.crc32c(np.ascontiguousarray(indices, dtype="<i8").tobytes())
 
 
+def index_problems(idx: np.ndarray, n_diff: int, n_blocks: int,
+                   index_crc: int | None) -> list[str]:
+    """What is wrong with a mirror's diff index (block indices in slot order) against
+    its row: the count, the range, the order, and the checksum recorded with it."""
+    problems = []
+    if idx.size != n_diff:
+        problems.append(f"{idx.size} index rows for {n_diff} diff blocks")
+    if idx.size and (idx.min() < 0 or idx.max() >= n_blocks):
+        problems.append(f"block indices {idx.min()}..{idx.max()} outside 0..{n_blocks - 1}")
+    if idx.size and np.any(np.diff(idx) <= 0):
+        problems.append("block indices not strictly increasing by slot")
+    if index_crc is None or index_checksum(idx) != index_crc:
+        problems.append("block indices do not match the checksum recorded with them")
+    return problems
+
+
 def _int(value: object) -> bool:
     return type(value) is int
 

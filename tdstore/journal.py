@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 
-from .arrays import ArraySpec, check_array_path, check_gid, remove_entry
+from .arrays import check_array_path, check_gid, remove_entry
 from .catalog import AgentRow, GroupRow, PendingRow, now
-from .dtypes import stored_dtype
 from .errors import CorruptionError
-from .integrity import check_group_row
+from .integrity import agent_ref, check_group_row
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -101,15 +100,13 @@ def collect(store: Store, gid: str, ids: list[int] | None = None) -> int:
             elif r.path not in refs:
                 store.arrays.remove(check_array_path(r.path))
             elif r.kind == APPEND and group is not None and group.dtype is not None:
-                check_group_row(group)
                 # an append that did not commit: drop its chunk files past the committed
                 # length (the rewritten last chunk keeps the committed blocks: it stays)
-                a = refs[r.path]
-                spec = ArraySpec(tuple(group.block_shape), stored_dtype(group.dtype),
-                                 a.chunk_blocks, group.compressor)
-                rows_committed = group.n_blocks if a.role == "master" else a.n_diff
-                for extra in store.arrays.extra_entries(r.path, spec, rows_committed):
-                    remove_entry(extra)
+                check_group_row(group)
+                ref = agent_ref(group, refs[r.path])
+                if ref is not None:
+                    for extra in store.arrays.extra_entries(ref.path, ref.spec, ref.rows):
+                        remove_entry(extra)
         except CorruptionError:
             pass  # a tampered row or path: nothing of ours to remove; the row goes
     with store.catalog.write(lazy=True) as s:

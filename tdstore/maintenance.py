@@ -32,7 +32,7 @@ from .arrays import (
 from .catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
 from .diff import diff_mask
 from .errors import CorruptionError, InvalidInputError, NotFoundError
-from .integrity import agent_ref, check_group_row
+from .integrity import agent_ref, check_group_row, index_problems
 from .locking import file_lock
 
 if TYPE_CHECKING:
@@ -196,8 +196,6 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
 
 
 def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: ANN001
-    from .integrity import index_checksum
-
     found = []
     mirrors = session.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
                                                     AgentRow.role == "mirror"))
@@ -207,18 +205,9 @@ def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: 
                                .order_by(DiffBlockRow.slot)).all()
         idx = np.array([r[0] for r in rows], dtype=np.int64)
         slots = [r[1] for r in rows]
-        problems = []
-        if idx.size != a.n_diff:
-            problems.append(f"{idx.size} index rows for {a.n_diff} diff blocks")
-        if idx.size and (idx.min() < 0 or idx.max() >= g.n_blocks):
-            problems.append(f"block indices {idx.min()}..{idx.max()} outside "
-                            f"0..{g.n_blocks - 1}")
-        if idx.size and np.any(np.diff(idx) <= 0):
-            problems.append("block indices not strictly increasing by slot")
+        problems = index_problems(idx, a.n_diff, g.n_blocks, a.index_crc)
         if slots != list(range(len(slots))):
             problems.append(f"slots are not 0..{len(slots) - 1}")
-        if a.index_crc is None or index_checksum(idx) != a.index_crc:
-            problems.append("block indices do not match the checksum recorded with them")
         if problems:
             found.append(Finding("bad-index", "catalog.sqlite", "; ".join(problems),
                                  group=g.name, agent=a.name))

@@ -70,7 +70,7 @@ from .errors import (
     StorageError,
     TdStoreError,
 )
-from .integrity import agent_ref, check_group_row, index_checksum
+from .integrity import agent_ref, check_group_row, index_checksum, index_problems
 from .locking import deferred_signals, file_lock
 from .reconstruct import (
     AgentSnapshot,
@@ -661,17 +661,13 @@ class Group:
 
     def _check_index(self, g: GroupRow, row: AgentRow, idx: np.ndarray) -> None:
         """The diff index read from the catalogue is the one its writer recorded."""
-        problem = None
-        if row.role == "mirror" and idx.size != row.n_diff:
-            problem = f"{idx.size} index rows for {row.n_diff} diff blocks"
-        elif idx.size and (idx[0] < 0 or idx[-1] >= g.n_blocks or np.any(np.diff(idx) <= 0)):
-            problem = f"block indices not strictly increasing within 0..{g.n_blocks - 1}"
-        elif row.role == "mirror" and (row.index_crc is None
-                                       or index_checksum(idx) != row.index_crc):
-            problem = "block indices do not match the checksum recorded with them"
-        if problem:
-            raise CorruptionError(f"{self._where(row.name)}: diff index is damaged ({problem});"
-                                  " re-register the agent or delete it")
+        if row.role != "mirror":
+            return
+        problems = index_problems(idx, row.n_diff, g.n_blocks, row.index_crc)
+        if problems:
+            raise CorruptionError(f"{self._where(row.name)}: diff index is damaged "
+                                  f"({'; '.join(problems)}); re-register the agent or "
+                                  "delete it")
 
     def _read(self, agent: str, fn, *, touch: bool = True):  # noqa: ANN001
         """Run ``fn(snapshot)``; if it fails on data that a concurrent writer replaced
