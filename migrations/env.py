@@ -8,7 +8,7 @@ with ``-x url=sqlite:///path/catalog.sqlite`` works too.
 from alembic import context
 from sqlalchemy import create_engine
 
-from tdstore.catalog import Base
+from tdstore.storage.catalog import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,9 +1,13 @@
-"""tdstore: persistent master/mirror storage for the KV caches of many LLM agents."""
+"""tdstore: persistent master/mirror storage for the KV caches of many LLM agents.
 
-__version__ = "0.1.0"
+The public API is what this module exports; ``tdstore.api`` implements it on top of
+``tdstore.ops`` (operations), ``tdstore.storage`` (catalogue, arrays, locks) and
+``tdstore.core`` (pure logic).
+"""
 
-from .compat import TokenDanceStorage  # noqa: E402
-from .errors import (  # noqa: E402
+from tdstore.api.compat import TokenDanceStorage
+from tdstore.api.store import BlockView, Group, Store, open
+from tdstore.core.errors import (
     CorruptionError,
     InvalidInputError,
     NoMasterError,
@@ -15,8 +19,8 @@ from .errors import (  # noqa: E402
     StoreFullError,
     TdStoreError,
 )
-from .sparse import SparseKVDiff  # noqa: E402
-from .store import BlockView, Group, Store, open  # noqa: E402
+from tdstore.core.sparse import SparseKVDiff
+from tdstore.core.version import __version__
 
 __all__ = [
     "BlockView",

@@ -1,3 +1,3 @@
-from .cli import main
+from tdstore.cli import main
 
 main()

@@ -18,10 +18,10 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .errors import TdStoreError
-from .store import Store
-from .store import open as open_store
+from tdstore.api.store import Store
+from tdstore.api.store import open as open_store
+from tdstore.core.errors import TdStoreError
+from tdstore.core.version import __version__
 
 MiB = 1 << 20
 
@@ -163,15 +163,13 @@ def info(path: Path, as_json: bool) -> None:
 @json_opt
 def ls(path: Path, group: str | None, as_json: bool) -> None:
     """List the groups of a store, or the agents of GROUP."""
-    from .maintenance import ls_agents, ls_groups
-
     with _open(path) as store:
         if group is None:
-            rows = ls_groups(store)
+            rows = store.ls()
             cols = ["group", "agents", "master", "blocks", "dtype", "bytes_logical",
                     "bytes_stored", "compression_ratio"]
         else:
-            rows = ls_agents(store.group(group, create=False))
+            rows = store.group(group, create=False).ls()
             cols = ["agent", "role", "blocks", "diff_blocks", "bytes", "last_access", "status"]
     if as_json:
         _emit_json(rows)
@@ -389,7 +387,7 @@ def migrate(path: Path, revision: str) -> None:
 @json_opt
 def backup(path: Path, dest: Path, as_json: bool) -> None:
     """Copy the store at PATH to DEST (new or empty) consistently, while it is in use."""
-    from .backup import backup as backup_store
+    from tdstore.ops.backup import backup as backup_store
 
     with _progress("backup") as progress:
         report = backup_store(path, dest, progress=progress)
@@ -416,7 +414,7 @@ def backup(path: Path, dest: Path, as_json: bool) -> None:
               help="Blocks where agents differ by rounding-level noise.")
 def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
     """Write a synthetic group of agents to PATH, re-read it in a fresh process."""
-    from .demo import DemoWorkload, run
+    from tdstore.dev.demo import DemoWorkload, run
 
     if tail + near > blocks:
         raise click.BadParameter(f"--tail {tail} plus --near {near} exceed the {blocks} "
@@ -459,7 +457,7 @@ def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
 
 def _ab_config(window: int, block_size: int, queries: int, seed: int,
                q_heads: int | None) -> Any:
-    from .ab import ABConfig
+    from tdstore.analysis.ab import ABConfig
 
     return ABConfig(window=window, block_size=block_size, queries=queries, seed=seed,
                     q_heads=q_heads)
@@ -510,8 +508,8 @@ def ab(path: Path, group: str, agent: str, threshold: float | None, exact: Path 
        seed: int, q_heads: int | None, as_json: bool) -> None:
     """Attention A/B on AGENT's stored K/V, per layer: dense vs sparse attention, and
     exact vs the store's KV under a diff threshold."""
-    from . import ab as ablib
-    from .maintenance import load_file
+    from tdstore.analysis import ab as ablib
+    from tdstore.ops.files import load_file
 
     with _open(path) as store:
         g = store.group(group, create=False)
@@ -554,7 +552,7 @@ def ab_sweep(path: Path, group: str, thresholds: str, plot: Path | None, layers:
              as_json: bool) -> None:
     """Compression ratio against attention error over a range of diff thresholds (the
     group's stored blocks taken as exact; the store is not changed)."""
-    from . import ab as ablib
+    from tdstore.analysis import ab as ablib
 
     with _open(path) as store:
         report = ablib.sweep(store.group(group, create=False), ablib.parse_thresholds(thresholds),
@@ -586,7 +584,7 @@ def ab_sweep(path: Path, group: str, thresholds: str, plot: Path | None, layers:
 def bench_attention(seq: int, q_heads: int, kv_heads: int, head_dim: int, window: int,
                     block_size: int, reps: int, as_json: bool) -> None:
     """Time and peak memory of dense vs sparse attention (same inputs, one run)."""
-    from .bench import attention_benchmark
+    from tdstore.dev.bench import attention_benchmark
 
     r = attention_benchmark(seq, q_heads, kv_heads, head_dim, window, block_size, reps)
     if as_json:
@@ -613,7 +611,7 @@ def nullstats() -> None:
 @json_opt
 def nullstats_ls(path: Path, as_json: bool) -> None:
     """List the cached entries."""
-    from .nullstats import NullStatsCache
+    from tdstore.analysis.nullstats import NullStatsCache
 
     with _open(path) as store:
         rows = NullStatsCache(store).keys()
@@ -631,7 +629,7 @@ def nullstats_ls(path: Path, as_json: bool) -> None:
 @json_opt
 def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
     """Show one entry (KEY_HASH: the hash or a unique prefix of it)."""
-    from .nullstats import NullStatsCache
+    from tdstore.analysis.nullstats import NullStatsCache
 
     with _open(path) as store:
         entry = NullStatsCache(store).show(key_hash)
@@ -656,8 +654,8 @@ def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
 @click.argument("key_hash")
 def nullstats_rm(path: Path, key_hash: str) -> None:
     """Remove one entry (KEY_HASH: the hash or a unique prefix of it)."""
-    from .errors import NotFoundError
-    from .nullstats import NullStatsCache
+    from tdstore.analysis.nullstats import NullStatsCache
+    from tdstore.core.errors import NotFoundError
 
     with _open(path) as store:
         if not NullStatsCache(store).delete(key_hash):
@@ -669,7 +667,7 @@ def nullstats_rm(path: Path, key_hash: str) -> None:
 @path_arg
 def nullstats_clear(path: Path) -> None:
     """Remove every entry."""
-    from .nullstats import NullStatsCache
+    from tdstore.analysis.nullstats import NullStatsCache
 
     with _open(path) as store:
         n = NullStatsCache(store).clear()
@@ -682,7 +680,7 @@ def nullstats_clear(path: Path) -> None:
 @json_opt
 def bench_nullstats(gets: int, reps: int, as_json: bool) -> None:
     """A null-stats cache hit vs diskcache.Cache.get of the same payload."""
-    from .bench import nullstats_benchmark
+    from tdstore.dev.bench import nullstats_benchmark
 
     r = nullstats_benchmark(gets, reps)
     if as_json:
@@ -702,7 +700,7 @@ def bench(args: tuple[str, ...]) -> None:
 
     Options: see `tdstore bench --help`.
     """
-    from .bench import main as bench_main
+    from tdstore.dev.bench import main as bench_main
 
     sys.exit(bench_main(list(args)))
 

@@ -49,6 +49,6 @@ def head_revision() -> str:
     """The newest catalogue schema revision this tdstore knows."""
     from alembic.script import ScriptDirectory
 
-    from tdstore.catalog import migrations_dir
+    from tdstore.storage.catalog import migrations_dir
 
     return ScriptDirectory(str(migrations_dir())).get_current_head()

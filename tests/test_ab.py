@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import fingerprint
 
 import tdstore
-from tdstore import ab
+from tdstore.analysis import ab
 from tdstore.cli import main
 
 LAYOUT = {"axes": ["layer", "kv", "token", "head", "dim"]}

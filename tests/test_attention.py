@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tdstore
-from tdstore.attention import SparsePattern, dense_attention, sparse_attention
+from tdstore.analysis.attention import SparsePattern, dense_attention, sparse_attention
 
 
 def make_qkv(seq: int, heads: int, dim: int):

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from conftest import fingerprint
 
 import tdstore
-from tdstore.backup import MAX_ROUNDS, backup
 from tdstore.cli import main
+from tdstore.ops.backup import MAX_ROUNDS, backup
 
 BLOCK = (4, 8)
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import fingerprint, kv
 
 import tdstore
+from tdstore.ops.budget import lru_order
 
 MiB = 1 << 20
 
@@ -149,7 +150,12 @@ def test_a_group_counts_as_used_when_any_of_its_agents_is(tmp_path):
         hot = add_group(store, "hot", 3)
         time.sleep(1.1)
         hot.reconstruct("a2")  # touches a2 and, through it, the group
-        order = [(v.group, v.agent) for v in store.evict(1, dry_run=True)]
+        order = [(v.group, v.agent) for v in lru_order(store._ctx)]
         # 'old' was used longest ago; then hot's mirrors one by one; the hot group last
         assert order == [("old", None), ("hot", "a0"), ("hot", "a1"), ("hot", "a2"),
                          ("hot", None)]
+        # evicting everything takes each group once, with all its bytes counted once
+        plan = store.evict(1, dry_run=True)
+        assert [(v.group, v.agent) for v in plan] == [("old", None), ("hot", None)]
+        assert sum(v.nbytes for v in plan) == sum(
+            store.group(g).stats()["bytes_stored"] for g in ("old", "hot"))

@@ -9,7 +9,7 @@ from alembic import command
 from conftest import fingerprint, kv
 
 import tdstore
-from tdstore.catalog import Catalog, _alembic_config, schema_status, sqlite_url
+from tdstore.storage.catalog import Catalog, _alembic_config, schema_status, sqlite_url
 
 
 def test_new_store_has_head_schema_wal_and_metadata(tmp_path):
@@ -111,7 +111,7 @@ def test_a_store_written_at_0001_keeps_its_data_through_the_upgrade(tmp_path):
 
 
 def test_a_store_from_before_the_null_stats_table_gains_it_on_open(tmp_path):
-    from tdstore.nullstats import NullStatsCache
+    from tdstore.analysis.nullstats import NullStatsCache
 
     with tdstore.open(tmp_path / "s") as store:
         store.group("g").register_master("m", kv(4))
@@ -128,7 +128,7 @@ def test_writes_commit_with_full_sync_even_after_best_effort_access_records(tmp_
     with tdstore.open(tmp_path / "s") as store:
         g = store.group("g")
         g.register_master("m", kv(4))
-        stale = {i: 0.0 for i in g._snapshot("m").accessed}
+        stale = {i: 0.0 for i in g._ops.snapshot("m").accessed}
         store.catalog.touch(stale, 1.0)  # an access record: synchronous NORMAL, no fsync
         with store.catalog.write() as s:
             assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL

@@ -24,7 +24,7 @@ from conftest import fingerprint, kv
 
 import tdstore
 from tdstore.cli import main as cli
-from tdstore.harness import STOP_TRIES, wait_stopped
+from tdstore.dev.harness import STOP_TRIES, wait_stopped
 
 BLOCKS = 24
 SHAPE = (8, 32)
@@ -577,7 +577,7 @@ def test_a_signal_during_a_commit_is_delivered_after_it(sig):
     it would have: KeyboardInterrupt for SIGINT, termination for SIGTERM; none is lost."""
     done = _py(f"""
 import os, signal, time
-from tdstore.locking import deferred_signals
+from tdstore.storage.locks import deferred_signals
 signal.signal(signal.SIGINT, signal.default_int_handler)  # also in a background job
 try:
     with deferred_signals():

@@ -204,7 +204,7 @@ def test_export_and_import_round_trip(tmp_path, suffix, dtype):
         assert np.array_equal(back.view(np.uint8), mirror.view(np.uint8))
         result = g.import_file("b", file, dtype=dtype if raw_bits else None)
         assert result == {"group": "g", "agent": "b", "role": "mirror", "blocks": 8,
-                          "diff_blocks": 1}
+                          "diff_blocks": 1, "removed": []}
 
 
 def test_import_of_a_bad_file_is_refused_and_store_unchanged(tmp_path):

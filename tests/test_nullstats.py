@@ -14,8 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import tdstore
-from tdstore.cli import main
-from tdstore.nullstats import (
+from tdstore.analysis.nullstats import (
     NullStatsCache,
     calibrate,
     calibration_key,
@@ -23,7 +22,8 @@ from tdstore.nullstats import (
     summarise,
     zscore,
 )
-from tdstore.scoring import DummyDifferentialBackend, DummyResponses
+from tdstore.analysis.scoring import DummyDifferentialBackend, DummyResponses
+from tdstore.cli import main
 
 PROMPTS = ["What is 2+2?", "Name a colour.", "Écris une phrase.", "日本語で"]
 
@@ -56,8 +56,8 @@ def test_stable_hash_refuses_what_it_cannot_encode(bad, name):
 
 PROBE = textwrap.dedent("""
     import json, sys, numpy as np
-    from tdstore.nullstats import calibrate, stable_hash
-    from tdstore.scoring import DummyDifferentialBackend, DummyResponses
+    from tdstore.analysis.nullstats import calibrate, stable_hash
+    from tdstore.analysis.scoring import DummyDifferentialBackend, DummyResponses
     be = DummyDifferentialBackend(base=DummyResponses(), ft=DummyResponses())
     prompts = json.loads(sys.argv[1])
     with be.as_null_adapter(1001) as v:
@@ -81,7 +81,7 @@ def test_hashes_null_views_and_stats_are_identical_across_hash_seeds():
 SECOND = textwrap.dedent("""
     import json, sys
     import tdstore
-    from tdstore.nullstats import NullStatsCache, calibration_key
+    from tdstore.analysis.nullstats import NullStatsCache, calibration_key
     key = json.loads(sys.argv[2])
     def compute():
         raise SystemExit("computed again")
@@ -165,8 +165,8 @@ def test_unreadable_and_old_schema_entries_are_misses_not_crashes(tmp_path):
 
 RACE = textwrap.dedent("""
     import sys, tdstore
-    from tdstore.nullstats import NullStatsCache, calibrate
-    from tdstore.scoring import DummyDifferentialBackend, DummyResponses
+    from tdstore.analysis.nullstats import NullStatsCache, calibrate
+    from tdstore.analysis.scoring import DummyDifferentialBackend, DummyResponses
     be = DummyDifferentialBackend(base=DummyResponses(), ft=DummyResponses())
     with tdstore.open(sys.argv[1]) as store:
         for _ in range(20):

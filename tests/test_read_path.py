@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tdstore
-from tdstore import reconstruct
-from tdstore.diff import nonfinite_blocks
-from tdstore.dtypes import NONFINITE_BITS, numpy_dtype
+from tdstore.core.diff import nonfinite_blocks
+from tdstore.core.dtypes import NONFINITE_BITS, numpy_dtype
+from tdstore.storage import reads as reconstruct
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tdstore.harness import concurrency_test, crash_test
+from tdstore.dev.harness import concurrency_test, crash_test
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tdstore.scoring import (
+from tdstore.analysis.scoring import (
     DifferentialBackend,
     DummyDifferentialBackend,
     DummyResponses,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import tdstore
-from tdstore.harness import BLOCK, DTYPE, apply, execute, read_state, same
+from tdstore.dev.harness import BLOCK, DTYPE, apply, execute, read_state, same
 
 # names that must be stored exactly and never reach the file system
 NAMES = st.sampled_from(["a", "b", "critic", "名前", "🤖", "x" * 300, "a..b", ".hidden", "-",

@@ -9,7 +9,7 @@ import zarr
 from conftest import bits, kv
 
 import tdstore
-from tdstore.dtypes import SUPPORTED
+from tdstore.core.dtypes import SUPPORTED
 
 LAYOUT = ("layer", "kv", "token", "head", "dim")
 RAW_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,

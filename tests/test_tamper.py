@@ -288,7 +288,7 @@ class _Findings:
     """A verify report rebuilt from the child's JSON, for assert_damage."""
 
     def __init__(self, rows):
-        from tdstore.maintenance import Finding
+        from tdstore.ops.maintenance import Finding
 
         self.findings = [Finding(kind, p, "", group=g, agent=a) for kind, g, a, p, _ in rows]
         self.damage = [f for f in self.findings if f.is_damage]

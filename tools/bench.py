@@ -4,7 +4,7 @@ memcpy (the same as `tdstore bench`). Run `python tools/bench.py --help`."""
 
 import sys
 
-from tdstore.bench import main
+from tdstore.dev.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ import json
 import sys
 import tempfile
 
-from tdstore.harness import concurrency_test
+from tdstore.dev.harness import concurrency_test
 
 
 def main() -> int:

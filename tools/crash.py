@@ -10,7 +10,7 @@ import signal
 import sys
 import tempfile
 
-from tdstore.harness import crash_test
+from tdstore.dev.harness import crash_test
 
 
 def main() -> int:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, NotFoundError
-from .torch import numpy_to_tensor, tensor_to_numpy
+from tdstore.core.errors import InvalidInputError, NotFoundError
+from tdstore.core.tensors import numpy_to_tensor, tensor_to_numpy
 
 if TYPE_CHECKING:
-    from ..store import Group
+    from tdstore.api.store import Group
 
 LAYOUT = {"axes": ["layer", "kv", "token", "head", "dim"]}
 

@@ -22,12 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .attention import SparsePattern, attended_mask, dense_attention, sparse_attention
-from .diff import diff_mask
-from .errors import InvalidInputError, StateError
+from tdstore.analysis.attention import (
+    SparsePattern,
+    attended_mask,
+    dense_attention,
+    sparse_attention,
+)
+from tdstore.core.diff import diff_mask
+from tdstore.core.errors import InvalidInputError, StateError
 
 if TYPE_CHECKING:
-    from .store import Group
+    from tdstore.api.store import Group
 
 AXES = ("layer", "kv", "token", "head", "dim")
 

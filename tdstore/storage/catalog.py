@@ -12,7 +12,7 @@ import json
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .errors import SchemaError
+from tdstore.core.errors import SchemaError
 
 # Settings applied to every SQLite connection. synchronous=FULL makes a commit durable
 # across power loss; WAL lets readers proceed while one writer commits.
@@ -154,6 +155,14 @@ class PendingRow(Base):
 
 def now() -> float:
     return time.time()
+
+
+def delete_agents(session: Session, ids: Sequence[int]) -> None:
+    """Delete agent rows and their diff indexes (the one place agents are deleted)."""
+    if not ids:
+        return
+    session.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(list(ids))))
+    session.execute(delete(AgentRow).where(AgentRow.id.in_(list(ids))))
 
 
 def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: Any) -> Engine:
@@ -292,7 +301,7 @@ class Catalog:
         back, so the catalogue is as it was)."""
         from sqlalchemy.exc import DatabaseError
 
-        from .errors import CorruptionError, StorageError
+        from tdstore.core.errors import CorruptionError, StorageError
 
         try:
             yield

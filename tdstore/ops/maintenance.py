@@ -20,28 +20,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select
 
-from . import __version__, budget, journal
-from .arrays import (
-    GID_RE,
-    ArrayRef,
-    ArraySpec,
-    block_range,
-    entry_nbytes,
-    remove_entry,
-)
-from .catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
-from .diff import diff_mask
-from .errors import CorruptionError, InvalidInputError, NotFoundError
-from .integrity import agent_ref, check_group_row, index_problems
-from .locking import file_lock
+from tdstore.core.errors import CorruptionError
+from tdstore.core.ids import GID_RE, check_gid
+from tdstore.core.kinds import FindingKind
+from tdstore.core.layout import ArrayRef, ArraySpec, block_range
+from tdstore.core.validate import check_max_bytes
+from tdstore.core.version import __version__
+from tdstore.ops import budget, journal
+from tdstore.ops.groups import GroupOps
+from tdstore.storage.arrays import entry_nbytes, remove_entry
+from tdstore.storage.catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
+from tdstore.storage.integrity import agent_ref, check_group_row, index_problems
 
 if TYPE_CHECKING:
-    from .store import Group, Store
+    from tdstore.ops.context import StoreContext as Store
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
-DAMAGE = ("missing-array", "missing-chunk", "truncated-chunk", "checksum", "bad-metadata",
-          "bad-index", "foreign-chunk", "unsafe-entry", "bad-row", "bad-path")
 DATA_DIR = "data"
 
 
@@ -49,7 +44,7 @@ DATA_DIR = "data"
 class Finding:
     """One thing ``verify`` found: damage to live data, or garbage that can be removed."""
 
-    kind: str
+    kind: FindingKind
     path: str  # relative to the store directory
     detail: str
     group: str | None = None
@@ -57,9 +52,12 @@ class Finding:
     blocks: str | None = None
     nbytes: int = 0  # bytes a removal would reclaim
 
+    def __post_init__(self) -> None:
+        self.kind = FindingKind(self.kind)  # also from a report's JSON
+
     @property
     def is_damage(self) -> bool:
-        return self.kind in DAMAGE
+        return self.kind.is_damage
 
     def __str__(self) -> str:
         where = " ".join(
@@ -124,7 +122,7 @@ def _group_refs(session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]: 
     try:
         check_group_row(g)
     except CorruptionError as exc:
-        return [], [Finding("bad-row", "catalog.sqlite", str(exc), group=g.name)]
+        return [], [Finding(FindingKind.BAD_ROW, "catalog.sqlite", str(exc), group=g.name)]
     refs, found = [], []
     rows = list(session.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
     # an array path lies in its own group's directory (agent_ref checks that), so two
@@ -136,8 +134,8 @@ def _group_refs(session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]: 
                 raise CorruptionError(f"array {a.array} is referenced by more than one agent")
             ref = agent_ref(g, a)
         except CorruptionError as exc:
-            kind = "bad-path" if "array path" in str(exc) or "array " in str(exc)[:7] \
-                or "referenced by more than one" in str(exc) else "bad-row"
+            kind = FindingKind.BAD_PATH if "array path" in str(exc) or "array " in str(exc)[:7] \
+                or "referenced by more than one" in str(exc) else FindingKind.BAD_ROW
             found.append(Finding(kind, "catalog.sqlite", str(exc), group=g.name,
                                  agent=a.name))
             continue
@@ -154,19 +152,18 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
     full = store.arrays.root / ref.path
     spec, rows = ref.ref.spec, ref.ref.rows
     try:
-        with store.arrays._dir(ref.path) as dirfd:
-            store.arrays.check_metadata(ref.ref, dirfd, cached=False)
+        store.arrays.check_metadata(ref.ref, cached=False)
     except CorruptionError as exc:
         msg = str(exc)
-        kind = ("unsafe-entry" if "symlink" in msg or "not a directory" in msg else
-                "missing-array" if "is missing" in msg and "zarr.json" not in msg else
-                "bad-metadata")
-        found.append(Finding(kind, _rel(store, full / "zarr.json" if kind == "bad-metadata"
-                                         else full), msg.split(": ", 1)[-1], **who))
-        if kind != "bad-metadata":
+        kind = (FindingKind.UNSAFE_ENTRY if "symlink" in msg or "not a directory" in msg else
+                FindingKind.MISSING_ARRAY if "is missing" in msg and "zarr.json" not in msg else
+                FindingKind.BAD_METADATA)
+        where = full / "zarr.json" if kind == FindingKind.BAD_METADATA else full
+        found.append(Finding(kind, _rel(store, where), msg.split(": ", 1)[-1], **who))
+        if kind != FindingKind.BAD_METADATA:
             return found
     for extra in store.arrays.extra_entries(ref.path, spec, rows):
-        found.append(Finding("orphan-file", _rel(store, extra),
+        found.append(Finding(FindingKind.ORPHAN_FILE, _rel(store, extra),
                              "file no committed block uses", nbytes=entry_nbytes(extra), **who))
     for c, lo, hi in spec.windows(0, rows):
         blocks = block_range(lo, hi) if ref.agent.role == "master" else \
@@ -181,15 +178,16 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
                 if not stat.S_ISREG(st.st_mode):
                     raise CorruptionError(f"chunk file {file.name} is not a regular file")
         except FileNotFoundError:
-            found.append(Finding("missing-chunk", _rel(store, file), "chunk file is missing",
-                                 blocks=blocks, **who))
+            found.append(Finding(FindingKind.MISSING_CHUNK, _rel(store, file),
+                                 "chunk file is missing", blocks=blocks, **who))
         except CorruptionError as exc:
             msg = str(exc)
-            kind = ("missing-chunk" if "is missing" in msg else
-                    "truncated-chunk" if " bytes, expected" in msg or "truncated" in msg else
-                    "foreign-chunk" if "holds other data" in msg else
-                    "unsafe-entry" if "symlink" in msg or " is a" in msg
-                    or "not a regular" in msg else "checksum")
+            kind = (FindingKind.MISSING_CHUNK if "is missing" in msg else
+                    FindingKind.TRUNCATED_CHUNK if " bytes, expected" in msg
+                    or "truncated" in msg else
+                    FindingKind.FOREIGN_CHUNK if "holds other data" in msg else
+                    FindingKind.UNSAFE_ENTRY if "symlink" in msg or " is a" in msg
+                    or "not a regular" in msg else FindingKind.CHECKSUM)
             found.append(Finding(kind, _rel(store, file), msg.split(": ", 1)[-1],
                                  blocks=blocks, **who))
     return found
@@ -209,7 +207,7 @@ def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: 
         if slots != list(range(len(slots))):
             problems.append(f"slots are not 0..{len(slots) - 1}")
         if problems:
-            found.append(Finding("bad-index", "catalog.sqlite", "; ".join(problems),
+            found.append(Finding(FindingKind.BAD_INDEX, "catalog.sqlite", "; ".join(problems),
                                  group=g.name, agent=a.name))
     return found
 
@@ -221,7 +219,7 @@ def _orphans_in_group_dir(store: Store, gdir: Path, referenced: set[str],
         rel = f"{gdir.name}/{entry.name}"
         if entry.name == "zarr.json" or rel in referenced:
             continue
-        found.append(Finding("orphan-array", _rel(store, entry),
+        found.append(Finding(FindingKind.ORPHAN_ARRAY, _rel(store, entry),
                              "array no catalogue row references", group=group,
                              nbytes=entry_nbytes(entry)))
     return found
@@ -250,12 +248,12 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
         if progress:
             progress(i, total, f"group {g.name!r}")
         try:
-            lock = store.lock_path(g.gid)
+            check_gid(g.gid)
         except CorruptionError as exc:
-            report.findings.append(Finding("bad-row", "catalog.sqlite", str(exc),
+            report.findings.append(Finding(FindingKind.BAD_ROW, "catalog.sqlite", str(exc),
                                            group=g.name))
             continue
-        with file_lock(lock), store.catalog.read() as s:
+        with store.locks.hold(g.gid), store.catalog.read() as s:
             g = s.get(GroupRow, g.id)
             if g is None:  # deleted meanwhile
                 continue
@@ -268,10 +266,10 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
             found += _check_index(store, s, g)
             gdir = root / g.gid
             if gdir.is_symlink() or (gdir.exists() and not gdir.is_dir()):
-                found.append(Finding("unsafe-entry", _rel(store, gdir),
+                found.append(Finding(FindingKind.UNSAFE_ENTRY, _rel(store, gdir),
                                      "the group directory is a symlink or not a directory",
                                      group=g.name))
-                found += [Finding("unsafe-entry", _rel(store, root / r.path),
+                found += [Finding(FindingKind.UNSAFE_ENTRY, _rel(store, root / r.path),
                                   "its group directory is not a directory of the store",
                                   group=g.name, agent=r.agent.name) for r in refs]
                 refs = []
@@ -283,7 +281,7 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
                 found += _orphans_in_group_dir(store, gdir, {r.path for r in refs}, g.name)
             if remove_garbage and trusted:
                 for f in found:
-                    if not f.is_damage or f.kind == "unsafe-entry":
+                    if not f.is_damage or f.kind == FindingKind.UNSAFE_ENTRY:
                         with contextlib.suppress(CorruptionError):
                             store.arrays.remove_below(
                                 str(Path(f.path).relative_to(DATA_DIR)))
@@ -299,17 +297,17 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
                 continue
             if not GID_RE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
                 report.findings.append(Finding(
-                    "foreign-entry", _rel(store, entry),
+                    FindingKind.FOREIGN_ENTRY, _rel(store, entry),
                     "not a group directory (a symlink, file or foreign name)",
                     nbytes=entry_nbytes(entry)))
                 if remove_garbage:
                     remove_entry(entry)
                 continue
-            with store._group_lock(entry.name):
+            with store.locks.hold(entry.name):
                 if entry.name in {g.gid for g in _groups(store)}:
                     continue
                 report.findings.append(Finding(
-                    "orphan-group", _rel(store, entry), "directory of no group",
+                    FindingKind.ORPHAN_GROUP, _rel(store, entry), "directory of no group",
                     nbytes=entry_nbytes(entry)))
                 if remove_garbage:
                     remove_entry(entry)
@@ -323,7 +321,7 @@ def backfill_checksums(store: Store) -> int:
     """Record the per-chunk and diff-index checksums of rows written before schema
     0004 (each chunk's own checksum is verified first; a damaged chunk leaves its row
     unrecorded, which ``verify`` reports). Returns the rows updated."""
-    from .integrity import index_checksum
+    from tdstore.storage.integrity import index_checksum
 
     with store.catalog.read() as s:
         groups = {g.id: g for g in s.scalars(select(GroupRow))}
@@ -336,10 +334,10 @@ def backfill_checksums(store: Store) -> int:
         if g is None:
             continue
         try:
-            with store._group_lock(g.gid):
+            with store.locks.hold(g.gid):
                 crcs = a.chunk_crcs
                 if a.array is not None and crcs is None:
-                    from .dtypes import stored_dtype
+                    from tdstore.core.dtypes import stored_dtype
 
                     spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype),
                                      a.chunk_blocks, g.compressor)
@@ -375,7 +373,7 @@ def verify(store: Store, *, repair: bool = False, checksums: bool = True,
     healthy agents are never touched.
     """
     if repair:
-        store._check_writable()
+        store.check_writable()
     quarantined: list[str] = []
 
     def quarantine(g: GroupRow, found: list[Finding]) -> None:
@@ -408,7 +406,7 @@ def gc(store: Store, *, dry_run: bool = False, progress: Progress | None = None)
     """Remove the data no catalogue row references (left by replacements, deletes and
     interrupted writes); with ``dry_run`` only report it."""
     if not dry_run:
-        store._check_writable()
+        store.check_writable()
     garbage = _scan(store, checksums=False, remove_garbage=not dry_run,
                     progress=progress).garbage
     return GcReport([f.path for f in garbage], sum(f.nbytes for f in garbage), dry_run)
@@ -420,7 +418,7 @@ def info(store: Store) -> dict[str, Any]:
     groups = []
     logical = stored = agents = 0
     for name in store.groups():
-        st = store.group(name, create=False).stats()
+        st = GroupOps(store, name).stats()
         groups.append(name)
         agents += (st["n_mirrors"] + 1) if st["master_id"] else 0
         logical += st["bytes_logical"]
@@ -443,11 +441,12 @@ def info(store: Store) -> dict[str, Any]:
     }
 
 
-def ls_agents(group: Group) -> list[dict[str, Any]]:
+def ls_agents(store: Store, group: str) -> list[dict[str, Any]]:
     """The agents of a group with role, blocks, diff blocks, bytes, last access, status."""
-    with group.store.catalog.read() as s:
-        g = group._row(s)
-        rows = group._agents(s, g)
+    ops = GroupOps(store, group)
+    with store.catalog.read() as s:
+        g = ops.row(s)
+        rows = ops.agents_of(s, g)
     return [{"agent": a.name, "role": a.role, "blocks": g.n_blocks,
              "diff_blocks": a.n_diff,
              "bytes": a.nbytes, "last_access": a.last_access, "status": a.status}
@@ -457,7 +456,7 @@ def ls_agents(group: Group) -> list[dict[str, Any]]:
 def ls_groups(store: Store) -> list[dict[str, Any]]:
     out = []
     for name in store.groups():
-        st = store.group(name, create=False).stats()
+        st = GroupOps(store, name).stats()
         out.append({"group": name, "agents": (st["n_mirrors"] + 1) if st["master_id"] else 0,
                     "master": st["master_id"], "blocks": st["n_blocks"],
                     "block_shape": st["block_shape"], "dtype": st["dtype"],
@@ -469,146 +468,11 @@ def ls_groups(store: Store) -> list[dict[str, Any]]:
 
 def evict(store: Store, max_bytes: int, *, dry_run: bool = False) -> list[budget.Victim]:
     """Evict least-recently-used agents until the store's data fits in ``max_bytes``."""
-    budget.check_max_bytes(max_bytes)
+    check_max_bytes(max_bytes)
     victims, _ = budget.plan(store, max_bytes)
     if dry_run:
         return victims
-    store._check_writable()
+    store.check_writable()
     with budget.budget_turn(store):
         victims, _ = budget.plan(store, max_bytes)
         return budget.evict(store, victims)
-
-
-# --------------------------------------------------------------------------- rewriting
-
-
-def best_master(group: Group) -> str:
-    """The agent that, as master, gives the fewest diff blocks in total (ties: current)."""
-    names = group.agents()
-    if len(names) < 2:
-        return names[0] if names else ""
-    threshold = group.diff_threshold
-    master = names[0]
-    mirrors = {n: group.mirror(n) for n in names[1:]}
-    union = np.unique(np.concatenate([d.block_indices for d in mirrors.values()] +
-                                     [np.zeros(0, np.int64)]))
-    cost = dict.fromkeys(names, 0)
-    if union.size == 0:
-        return master
-    base = group.view(master)[union]
-    views = {n: group.view(n)[union] for n in mirrors}
-    for j in range(union.size):
-        # each agent's value of this block: its own if it differs here, else the master's
-        values = [base[j]] + [views[n][j] for n in names[1:]]
-        stacked = np.stack(values)
-        for i, cand in enumerate(names):
-            ref = np.broadcast_to(stacked[i], stacked.shape)
-            cost[cand] += int(diff_mask(ref, stacked, threshold).sum())
-    best = min(names, key=lambda n: (cost[n], n != master))
-    return best
-
-
-def rebase(group: Group, master: str | None = None) -> dict[str, Any]:
-    """Make ``master`` (or, if None, the agent that minimises the total diff) the master,
-    and re-derive every mirror against it. Atomic: one catalogue transaction makes the
-    new layout visible. Each agent keeps what it reconstructs to now."""
-    names = group.agents()
-    if not names:
-        raise NotFoundError(f"group {group.name!r} has no agents")
-    chosen = best_master(group) if master is None else master
-    if chosen not in names:
-        raise NotFoundError(f"group {group.name!r}: unknown agent {chosen!r}")
-    before = group.stats()["diff_blocks_total"]
-    group._replace_all(chosen)
-    return {"group": group.name, "master": chosen, "previous_master": names[0],
-            "diff_blocks_before": before, "diff_blocks_after": group.stats()["diff_blocks_total"]}
-
-
-def compact(group: Group) -> dict[str, Any]:
-    """Rewrite the group tightly: chunking re-balanced for the current sizes (appends
-    leave a padded last chunk), stale metadata trimmed. Atomic, like ``rebase``."""
-    names = group.agents()
-    if not names:
-        return {"group": group.name, "bytes_before": 0, "bytes_after": 0}
-    before = group.stats()["bytes_stored"]
-    group._replace_all(names[0])
-    return {"group": group.name, "bytes_before": before,
-            "bytes_after": group.stats()["bytes_stored"]}
-
-
-# --------------------------------------------------------------------------- files
-
-
-def export_agent(group: Group, agent: str, file: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write one agent's blocks to a ``.npy`` or ``.safetensors`` file.
-
-    bfloat16 and float8 have no .npy or safetensors-numpy dtype: they are written as their
-    raw bits (uint16/uint8); a .safetensors file records the logical dtype in its metadata,
-    so ``import_agent`` restores it (for .npy pass ``dtype=``).
-    """
-    from .dtypes import logical_name
-
-    path = Path(file)
-    kind = path.suffix.lower()
-    if kind not in (".npy", ".safetensors"):
-        raise InvalidInputError(f"export file {path}: expected a .npy or .safetensors name")
-    if not path.parent.is_dir():
-        raise InvalidInputError(f"export file {path}: directory {path.parent} does not exist")
-    full = group.reconstruct(agent)
-    name = logical_name(full.dtype)
-    raw = full.view(f"u{full.dtype.itemsize}") if name in ("bfloat16", "float8_e4m3fn",
-                                                           "float8_e5m2") else full
-    tmp = path.with_name(path.name + ".tmp")
-    if kind == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, raw)
-    else:
-        from safetensors.numpy import save_file
-
-        save_file({"kv": raw}, str(tmp), metadata={"tdstore_dtype": name, "group": group.name,
-                                                   "agent": agent})
-    os.replace(tmp, path)
-    return {"group": group.name, "agent": agent, "file": str(path), "dtype": name,
-            "shape": list(full.shape), "bytes": path.stat().st_size}
-
-
-def load_file(file: str | os.PathLike[str], dtype: str | None = None) -> np.ndarray:
-    """Read blocks from a ``.npy`` or ``.safetensors`` file (as written by export)."""
-    from .dtypes import SUPPORTED, numpy_dtype
-
-    path = Path(file)
-    kind = path.suffix.lower()
-    if not path.is_file():
-        raise NotFoundError(f"import file {path} does not exist")
-    recorded = None
-    try:
-        if kind == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif kind == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                keys = list(f.keys())
-                if len(keys) != 1:
-                    raise InvalidInputError(
-                        f"import file {path}: expected one tensor, found {len(keys)} ({keys})")
-                arr = f.get_tensor(keys[0])
-                recorded = (f.metadata() or {}).get("tdstore_dtype")
-        else:
-            raise InvalidInputError(f"import file {path}: expected a .npy or .safetensors file")
-    except (ValueError, OSError) as exc:
-        if isinstance(exc, InvalidInputError):
-            raise
-        raise InvalidInputError(f"import file {path} cannot be read: {exc}") from exc
-    target = dtype or recorded
-    if target is not None:
-        if target not in SUPPORTED:
-            raise InvalidInputError(f"dtype {target!r} is not supported; expected one of "
-                                    f"{', '.join(SUPPORTED)}")
-        want = numpy_dtype(target)
-        if arr.dtype != want:
-            if arr.dtype.itemsize != want.itemsize or arr.dtype.kind not in "ui":
-                raise InvalidInputError(
-                    f"import file {path}: dtype {arr.dtype} cannot be read as {target}")
-            arr = np.ascontiguousarray(arr).view(want)
-    return arr

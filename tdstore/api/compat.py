@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NoMasterError, NotFoundError
-from .sparse import SparseKVDiff
-from .store import Group, Store
+from tdstore.api.store import Group, Store
+from tdstore.core.errors import NoMasterError, NotFoundError
+from tdstore.core.sparse import SparseKVDiff
 
 
 class _MasterCache(Mapping[str, np.ndarray]):

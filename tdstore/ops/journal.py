@@ -19,23 +19,21 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 
-from .arrays import check_array_path, check_gid, remove_entry
-from .catalog import AgentRow, GroupRow, PendingRow, now
-from .errors import CorruptionError
-from .integrity import agent_ref, check_group_row
+from tdstore.core.errors import CorruptionError
+from tdstore.core.ids import check_array_path, check_gid
+from tdstore.core.kinds import JournalOp
+from tdstore.storage.arrays import remove_entry
+from tdstore.storage.catalog import AgentRow, GroupRow, PendingRow, now
+from tdstore.storage.integrity import agent_ref, check_group_row
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from .store import Store
-
-WRITE = "write"
-APPEND = "append"
-REMOVE = "remove"
-REMOVE_GROUP = "remove-group"
+    from tdstore.ops.context import StoreContext as Store
 
 
-def record(store: Store, gid: str, path: str, kind: str, nbytes: int) -> int:
+
+def record(store: Store, gid: str, path: str, kind: JournalOp, nbytes: int) -> int:
     """Journal data about to be put down (committed before the first byte is written)."""
     with store.catalog.write(lazy=True) as s:
         row = PendingRow(gid=gid, path=path, kind=kind, nbytes=int(nbytes), created_at=now())
@@ -51,7 +49,7 @@ def settle(session: Session, ids: list[int]) -> None:
 
 
 def schedule_removals(session: Session, gid: str, items: list[tuple[str, int]],
-                      kind: str = REMOVE) -> list[int]:
+                      kind: JournalOp = JournalOp.REMOVE) -> list[int]:
     """In the commit that unreferences ``(path, nbytes)`` items: journal their removal."""
     rows = [PendingRow(gid=gid, path=p, kind=kind, nbytes=int(n), created_at=now())
             for p, n in items if p]
@@ -94,12 +92,12 @@ def collect(store: Store, gid: str, ids: list[int] | None = None) -> int:
         group = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
     for r in rows:
         try:
-            if r.kind == REMOVE_GROUP:
+            if r.kind == JournalOp.REMOVE_GROUP:
                 if group is None and r.path == gid:
                     store.arrays.remove_group_dir(check_gid(r.path))
             elif r.path not in refs:
                 store.arrays.remove(check_array_path(r.path))
-            elif r.kind == APPEND and group is not None and group.dtype is not None:
+            elif r.kind == JournalOp.APPEND and group is not None and group.dtype is not None:
                 # an append that did not commit: drop its chunk files past the committed
                 # length (the rewritten last chunk keeps the committed blocks: it stays)
                 check_group_row(group)

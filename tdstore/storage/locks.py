@@ -1,5 +1,5 @@
-"""``flock``-based locks (group writers, budgeted writers, migrations) and the
-deferral of signals around commits."""
+"""Locks (group writers, budgeted writers, migrations) behind the :class:`Locks`
+interface, their ``flock`` implementation, and the deferral of signals around commits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
+
+from tdstore.core.ids import check_gid
 
 
 @contextlib.contextmanager
@@ -103,3 +107,30 @@ def deferred_signals() -> Iterator[None]:
             _pending.clear()
             for signum in todo:
                 _deliver(signum, None)
+
+
+class Locks(Protocol):
+    """Named locks shared by every process of a store: ``store`` (schema upgrades),
+    ``budget`` (budgeted writes take turns) and one per group id (its writers).
+
+    ``hold(name, wait=False)`` yields False at once instead of waiting for a holder.
+    A second implementation (locks in a database server) plugs in here."""
+
+    def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]: ...
+
+
+class FileLocks:
+    """:class:`Locks` as ``flock`` on ``<directory>/<name>.lock`` (one host)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def path(self, name: str) -> Path:
+        """The lock file of a group id (checked: it comes from the catalogue or from
+        ``data/``), or of ``budget`` / ``store``."""
+        if name not in ("budget", "store"):
+            check_gid(name)
+        return self.directory / f"{name}.lock"
+
+    def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]:
+        return file_lock(self.path(name), wait=wait)

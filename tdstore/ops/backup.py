@@ -38,14 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arrays import ARRAY_RE, GID_RE, fsync_dir, fsync_file
-from .errors import CorruptionError, InvalidInputError, StorageError
+from tdstore.core.errors import CorruptionError, InvalidInputError, StorageError
+from tdstore.core.ids import ARRAY_RE, GID_RE
+from tdstore.ops import maintenance
+from tdstore.ops.context import CATALOG_FILE, DATA_DIR, LOCK_DIR, StoreContext
+from tdstore.storage.arrays import fsync_dir, fsync_file
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
-CATALOG_FILE = "catalog.sqlite"
-DATA_DIR = "data"
-LOCK_DIR = "locks"
 META_FILE = "zarr.json"
 MAX_ROUNDS = 20
 ARRAY_PATH = ARRAY_RE
@@ -116,13 +116,11 @@ def backup(source_path: str | os.PathLike[str], dest_path: str | os.PathLike[str
     kept replacing data for ``MAX_ROUNDS`` snapshots or the copy could not be written.
     On failure, the destination directory this call created is removed again.
     """
-    from .store import open as open_store
-
     t0 = time.monotonic()
     src = Path(source_path).absolute()
     dest = Path(dest_path).absolute()
     _check_source(src)
-    source = open_store(src, readonly=True, create=False)
+    source = StoreContext(src, readonly=True, create=False)
     try:
         created = _prepare_dest(source.path, dest)
         try:
@@ -191,10 +189,11 @@ def _discard(dest: Path, created: bool) -> None:
 
 
 def _verify_copy(dest: Path) -> None:
-    from .store import open as open_store
-
-    with open_store(dest, create=False) as copy:
-        report = copy.verify()
+    copy = StoreContext(dest, create=False)
+    try:
+        report = maintenance.verify(copy)
+    finally:
+        copy.close()
     if report.damage:
         shown = "; ".join(str(f) for f in report.damage[:3])
         raise CorruptionError(f"backup at {dest}: the copy fails verification "

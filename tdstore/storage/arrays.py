@@ -31,7 +31,6 @@ import functools
 import json
 import mmap
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -39,23 +38,22 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
-from .errors import CorruptionError, InvalidInputError
+from tdstore.core.errors import CorruptionError
+from tdstore.core.ids import check_array_path, check_gid
+from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
 
-CRC_BYTES = 4
 COMPRESSORS = {
     "zstd": lambda: ZstdCodec(level=3),
     "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
 }
-# Default chunk size in bytes; see README "Chunking" for the measurement behind it.
-DEFAULT_CHUNK_BYTES = 4 << 20
 # Chunk files are written (and fsynced) and read by this many threads at once: with
 # several fsyncs in flight the disk sees a deeper queue (measured: 64 MiB in 4 MiB chunks,
 # sequential 62-67 ms, 4 threads 46 ms, np.save+fsync of one file 52 ms).
@@ -65,8 +63,6 @@ MAX_METADATA_BYTES = 1 << 16
 
 # what zarr.open_group writes (zarr's own API would start its event loop thread)
 GROUP_METADATA = '{\n  "attributes": {},\n  "zarr_format": 3,\n  "node_type": "group"\n}'
-GID_RE = re.compile(r"[0-9a-f]{16}")
-ARRAY_RE = re.compile(r"([0-9a-f]{16})/([md])-([0-9a-f]{16})")
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -106,106 +102,6 @@ def run_all(jobs: Sequence[Callable[[], object]]) -> list:
         for f in futures:
             f.cancel()
         wait(futures)
-
-
-def default_chunk_blocks(block_nbytes: int) -> int:
-    """The most blocks per chunk for blocks of ``block_nbytes`` bytes."""
-    return max(1, DEFAULT_CHUNK_BYTES // max(1, block_nbytes))
-
-
-def balanced_chunk_blocks(n_blocks: int, max_blocks: int) -> int:
-    """Blocks per chunk for an array of ``n_blocks``: at most ``max_blocks``, and spread
-    evenly so the padding of the last chunk (zarr stores edge chunks full size) stays
-    below one block per chunk."""
-    if n_blocks == 0:  # an empty master grows by appends: full-size chunks
-        return max_blocks
-    n_chunks = -(-n_blocks // max_blocks)
-    return -(-n_blocks // n_chunks)
-
-
-def check_compressor(compressor: str | None) -> None:
-    if compressor is not None and compressor not in COMPRESSORS:
-        raise InvalidInputError(
-            f"compressor {compressor!r} is not supported; expected None or one of "
-            f"{', '.join(COMPRESSORS)}"
-        )
-
-
-def check_gid(gid: object) -> str:
-    """A group directory name from the catalogue or from ``data/``: 16 hex digits."""
-    if not isinstance(gid, str) or not GID_RE.fullmatch(gid):
-        raise CorruptionError(f"group directory name {gid!r} is not a tdstore id "
-                              "(16 hex digits); refusing to use it as a path")
-    return gid
-
-
-def check_array_path(path: object) -> str:
-    """An array path from the catalogue: ``<gid>/m-<id>`` or ``<gid>/d-<id>``."""
-    if not isinstance(path, str) or not ARRAY_RE.fullmatch(path):
-        raise CorruptionError(f"array path {path!r} is not a tdstore array path "
-                              "(<16 hex>/m-<16 hex> or d-<16 hex>); refusing to use it")
-    return path
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """How the blocks of one array are laid out on disk."""
-
-    block_shape: tuple[int, ...]
-    dtype: np.dtype  # the stored (raw-bits) dtype
-    chunk_blocks: int
-    compressor: str | None = None
-
-    @property
-    def block_nbytes(self) -> int:
-        return int(np.prod(self.block_shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def chunk_nbytes(self) -> int:
-        return self.block_nbytes * self.chunk_blocks
-
-    @property
-    def max_file_bytes(self) -> int:
-        """The largest chunk file this layout can produce (compressors add a header)."""
-        if self.compressor is None:
-            return self.chunk_nbytes + CRC_BYTES
-        return self.chunk_nbytes + self.chunk_nbytes // 64 + 4096
-
-    def chunk_key(self, chunk: int) -> str:
-        return "c." + ".".join([str(chunk)] + ["0"] * len(self.block_shape))
-
-    def chunks_of(self, start: int, stop: int) -> range:
-        """The chunk numbers that hold blocks ``[start, stop)``."""
-        if stop <= start:
-            return range(0)
-        return range(start // self.chunk_blocks, (stop - 1) // self.chunk_blocks + 1)
-
-    def windows(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        """``(chunk, lo, hi)`` for each chunk holding blocks of ``[start, stop)``:
-        the blocks ``[lo, hi)`` of the range that lie in that chunk."""
-        for chunk in self.chunks_of(start, stop):
-            c0 = chunk * self.chunk_blocks
-            yield chunk, max(start, c0), min(stop, c0 + self.chunk_blocks)
-
-
-@dataclass(frozen=True)
-class ArrayRef:
-    """A committed array as the catalogue records it: what a read may trust."""
-
-    path: str
-    spec: ArraySpec
-    rows: int  # committed rows: a master's blocks, a mirror's own blocks
-    crcs: tuple[int, ...] | None  # crc32c of each chunk's decoded bytes; None: unrecorded
-
-    def chunk_rows(self, chunk: int) -> int:
-        """How many of the chunk's blocks are committed."""
-        c0 = chunk * self.spec.chunk_blocks
-        return max(0, min(self.spec.chunk_blocks, self.rows - c0))
-
-
-def block_range(lo: int, hi: int, unit: str = "block") -> str:
-    """``blocks lo-(hi-1)``, or ``block lo`` for a single block."""
-    return f"{unit} {lo}" if hi - lo == 1 else f"{unit}s {lo}-{hi - 1}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -306,8 +202,50 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-class ArrayStore:
-    """The ``data/`` directory of a store: a zarr v3 hierarchy of generated ids."""
+class ArrayStore(Protocol):
+    """Where a store's arrays live, and the only way the layers above touch them.
+
+    Arrays are named by generated paths (``tdstore.core.ids``) and laid out as
+    ``tdstore.core.layout`` describes; every chunk is checked against the catalogue's
+    record (:class:`ArrayRef`) when read. Paths are never overwritten in place except a
+    master's last, partly filled chunk by an append. :class:`LocalArrayStore` keeps them
+    in a directory; a second implementation (object storage) plugs in here.
+    """
+
+    root: Path
+    verify_reads: bool
+
+    def ensure_root(self) -> None: ...
+    def new_group_dir(self, gid: str) -> bool: ...
+    def new_path(self, gid: str, kind: str) -> str: ...
+    def estimate_nbytes(self, spec: ArraySpec, n_blocks: int) -> int: ...
+    def create_and_write(self, path: str, spec: ArraySpec, blocks: np.ndarray,
+                         check: Callable[[np.ndarray, int], None] | None = None
+                         ) -> tuple[int, list[int]]: ...
+    def resize(self, path: str, spec: ArraySpec, n_blocks: int) -> None: ...
+    def write(self, ref: ArrayRef, blocks: np.ndarray,
+              check: Callable[[np.ndarray, int], None] | None = None,
+              also_fsync: tuple[Path, ...] = ()) -> list[int] | None: ...
+    def read(self, ref: ArrayRef, start: int, stop: int, out: np.ndarray,
+             label: str = "", unit: str = "block") -> None: ...
+    def read_runs(self, ref: ArrayRef, positions: np.ndarray, out: np.ndarray,
+                  label: str = "", unit: str = "block") -> None: ...
+    def mapped(self, ref: ArrayRef, start: int, stop: int
+               ) -> list[tuple[int, Callable[[], np.ndarray]]]: ...
+    def check_metadata(self, ref: ArrayRef, dirfd: int | None = None, *,
+                       cached: bool = True) -> None: ...
+    def check_chunk(self, ref: ArrayRef, chunk: int, what: str) -> None: ...
+    def chunk_checksums(self, ref: ArrayRef) -> list[int]: ...
+    def extra_entries(self, path: str, spec: ArraySpec, rows: int) -> list[Path]: ...
+    def nbytes(self, path: str) -> int: ...
+    def remove(self, path: str) -> None: ...
+    def remove_group_dir(self, gid: str) -> None: ...
+    def remove_below(self, rel: str) -> None: ...
+
+
+class LocalArrayStore:
+    """:class:`ArrayStore` in the ``data/`` directory of a store: a zarr v3 hierarchy of
+    generated ids."""
 
     def __init__(self, root: Path, *, verify_reads: bool = False):
         self.root = root

@@ -18,14 +18,19 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import delete, select
 
-from .catalog import NullStatsRow, now
-from .errors import InvalidInputError, NotFoundError
-from .scoring import TokenDist
+from tdstore.analysis.scoring import TokenDist
+from tdstore.core.errors import InvalidInputError, NotFoundError, ReadOnlyError
+from tdstore.storage.catalog import NullStatsRow, now
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import PoolProxiedConnection
+
+    from tdstore.api.store import Store
 
 SCHEMA_VERSION = 1
 STD_FLOOR = 1e-6
@@ -118,11 +123,16 @@ class NullStatsCache:
     """Null statistics in the store's catalogue: shared by every process that opens it,
     kept across restarts. Hits read one row over a per-thread connection."""
 
-    def __init__(self, store):  # noqa: ANN001
+    def __init__(self, store: Store):
         self.store = store
         self._local = threading.local()
 
-    def _raw(self):  # noqa: ANN202 - a DBAPI connection from the engine's pool
+    def _check_writable(self) -> None:
+        if self.store.readonly:
+            raise ReadOnlyError(f"store {self.store.path} is open read-only")
+
+    def _raw(self) -> PoolProxiedConnection:
+        """A DBAPI connection from the engine's pool, one per thread and process."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
             local.conn = self.store.catalog.engine.raw_connection()
@@ -157,7 +167,7 @@ class NullStatsCache:
 
     def put(self, key: Any, stats: dict[str, Any]) -> str:
         """Store ``stats`` under ``key`` (one transaction); returns the key hash."""
-        self.store._check_writable()
+        self._check_writable()
         payload = json.dumps(_check_stats(stats), sort_keys=True, allow_nan=False)
         key_hash, key_json = stable_hash(key), readable_json(key)
         with self.store.catalog.write() as s:
@@ -192,14 +202,14 @@ class NullStatsCache:
 
     def delete(self, key_or_hash: Any) -> bool:
         """Remove one entry (by key, or by key hash or a unique prefix of it)."""
-        self.store._check_writable()
+        self._check_writable()
         key_hash = self._resolve(key_or_hash)
         with self.store.catalog.write() as s:
             return s.execute(delete(NullStatsRow).where(NullStatsRow.key_hash == key_hash)
                              ).rowcount > 0
 
     def clear(self) -> int:
-        self.store._check_writable()
+        self._check_writable()
         with self.store.catalog.write() as s:
             return s.execute(delete(NullStatsRow)).rowcount
 

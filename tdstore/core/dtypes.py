@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from .errors import InvalidInputError
+from tdstore.core.errors import InvalidInputError
 
 # logical name -> (numpy dtype of the values, dtype of the stored raw bits)
 _DTYPES: dict[str, tuple[np.dtype, np.dtype]] = {

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import open as open_store
+from tdstore.api.store import open as open_store
 
 BLOCK = (4, 32)  # float16: 256 bytes a block
 DTYPE = np.float16
@@ -260,7 +260,7 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
     open_store(path).close()
     for k in range(kills):
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from tdstore.harness import writer_main; "
+            [sys.executable, "-c", "import sys; from tdstore.dev.harness import writer_main; "
              "writer_main(sys.argv[1], int(sys.argv[2]))", path, str(rng.randrange(1 << 30))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         target = rng.randint(1, max_ops_before_kill)
@@ -362,7 +362,7 @@ VOLATILE = "volatile"  # deleted and re-created while others use it
 def _worker(path: str, proc_id: int, threads: int, ops: int, out: str) -> None:
     """One process of the concurrency test (run in a subprocess): each thread runs
     ``ops`` operations (a fixed count, so the test does not depend on machine speed)."""
-    from .errors import NoMasterError, NotFoundError
+    from tdstore.core.errors import NoMasterError, NotFoundError
 
     base = gen(7, 32)
     log: list[dict] = []
@@ -474,7 +474,7 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
         store.group(VOLATILE, diff_threshold=0.0).register_master("m", gen(7, 32))
     outs = [path.parent / f"{path.name}-worker{p}.json" for p in range(processes)]
     procs = [subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tdstore.harness import _worker; "
+        [sys.executable, "-c", "import sys; from tdstore.dev.harness import _worker; "
          "_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
          "sys.argv[5])", str(path), str(p), str(threads), str(ops), str(outs[p])],
         stderr=subprocess.PIPE, text=True) for p in range(processes)]

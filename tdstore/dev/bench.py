@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import fsync_file
-from .store import open as open_store
+from tdstore.api.store import open as open_store
+from tdstore.storage.arrays import fsync_file
 
 MiB = 1 << 20
 GROUP = "bench"
@@ -492,7 +492,7 @@ def attention_benchmark(seq: int = 8192, q_heads: int = 8, kv_heads: int = 2,
                         reps: int = 3) -> dict[str, Any]:
     """Dense vs sparse attention on the same random inputs: best time of ``reps`` (after
     a warm-up call each) and peak traced memory of one call."""
-    from .attention import dense_attention, sparse_attention
+    from tdstore.analysis.attention import dense_attention, sparse_attention
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((seq, q_heads, head_dim), np.float32)
@@ -521,14 +521,14 @@ def nullstats_benchmark(gets: int = 5000, reps: int = 5) -> dict[str, Any]:
     try:
         import diskcache
     except ImportError:
-        from .errors import InvalidInputError
+        from tdstore.core.errors import InvalidInputError
 
         raise InvalidInputError(
             "bench-nullstats compares with diskcache, which is not installed: "
             "pip install 'tdstore[bench]'") from None
 
-    from .nullstats import NullStatsCache, calibrate, calibration_key, stable_hash
-    from .scoring import DummyDifferentialBackend, DummyResponses
+    from tdstore.analysis.nullstats import NullStatsCache, calibrate, calibration_key, stable_hash
+    from tdstore.analysis.scoring import DummyDifferentialBackend, DummyResponses
 
     root = Path(tempfile.mkdtemp(prefix="tdstore-bench-ns-"))
     try:

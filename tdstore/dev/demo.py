@@ -1,7 +1,7 @@
 """The demo behind ``tdstore demo``: a synthetic group of agents, written and re-read.
 
 Eight agents share a prefix and diverge on a few tail blocks. The demo writes them into
-a store, then a *fresh process* (``python -m tdstore.demo verify ...``) re-opens the store,
+a store, then a *fresh process* (``python -m tdstore.dev.demo verify ...``) re-opens the store,
 reconstructs every agent and checks each is bit-exact against a regenerated copy.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import open as open_store
+from tdstore.api.store import open as open_store
 
 GROUP = "demo"
 KV_LAYOUT = {"axes": ["layer", "kv", "token", "head", "dim"]}
@@ -97,7 +97,7 @@ def run(path: Path, work: DemoWorkload | None = None) -> dict[str, object]:
     path = Path(path)
     timings = write(path, work)
     child = subprocess.run(
-        [sys.executable, "-m", "tdstore.demo", "verify", str(path), json.dumps(asdict(work))],
+        [sys.executable, "-m", "tdstore.dev.demo", "verify", str(path), json.dumps(asdict(work))],
         capture_output=True, text=True, check=False,
     )
     if child.returncode != 0:
@@ -112,7 +112,7 @@ def run(path: Path, work: DemoWorkload | None = None) -> dict[str, object]:
 
 def _main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "verify":
-        print("usage: python -m tdstore.demo verify PATH WORKLOAD_JSON", file=sys.stderr)
+        print("usage: python -m tdstore.dev.demo verify PATH WORKLOAD_JSON", file=sys.stderr)
         return 2
     spec = json.loads(argv[2])
     spec["block_shape"] = tuple(spec["block_shape"])

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError
+from tdstore.core.errors import InvalidInputError
 
 # Score tiles are kept near this size (float32 bytes) to bound memory.
 TILE_BYTES = 32 << 20

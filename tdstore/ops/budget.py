@@ -15,19 +15,28 @@ All budgeted writes of a store take turns on ``locks/budget.lock``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
-from . import journal
-from .catalog import AgentRow, DiffBlockRow, GroupRow, MetaRow, PendingRow
-from .errors import InvalidInputError, StoreFullError
-from .locking import deferred_signals, file_lock
+from tdstore.core.errors import StoreFullError
+from tdstore.core.kinds import JournalOp, Role
+from tdstore.core.validate import check_max_bytes
+from tdstore.ops import journal
+from tdstore.storage.catalog import AgentRow, GroupRow, MetaRow, PendingRow, delete_agents
+from tdstore.storage.locks import deferred_signals
 
 if TYPE_CHECKING:
-    from .store import Store
+    from tdstore.ops.context import StoreContext as Store
+
+log = logging.getLogger("tdstore.budget")
+# the evictions made while a ``recording()`` block runs (for callers that report them)
+_recorded: contextvars.ContextVar[list[Victim] | None] = contextvars.ContextVar(
+    "tdstore_evictions", default=None)
 
 META_KEY = "max_bytes"
 
@@ -47,12 +56,6 @@ class Victim:
         return f"group {self.group!r} {what}: {self.nbytes} bytes"
 
 
-def check_max_bytes(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"max_bytes must be a positive int, got {value!r}")
-    return value
-
-
 def get_max_bytes(store: Store) -> int | None:
     value = store.catalog.get_meta(META_KEY)
     return None if value is None else int(value)
@@ -60,7 +63,7 @@ def get_max_bytes(store: Store) -> int | None:
 
 def set_max_bytes(store: Store, value: int | None) -> None:
     """Persist the budget (None removes it)."""
-    store._check_writable()
+    store.check_writable()
     with store.catalog.write() as s:
         if value is None:
             row = s.get(MetaRow, META_KEY)
@@ -104,7 +107,7 @@ def lru_order(store: Store) -> list[Victim]:
         group_used[gid] = max(group_used.get(gid, last), last)
     units = []
     for name, role, nbytes, last, gname, gid, _ in rows:
-        if role == "master":
+        if role == Role.MASTER:
             units.append(Victim(gname, gid, None, group_bytes[gid], group_used[gid]))
         elif nbytes:
             units.append(Victim(gname, gid, name, nbytes, last))
@@ -128,12 +131,13 @@ def plan(store: Store, target: int, *, extra: int = 0, current_gid: str | None =
             continue
         if v.gid == current_gid and (v.agent is None or v.agent in protect):
             continue
-        chosen.append(v)
-        if v.agent is None:
+        if v.agent is None:  # the whole group: it takes the mirrors chosen before it
             gone.add(v.gid)
-            total -= v.nbytes - sum(c.nbytes for c in chosen[:-1] if c.gid == v.gid)
+            total -= v.nbytes - sum(c.nbytes for c in chosen if c.gid == v.gid)
+            chosen = [c for c in chosen if c.gid != v.gid]
         else:
             total -= v.nbytes
+        chosen.append(v)
     return chosen, total
 
 
@@ -144,7 +148,7 @@ def _try_group_lock(store: Store, gid: str, held_gid: str | None) -> Iterator[bo
     if gid == held_gid:
         yield True
         return
-    with file_lock(store.lock_path(gid), wait=False) as held:
+    with store.locks.hold(gid, wait=False) as held:
         yield held
 
 
@@ -161,20 +165,37 @@ def evict(store: Store, victims: list[Victim], held_gid: str | None = None) -> l
                     continue
                 q = select(AgentRow).where(AgentRow.group_id == g.id)
                 if v.agent is not None:
-                    q = q.where(AgentRow.name == v.agent, AgentRow.role == "mirror")
+                    q = q.where(AgentRow.name == v.agent, AgentRow.role == Role.MIRROR)
                 rows = list(s.scalars(q))
                 if not rows:
                     continue
-                ids = [r.id for r in rows]
-                s.execute(delete(DiffBlockRow).where(DiffBlockRow.agent_id.in_(ids)))
-                s.execute(delete(AgentRow).where(AgentRow.id.in_(ids)))
-                if v.agent is None:
-                    g.n_blocks, g.dtype, g.block_shape = 0, None, None
-                removals = journal.schedule_removals(
-                    s, v.gid, [(r.array, r.nbytes) for r in rows if r.array])
+                delete_agents(s, [r.id for r in rows])
+                if v.agent is None:  # the whole group goes, its directory with it
+                    s.delete(g)
+                    removals = journal.schedule_removals(
+                        s, v.gid, [(v.gid, sum(r.nbytes for r in rows))],
+                        JournalOp.REMOVE_GROUP)
+                else:
+                    removals = journal.schedule_removals(
+                        s, v.gid, [(r.array, r.nbytes) for r in rows if r.array])
             journal.collect(store, v.gid, removals)
             done.append(v)
+            log.info("evicted %s", v.describe())
+            recorded = _recorded.get()
+            if recorded is not None:
+                recorded.append(v)
     return done
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Victim]]:
+    """Collect the evictions made (by budgeted writes or ``evict``) inside the block."""
+    evicted: list[Victim] = []
+    token = _recorded.set(evicted)
+    try:
+        yield evicted
+    finally:
+        _recorded.reset(token)
 
 
 class Reservation:
@@ -229,5 +250,5 @@ def budget_turn(store: Store) -> Iterator[None]:
     if get_max_bytes(store) is None:
         yield
         return
-    with file_lock(store.lock_path("budget")):
+    with store.locks.hold("budget"):
         yield

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import ArrayRef, ArraySpec, ArrayStore
-from .dtypes import numpy_dtype
-from .errors import InvalidInputError
+from tdstore.core.dtypes import numpy_dtype
+from tdstore.core.errors import InvalidInputError
+from tdstore.core.layout import ArrayRef, ArraySpec
+from tdstore.storage.arrays import ArrayStore
 
 
 @dataclass(frozen=True)

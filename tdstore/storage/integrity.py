@@ -10,10 +10,12 @@ from __future__ import annotations
 import crc32c
 import numpy as np
 
-from .arrays import ARRAY_RE, COMPRESSORS, ArrayRef, ArraySpec, check_gid
-from .catalog import AgentRow, GroupRow
-from .dtypes import SUPPORTED, stored_dtype
-from .errors import CorruptionError
+from tdstore.core.dtypes import SUPPORTED, stored_dtype
+from tdstore.core.errors import CorruptionError
+from tdstore.core.ids import ARRAY_RE, check_gid
+from tdstore.core.layout import ArrayRef, ArraySpec
+from tdstore.storage.arrays import COMPRESSORS
+from tdstore.storage.catalog import AgentRow, GroupRow
 
 ROLES = ("master", "mirror")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dtypes import NONFINITE_BITS
+from tdstore.core.dtypes import NONFINITE_BITS
 
 # Blocks are compared in batches of about this many bytes to bound temporary memory.
 BATCH_BYTES = 16 << 20

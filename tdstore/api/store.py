@@ -1,0 +1,395 @@
+"""The public facade: :func:`open`, :class:`Store`, :class:`Group` and :class:`BlockView`.
+
+Each class is a thin, typed face over ``tdstore.ops``: a ``Store`` wraps a
+:class:`~tdstore.ops.context.StoreContext`, a ``Group`` a
+:class:`~tdstore.ops.groups.GroupOps`. The logic lives there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tdstore.core.sparse import SparseKVDiff
+from tdstore.core.validate import (
+    check_chunk_blocks,
+    check_compressor,
+    check_kv_layout,
+    check_name,
+    check_threshold,
+)
+from tdstore.ops import budget, files, maintenance, rewrites
+from tdstore.ops.budget import Victim
+from tdstore.ops.context import StoreContext
+from tdstore.ops.groups import GroupOps
+from tdstore.ops.maintenance import GcReport, Progress, VerifyReport
+from tdstore.storage.arrays import ArrayStore
+from tdstore.storage.catalog import Catalog
+from tdstore.storage.reads import AgentSnapshot
+
+
+class Store:
+    """A tdstore directory: ``catalog.sqlite`` plus the zarr hierarchy under ``data/``.
+
+    Use :func:`tdstore.open` to get one. A Store is safe to use from several threads, and
+    any number of processes may open the same directory at once.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        url: str | None = None,
+        readonly: bool = False,
+        verify_reads: bool = False,
+        max_bytes: int | None = None,
+        create: bool = True,
+    ):
+        self._ctx = StoreContext(path, url=url, readonly=readonly, verify_reads=verify_reads,
+                                 max_bytes=max_bytes, create=create)
+
+    @property
+    def path(self) -> Path:
+        """The store directory (absolute)."""
+        return self._ctx.path
+
+    @property
+    def readonly(self) -> bool:
+        return self._ctx.readonly
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalogue (storage layer), for tools that inspect a store directly."""
+        return self._ctx.catalog
+
+    @property
+    def arrays(self) -> ArrayStore:
+        """The array store (storage layer), for tools that inspect a store directly."""
+        return self._ctx.arrays
+
+    def group(
+        self,
+        name: str,
+        *,
+        diff_threshold: float | None = None,
+        compressor: str | None = None,
+        chunk_blocks: int | None = None,
+        allow_nonfinite: bool | None = None,
+        kv_layout: dict[str, Any] | None = None,
+        create: bool = True,
+    ) -> Group:
+        """Get or create the group ``name``.
+
+        Settings are persisted with the group. On an existing group, a setting passed
+        explicitly replaces the stored one (it applies to later writes); ``compressor``
+        and ``chunk_blocks`` can only be chosen when the group is created.
+
+        Raises NotFoundError if the group is missing and ``create`` is False, and
+        InvalidInputError for invalid names or settings.
+        """
+        check_name("group", name)
+        check_compressor(compressor)
+        settings = {
+            "diff_threshold": None if diff_threshold is None
+            else check_threshold(diff_threshold, name),
+            "compressor": compressor,
+            "chunk_blocks": check_chunk_blocks(chunk_blocks, name),
+            "allow_nonfinite": allow_nonfinite,
+            "kv_layout": None if kv_layout is None else check_kv_layout(kv_layout),
+        }
+        self._ctx.open_group(name, settings, create=create)
+        return Group(self, name)
+
+    def groups(self) -> list[str]:
+        """Names of the groups in this store, oldest first."""
+        return self._ctx.groups()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ctx
+
+    def ls(self) -> list[dict[str, Any]]:
+        """One row per group: agents, master, blocks, shape, dtype, bytes, ratio."""
+        return maintenance.ls_groups(self._ctx)
+
+    def delete_group(self, name: str) -> None:
+        """Delete a group, its agents and their data. Raises NotFoundError if missing.
+
+        Deletes the group the name means when its lock is held: racing a re-creation of
+        the same name, either the old or the new group goes, never the wrong data."""
+        self._ctx.delete_group(name)
+
+    # ------------------------------------------------------------------ maintenance
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The size budget of ``data/`` in bytes (None: unlimited); persisted."""
+        return budget.get_max_bytes(self._ctx)
+
+    def set_max_bytes(self, value: int | None) -> None:
+        """Set (None: remove) the persisted size budget. Takes effect on the next write;
+        use :meth:`evict` to shrink the store to a new, lower budget at once."""
+        budget.set_max_bytes(self._ctx, value)
+
+    def info(self) -> dict[str, Any]:
+        """Schema revision, versions, groups, agents, bytes, ratio, reclaimable bytes."""
+        return maintenance.info(self._ctx)
+
+    def verify(self, *, repair: bool = False, progress: Progress | None = None
+               ) -> VerifyReport:
+        """Check catalogue against data (and every chunk's crc32c); see
+        ``tdstore.ops.maintenance``."""
+        return maintenance.verify(self._ctx, repair=repair, progress=progress)
+
+    def gc(self, *, dry_run: bool = False, progress: Progress | None = None) -> GcReport:
+        """Remove data no catalogue row references; ``dry_run`` only reports it."""
+        return maintenance.gc(self._ctx, dry_run=dry_run, progress=progress)
+
+    def evict(self, max_bytes: int, *, dry_run: bool = False) -> list[Victim]:
+        """Evict least-recently-used agents until the data fits in ``max_bytes``."""
+        return maintenance.evict(self._ctx, max_bytes, dry_run=dry_run)
+
+    def migrate(self, revision: str = "head") -> tuple[str, ...]:
+        """Upgrade (or downgrade) the catalogue schema; returns the new revision."""
+        return self._ctx.migrate(revision)
+
+    def close(self) -> None:
+        """Release the catalogue's connections. The store can be opened again later."""
+        self._ctx.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = ", readonly" if self.readonly else ""
+        return f"<tdstore.Store {str(self.path)!r}{mode}>"
+
+
+class Group:
+    """Agents that share one master. Get one with :meth:`Store.group`.
+
+    Every method reads the current state from the catalogue, so a Group always reflects
+    what other processes have committed.
+    """
+
+    def __init__(self, store: Store, name: str):
+        self.store = store
+        self.name = name
+        self._ops = GroupOps(store._ctx, name)
+
+    def __repr__(self) -> str:
+        return f"<tdstore.Group {self.name!r} in {str(self.store.path)!r}>"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def master_id(self) -> str | None:
+        """Name of the master agent, or None before one is registered."""
+        return self._ops.master_id
+
+    @property
+    def diff_threshold(self) -> float:
+        return self._ops.diff_threshold
+
+    @property
+    def n_blocks(self) -> int:
+        return self._ops.n_blocks
+
+    @property
+    def block_shape(self) -> tuple[int, ...] | None:
+        return self._ops.block_shape
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return self._ops.dtype
+
+    @property
+    def kv_layout(self) -> dict[str, Any] | None:
+        return self._ops.kv_layout
+
+    def set_diff_threshold(self, value: float) -> None:
+        """Change the persisted threshold; it applies to mirrors registered later."""
+        self._ops.set_diff_threshold(value)
+
+    def attrs(self, agent_id: str) -> dict[str, Any]:
+        """The attributes stored with an agent (empty if none)."""
+        return self._ops.attrs(agent_id)
+
+    def agents(self) -> list[str]:
+        """Agent names: the master first, then mirrors in registration order."""
+        return self._ops.agents()
+
+    def __contains__(self, agent: object) -> bool:
+        return agent in self._ops
+
+    def ls(self) -> list[dict[str, Any]]:
+        """One row per agent: role, blocks, diff blocks, bytes, last access, status."""
+        return maintenance.ls_agents(self.store._ctx, self.name)
+
+    # ------------------------------------------------------------------ writes
+
+    def register_master(self, agent_id: str, kv_blocks: object, *,
+                        attrs: dict[str, Any] | None = None) -> None:
+        """Store ``kv_blocks`` (``(n_blocks, ...)``, an ndarray or torch tensor) as the
+        group's master.
+
+        A different agent replaces the master and removes every mirror (their data
+        becomes unreferenced). Re-registering the current master re-derives each mirror
+        against the new blocks, so every mirror still reconstructs to its own values;
+        re-registering a master quarantined by ``verify --repair`` restores it and keeps
+        its mirrors' stored blocks.
+
+        ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
+        Raises InvalidInputError for bad arrays or names (nothing is written).
+        """
+        self._ops.register_master(agent_id, kv_blocks, attrs=attrs)
+
+    def register_mirror(self, agent_id: str, kv_blocks: object, *,
+                        attrs: dict[str, Any] | None = None) -> SparseKVDiff:
+        """Store ``kv_blocks`` as a mirror: only the blocks that differ from the master.
+
+        Re-registering a mirror replaces it atomically. Returns the stored diff.
+        ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
+        Raises NoMasterError without a master, InvalidInputError for a shape or dtype
+        that does not match the master (nothing is written).
+        """
+        return self._ops.register_mirror(agent_id, kv_blocks, attrs=attrs)
+
+    def collective_reuse_step(self, agent_ids: Sequence[str], shared_blocks: object
+                              ) -> dict[str, int]:
+        """Append ``shared_blocks`` to the master once; every mirror adopts them.
+
+        Agents named in ``agent_ids`` that are not in the group join as mirrors identical
+        to the master. Cost is O(new blocks): existing chunks are not rewritten. Returns
+        the number of diff blocks of the master and of each agent named.
+        """
+        return self._ops.collective_reuse_step(agent_ids, shared_blocks)
+
+    def delete(self, agent_id: str) -> None:
+        """Delete an agent and its data.
+
+        The master can be deleted only once it has no mirrors (delete them, or the whole
+        group with ``Store.delete_group``). Raises NotFoundError for an unknown agent.
+        """
+        self._ops.delete(agent_id)
+
+    # ------------------------------------------------------------------ reads
+
+    def reconstruct(self, agent_id: str, out: np.ndarray | None = None, *,
+                    device: Any = None) -> Any:
+        """The agent's full KV blocks, bit-exact for every kept block.
+
+        With ``out`` (an ndarray or ``np.memmap`` of the right shape and dtype) the blocks
+        are written into it and ``out`` is returned; no full-size temporary is made.
+        With ``device`` (e.g. ``"cpu"``, ``"cuda"``, a ``torch.device``) the result is a
+        torch tensor there, in the same dtype (bfloat16 included); for CUDA the blocks
+        are read straight into pinned host memory and copied once.
+        Raises NotFoundError for an unknown agent, CorruptionError for damaged data,
+        InvalidInputError for a device torch cannot use here (CUDA without a GPU).
+        """
+        return self._ops.reconstruct(agent_id, out, device=device)
+
+    def view(self, agent_id: str) -> BlockView:
+        """A lazy view of the agent's blocks; indexing reads only the blocks asked for."""
+        self._ops.snapshot(agent_id)  # unknown agents fail here, not on first use
+        return BlockView(self, agent_id)
+
+    def mirror(self, agent_id: str) -> SparseKVDiff:
+        """The stored diff of a mirror (the master has an empty one)."""
+        return self._ops.mirror(agent_id)
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's statistics plus the layout and bytes (logical and on disk)."""
+        return self._ops.stats()
+
+    def compression_ratio(self) -> float:
+        """(agents x master blocks) / (master blocks + diff blocks); 1.0 without a master."""
+        return self._ops.compression_ratio()
+
+    # ------------------------------------------------------------------ maintenance
+
+    def rebase(self, master: str | None = None) -> dict[str, Any]:
+        """Make ``master`` (None: the agent minimising the total diff) the master and
+        re-derive every mirror, atomically."""
+        return rewrites.rebase(self._ops, master)
+
+    def compact(self) -> dict[str, Any]:
+        """Rewrite the group tightly (re-balanced chunks), atomically."""
+        return rewrites.compact(self._ops)
+
+    def export(self, agent_id: str, file: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write an agent's blocks to a .npy or .safetensors file."""
+        return files.export_agent(self._ops, agent_id, file)
+
+    def import_file(self, agent_id: str, file: str | os.PathLike[str], *,
+                    master: bool = False, dtype: str | None = None) -> dict[str, Any]:
+        """Register an agent from a .npy or .safetensors file (as a mirror unless
+        ``master``, or when the group has no master yet). Registering a different agent
+        as master replaces the group's master and removes its mirrors, as
+        :meth:`register_master` does; the result lists them under ``"removed"``."""
+        return files.import_agent(self._ops, agent_id, file, master=master, dtype=dtype)
+
+
+class BlockView:
+    """A lazy, read-only view of one agent's blocks: ``view[i:j]``, ``view[[3, 7]]``.
+
+    Each access reads the current catalogue state and only the blocks asked for.
+    """
+
+    def __init__(self, group: Group, agent: str):
+        self.group = group
+        self.agent = agent
+
+    def _snap(self) -> AgentSnapshot:
+        return self.group._ops.snapshot(self.agent)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._snap().shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._snap().dtype
+
+    def __len__(self) -> int:
+        return self._snap().n_blocks
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        return self.group._ops.blocks(self.agent, key)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        full = self.group.reconstruct(self.agent)
+        return full if dtype is None else full.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"<tdstore.BlockView {self.group.name!r}/{self.agent!r} shape={self.shape}>"
+
+
+def open(  # noqa: A001 - the library's entry point mirrors builtins.open on purpose
+    path: str | os.PathLike[str],
+    *,
+    url: str | None = None,
+    readonly: bool = False,
+    verify_reads: bool = False,
+    max_bytes: int | None = None,
+    create: bool = True,
+) -> Store:
+    """Open (creating if missing) the store at directory ``path``.
+
+    ``url`` replaces the local SQLite catalogue with any SQLAlchemy URL; ``readonly``
+    opens without writing anything (also on a directory the process cannot write);
+    ``verify_reads`` checks every chunk's crc32c on read; ``max_bytes`` sets (and
+    persists) a size budget for the data, kept by evicting least-recently-used agents;
+    ``create=False`` refuses a directory that holds no store instead of creating one.
+    Raises SchemaError if the store was written by a newer tdstore.
+    """
+    return Store(path, url=url, readonly=readonly, verify_reads=verify_reads,
+                 max_bytes=max_bytes, create=create)

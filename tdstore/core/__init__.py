@@ -1,0 +1,1 @@
+"""Pure logic: names, dtypes, diffs, chunk layout, validation. No I/O, no other layer."""

@@ -1,0 +1,1 @@
+"""Development tools: the benchmark, the crash and concurrency harnesses, the demo."""

@@ -1,0 +1,323 @@
+"""An open store's internals: its directory, catalogue, array store and locks, the
+schema check at open, and the group-level operations (create, update, delete, migrate).
+
+``StoreContext`` is what every operation in ``tdstore.ops`` works on; the public
+``tdstore.Store`` wraps one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tdstore.core.errors import (
+    CorruptionError,
+    InvalidInputError,
+    NotFoundError,
+    ReadOnlyError,
+    SchemaError,
+)
+from tdstore.core.kinds import JournalOp
+from tdstore.core.validate import check_max_bytes, check_name
+from tdstore.core.version import __version__
+from tdstore.ops import budget, journal, maintenance
+from tdstore.storage.arrays import ArrayStore, LocalArrayStore
+from tdstore.storage.catalog import (
+    AgentRow,
+    Catalog,
+    GroupRow,
+    MetaRow,
+    check_not_newer,
+    delete_agents,
+    known_revisions,
+    now,
+    schema_status,
+    sqlite_url,
+    upgrade,
+)
+from tdstore.storage.locks import FileLocks, Locks, deferred_signals
+
+CATALOG_FILE = "catalog.sqlite"
+DATA_DIR = "data"
+LOCK_DIR = "locks"
+DEFAULT_DIFF_THRESHOLD = 0.0
+
+
+class StoreContext:
+    """A tdstore directory opened: ``catalog.sqlite`` (or the catalogue at ``url``), the
+    zarr hierarchy under ``data/`` and the locks under ``locks/``."""
+
+    catalog: Catalog
+    arrays: ArrayStore
+    locks: Locks
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        url: str | None = None,
+        readonly: bool = False,
+        verify_reads: bool = False,
+        max_bytes: int | None = None,
+        create: bool = True,
+    ):
+        if max_bytes is not None:
+            check_max_bytes(max_bytes)
+        self.path = Path(path).absolute()
+        self.readonly = readonly
+        if not create:
+            self._require_store()
+        self._prepare_directory()
+        catalog_file = self.path / CATALOG_FILE
+        unwritable = None
+        if url is None:
+            _refuse_empty_catalog(self.path)
+            # SQLite needs to write its -shm file even to read a WAL database; in a
+            # directory we cannot write, Catalog reads it immutable or through the
+            # writer's -shm file, whichever is exact at the time (see Catalog)
+            if readonly and not _writable(self.path):
+                unwritable = catalog_file
+            url = sqlite_url(catalog_file, readonly=readonly)
+        self.catalog = Catalog(url, readonly=readonly, unwritable_file=unwritable)
+        self.locks = FileLocks(self.path / LOCK_DIR)
+        self.arrays = LocalArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
+        try:
+            with self.catalog.errors():
+                self._open_schema()
+            if not readonly:
+                self.arrays.ensure_root()
+            if max_bytes is not None and max_bytes != budget.get_max_bytes(self):
+                budget.set_max_bytes(self, max_bytes)
+        except BaseException:
+            self.catalog.close()
+            raise
+
+    def _require_store(self) -> None:
+        if not (self.path / CATALOG_FILE).exists():
+            raise NotFoundError(f"store {self.path}: no {CATALOG_FILE}; not a tdstore store")
+
+    def _prepare_directory(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidInputError(f"store {self.path}: exists and is not a directory")
+        if not self.readonly and self.path.exists() and not _writable(self.path):
+            raise ReadOnlyError(
+                f"store {self.path}: the directory is not writable by this process; "
+                "open it with readonly=True")
+        if self.readonly:
+            self._require_store()
+            return
+        if self.path.exists() and not (self.path / CATALOG_FILE).exists():
+            foreign = [p.name for p in self.path.iterdir() if p.name not in (DATA_DIR, LOCK_DIR)]
+            if foreign:
+                raise InvalidInputError(
+                    f"store {self.path}: directory is not empty and holds no {CATALOG_FILE}; "
+                    "refusing to turn it into a store"
+                )
+        (self.path / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+        (self.path / DATA_DIR).mkdir(exist_ok=True)
+
+    def _open_schema(self) -> None:
+        current, heads = check_not_newer(self.catalog, str(self.path))
+        if set(current) == set(heads):
+            return
+        data = self.path / DATA_DIR
+        held = [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
+        if not current and held:
+            # an empty or replaced catalogue beside existing data: initialising it would
+            # orphan every array (and gc would then delete them)
+            raise CorruptionError(
+                f"store {self.path}: the catalogue holds no schema but data/ holds "
+                f"{len(held)} group directories; refusing to initialise it over them "
+                "(restore catalog.sqlite from a backup)")
+        if self.readonly:
+            raise SchemaError(
+                f"store {self.path}: catalogue schema {current or 'empty'} needs an upgrade to "
+                f"{', '.join(heads)}; open it once without readonly=True or run `tdstore migrate`"
+            )
+        with self.locks.hold("store"):
+            current, heads = check_not_newer(self.catalog, str(self.path))
+            if set(current) != set(heads):
+                created = not current
+                upgrade(self.catalog, "head")
+                with self.catalog.write() as s:
+                    if created:
+                        s.merge(MetaRow(key="created_by", value=__version__))
+                    s.merge(MetaRow(key="tdstore_version", value=__version__))
+                if not created:  # rows of an older schema get their checksums recorded
+                    maintenance.backfill_checksums(self)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path} is open read-only")
+
+    def group_row(self, session: Session, name: str) -> GroupRow:
+        check_name("group", name)
+        row = session.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
+        if row is None:
+            raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
+        return row
+
+    # ------------------------------------------------------------------ groups
+
+    def open_group(self, name: str, settings: dict[str, Any], *, create: bool) -> None:
+        """Create the group ``name`` or apply ``settings`` (validated, None: keep) to it."""
+        with self.catalog.read() as s:
+            row = s.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
+        if row is None:
+            if not create or self.readonly:
+                raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
+            self._create_group(name, settings)
+        else:
+            self._update_group(row, settings)
+
+    def _create_group(self, name: str, settings: dict[str, Any]) -> None:
+        from sqlalchemy.exc import IntegrityError
+
+        t = now()
+        threshold = settings.get("diff_threshold")
+        try:
+            with self.catalog.write() as s:
+                s.add(GroupRow(
+                    name=name, gid=secrets.token_hex(8),
+                    diff_threshold=DEFAULT_DIFF_THRESHOLD if threshold is None else threshold,
+                    allow_nonfinite=bool(settings.get("allow_nonfinite")),
+                    compressor=settings.get("compressor"),
+                    chunk_blocks=settings.get("chunk_blocks"), n_blocks=0,
+                    kv_layout=settings.get("kv_layout"), created_at=t, updated_at=t,
+                ))
+        except IntegrityError:  # another process created it first: use theirs
+            with self.catalog.read() as s:
+                row = self.group_row(s, name)
+            self._update_group(row, settings)
+
+    def _update_group(self, row: GroupRow, settings: dict[str, Any]) -> None:
+        compressor, chunk_blocks = settings.get("compressor"), settings.get("chunk_blocks")
+        if compressor is not None and compressor != row.compressor:
+            raise InvalidInputError(
+                f"group {row.name!r} was created with compressor {row.compressor!r}; "
+                f"the compressor of an existing group cannot change to {compressor!r}"
+            )
+        if chunk_blocks is not None and chunk_blocks != row.chunk_blocks:
+            raise InvalidInputError(
+                f"group {row.name!r} has chunk_blocks {row.chunk_blocks}; the chunking of an "
+                "existing group cannot change"
+            )
+        changes: dict[str, Any] = {}
+        for key in ("diff_threshold", "allow_nonfinite", "kv_layout"):
+            value = settings.get(key)
+            if key == "allow_nonfinite" and value is not None:
+                value = bool(value)
+            if value is not None and value != getattr(row, key):
+                changes[key] = value
+        if changes:
+            self.check_writable()
+            with self.catalog.write() as s:
+                g = self.group_row(s, row.name)
+                for key, value in changes.items():
+                    setattr(g, key, value)
+                g.updated_at = now()
+
+    def groups(self) -> list[str]:
+        """Names of the groups in this store, oldest first."""
+        with self.catalog.read() as s:
+            return list(s.scalars(select(GroupRow.name).order_by(GroupRow.id)))
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        with self.catalog.read() as s:
+            return s.scalars(select(GroupRow.id).where(GroupRow.name == name)).first() is not None
+
+    def delete_group(self, name: str) -> None:
+        """Delete a group, its agents and their data. Raises NotFoundError if missing.
+
+        Deletes the group the name means when its lock is held: racing a re-creation of
+        the same name, either the old or the new group goes, never the wrong data."""
+        self.check_writable()
+        while True:
+            with self.catalog.read() as s:
+                gid = self.group_row(s, name).gid
+            with self.locks.hold(gid):
+                with deferred_signals(), self.catalog.write() as s:
+                    g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
+                    if g is None or g.name != name:
+                        continue  # deleted (and perhaps re-created) meanwhile: look again
+                    rows = list(s.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
+                    nbytes = sum(r.nbytes for r in rows)
+                    delete_agents(s, [r.id for r in rows])
+                    s.delete(g)
+                    journal.schedule_removals(s, gid, [(gid, nbytes)], JournalOp.REMOVE_GROUP)
+                journal.collect(self, gid)
+                return
+
+    def discard_if_empty(self, name: str, gid: str) -> bool:
+        """Delete the group ``name`` if it is still the group ``gid`` and holds no agent
+        (a group a failed command created): nothing was ever committed to it."""
+        with self.locks.hold(gid), deferred_signals(), self.catalog.write() as s:
+            g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
+            if g is None or g.name != name or s.scalars(
+                    select(AgentRow.id).where(AgentRow.group_id == g.id)).first() is not None:
+                return False
+            s.delete(g)
+            journal.schedule_removals(s, gid, [(gid, 0)], JournalOp.REMOVE_GROUP)
+        journal.collect(self, gid)
+        return True
+
+    def migrate(self, revision: str = "head") -> tuple[str, ...]:
+        """Upgrade (or downgrade) the catalogue schema; returns the new revision."""
+        self.check_writable()
+        known = known_revisions(self.catalog)
+        if revision != "head" and revision not in known:
+            raise InvalidInputError(
+                f"store {self.path}: schema revision {revision!r} is unknown; expected "
+                f"'head' or one of {', '.join(sorted(known))}")
+        with self.locks.hold("store"):
+            check_not_newer(self.catalog, str(self.path))
+            upgrade(self.catalog, revision)
+            if revision == "head":
+                maintenance.backfill_checksums(self)
+        return schema_status(self.catalog)[0]
+
+    def close(self) -> None:
+        """Release the catalogue's connections. The store can be opened again later."""
+        self.catalog.close()
+
+
+
+def _refuse_empty_catalog(path: Path) -> None:
+    """An empty (or headerless) catalogue file beside existing data: connecting would
+    write a database header into it, so refuse before connecting."""
+    catalog = path / CATALOG_FILE
+    try:
+        size = catalog.stat().st_size
+    except FileNotFoundError:
+        return
+    data = path / DATA_DIR
+    held = [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
+    if size < 100 and held:  # 100 bytes: the SQLite header
+        raise CorruptionError(
+            f"store {path}: {CATALOG_FILE} is empty ({size} bytes) but data/ holds "
+            f"{len(held)} group directories; refusing to initialise it over them "
+            f"(restore {CATALOG_FILE} from a backup)")
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process can create files in ``path`` (os.access is wrong for root
+    on read-only mounts, and for other users only approximate)."""
+    probe = path / f".tdstore-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
