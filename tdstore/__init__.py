@@ -2,11 +2,15 @@
 
 The public API is what this module exports; ``tdstore.api`` implements it on top of
 ``tdstore.ops`` (operations), ``tdstore.storage`` (catalogue, arrays, locks) and
-``tdstore.core`` (pure logic).
+``tdstore.core`` (pure logic). The facade is imported on first use, so importing
+``tdstore`` (and starting the command line) stays fast.
 """
 
-from tdstore.api.compat import TokenDanceStorage
-from tdstore.api.store import BlockView, Group, Store, open
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tdstore.core.errors import (
     CorruptionError,
     InvalidInputError,
@@ -19,8 +23,21 @@ from tdstore.core.errors import (
     StoreFullError,
     TdStoreError,
 )
-from tdstore.core.sparse import SparseKVDiff
 from tdstore.core.version import __version__
+
+if TYPE_CHECKING:
+    from tdstore.api.compat import TokenDanceStorage
+    from tdstore.api.store import BlockView, Group, Store, open
+    from tdstore.core.sparse import SparseKVDiff
+
+_LAZY = {
+    "TokenDanceStorage": "tdstore.api.compat",
+    "BlockView": "tdstore.api.store",
+    "Group": "tdstore.api.store",
+    "Store": "tdstore.api.store",
+    "open": "tdstore.api.store",
+    "SparseKVDiff": "tdstore.core.sparse",
+}
 
 __all__ = [
     "BlockView",
@@ -41,3 +58,15 @@ __all__ = [
     "__version__",
     "open",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tdstore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

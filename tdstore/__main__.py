@@ -1,3 +1,3 @@
-from tdstore.cli import main
+from tdstore.cli import run
 
-main()
+run()

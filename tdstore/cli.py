@@ -1,7 +1,10 @@
 """The ``tdstore`` command line: each command is a thin layer over one library call.
 
-Read commands take ``--json``; long operations show a progress bar on a terminal and
-stay quiet otherwise; user errors print one line on stderr and exit with status 2.
+Read commands take ``--json`` (always valid JSON: a value that is not a finite number
+is ``null``); long operations show a progress bar on a terminal and stay quiet
+otherwise; user errors print one line on stderr and exit with status 2; Ctrl-C (or
+SIGTERM) prints one line and exits with status 130, at any moment, startup included.
+The library is imported only once a command runs.
 """
 
 from __future__ import annotations
@@ -9,19 +12,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tdstore.api.store import Store
-from tdstore.api.store import open as open_store
-from tdstore.core.errors import TdStoreError
+from tdstore.core.errors import InvalidInputError, TdStoreError
 from tdstore.core.version import __version__
+
+if TYPE_CHECKING:
+    from tdstore.api.store import Store
 
 MiB = 1 << 20
 
@@ -35,40 +40,56 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    what = str(exc) or "SIGINT"
+    click.echo(f"interrupted ({what}): the operation in progress was completed or "
+               "rolled back; the store is consistent", err=True)
+    sys.stderr.flush()
+    # what background threads of other libraries may print while the
+    # interpreter shuts down is not for the user: the line above is the message
+    try:
+        own_stderr = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test runner's stream
+        own_stderr = False
+    if own_stderr:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.exit(130)
+
+
 class _Group(click.Group):
     """Turns tdstore's errors into one line on stderr and exit status 2, and SIGINT or
     SIGTERM into one line and exit status 130: the write in progress has then either
     committed or been rolled back (the library holds signals back during a commit)."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201
+    def invoke(self, ctx: click.Context) -> Any:
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except TdStoreError as exc:
             _fail(exc)
         except KeyboardInterrupt as exc:
-            what = str(exc) or "SIGINT"
-            click.echo(f"interrupted ({what}): the operation in progress was completed or "
-                       "rolled back; the store is consistent", err=True)
-            sys.stderr.flush()
-            # what background threads of other libraries may print while the
-            # interpreter shuts down is not for the user: the line above is the message
-            try:
-                own_stderr = sys.stderr.fileno() == 2
-            except (AttributeError, OSError, ValueError):  # a test runner's stream
-                own_stderr = False
-            if own_stderr:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-            sys.exit(130)
+            _interrupted(exc)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The ``tdstore`` executable: :data:`main`, with Ctrl-C and SIGTERM one line (exit
+    130) from the very start, while the library is still being imported."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main()
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+
+
 def _open(path: Path, **kwargs: Any) -> Store:
+    from tdstore.api.store import open as open_store
+
     return open_store(path, create=False, **kwargs)
 
 
-def _size(n: int | None) -> str:
+def _bytes(n: int | None) -> str:
     if n is None:
         return "-"
     for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -77,15 +98,40 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float that is not finite (NaN, inf) as None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return _finite(obj.tolist())
+    return obj
+
+
 def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], formats: dict | None = None) -> None:
+def _pairs(rows: list[tuple[str, Any]]) -> None:
+    """``key  value`` lines, the values aligned."""
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str],
+           formats: dict[str, Callable[[Any], str]] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -119,6 +165,30 @@ def _progress(label: str) -> Iterator[Any]:
 
 path_arg = click.argument("path", type=click.Path(path_type=Path))
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _count(name: str, default: int, help: str, least: int = 1) -> Callable[[F], F]:
+    """An option taking a whole number >= ``least``."""
+    return click.option(name, default=default, show_default=True,
+                        type=click.IntRange(min=least), help=help)
+
+
+def store_command(*arguments: str, name: str | None = None, json: bool = True
+                  ) -> Callable[[F], click.Command]:
+    """A command on the store at PATH: PATH, then the ``arguments`` (``"group?"`` is
+    optional, ``"@file"`` a file path), then ``--json`` unless ``json`` is False."""
+
+    def wrap(f: F) -> click.Command:
+        g: Any = json_opt(f) if json else f
+        for spec in reversed(arguments):
+            if spec.startswith("@"):
+                g = click.argument(spec[1:], type=click.Path(path_type=Path))(g)
+            else:
+                g = click.argument(spec.rstrip("?"), required=not spec.endswith("?"))(g)
+        return main.command(name=name)(path_arg(g))
+
+    return wrap
 
 
 @click.group(cls=_Group)
@@ -130,9 +200,7 @@ def main() -> None:
 # --------------------------------------------------------------------------- inspect
 
 
-@main.command()
-@path_arg
-@json_opt
+@store_command()
 def info(path: Path, as_json: bool) -> None:
     """Schema, version, groups, agents, bytes, ratio and reclaimable bytes of a store."""
     with _open(path) as store:
@@ -146,21 +214,16 @@ def info(path: Path, as_json: bool) -> None:
         ("tdstore version", f"{data['tdstore_version']} (store created by {data['created_by']})"),
         ("groups", data["groups"]),
         ("agents", data["agents"]),
-        ("logical bytes", _size(data["bytes_logical"])),
-        ("stored bytes", _size(data["bytes_stored"])),
+        ("logical bytes", _bytes(data["bytes_logical"])),
+        ("stored bytes", _bytes(data["bytes_stored"])),
         ("compression ratio", f"{data['compression_ratio']:.2f}x"),
-        ("reclaimable bytes", f"{_size(data['reclaimable_bytes'])} (tdstore gc)"),
-        ("size budget", _size(data["max_bytes"]) if data["max_bytes"] else "none"),
+        ("reclaimable bytes", f"{_bytes(data['reclaimable_bytes'])} (tdstore gc)"),
+        ("size budget", _bytes(data["max_bytes"]) if data["max_bytes"] else "none"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+    _pairs(rows)
 
 
-@main.command()
-@path_arg
-@click.argument("group", required=False)
-@json_opt
+@store_command("group?")
 def ls(path: Path, group: str | None, as_json: bool) -> None:
     """List the groups of a store, or the agents of GROUP."""
     with _open(path) as store:
@@ -174,15 +237,12 @@ def ls(path: Path, group: str | None, as_json: bool) -> None:
     if as_json:
         _emit_json(rows)
         return
-    _table(rows, cols, {"bytes_logical": _size, "bytes_stored": _size, "bytes": _size,
+    _table(rows, cols, {"bytes_logical": _bytes, "bytes_stored": _bytes, "bytes": _bytes,
                         "last_access": _when, "compression_ratio": lambda r: f"{r:.2f}x",
                         "master": lambda m: m or "-", "dtype": lambda d: d or "-"})
 
 
-@main.command()
-@path_arg
-@click.argument("group")
-@json_opt
+@store_command("group")
 def stats(path: Path, group: str, as_json: bool) -> None:
     """The statistics of GROUP (Group.stats())."""
     with _open(path) as store:
@@ -190,18 +250,15 @@ def stats(path: Path, group: str, as_json: bool) -> None:
     if as_json:
         _emit_json(data)
         return
-    for key, value in data.items():
-        click.echo(f"{key:<18} {value}")
+    _pairs(list(data.items()))
 
 
 # --------------------------------------------------------------------------- check, reclaim
 
 
-@main.command()
-@path_arg
+@store_command()
 @click.option("--repair", is_flag=True,
               help="Remove garbage and quarantine agents whose data is damaged.")
-@json_opt
 def verify(path: Path, repair: bool, as_json: bool) -> None:
     """Check the catalogue against the data and every chunk's checksum.
 
@@ -222,10 +279,8 @@ def verify(path: Path, repair: bool, as_json: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
-@main.command()
-@path_arg
+@store_command()
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-@json_opt
 def gc(path: Path, dry_run: bool, as_json: bool) -> None:
     """Remove data no catalogue row references (after replacements, deletes, crashes)."""
     with _open(path) as store, _progress("gc") as progress:
@@ -236,14 +291,12 @@ def gc(path: Path, dry_run: bool, as_json: bool) -> None:
     verb = "would remove" if dry_run else "removed"
     for p in report.removed:
         click.echo(f"{verb} {p}")
-    click.echo(f"{verb} {len(report.removed)} item(s), {_size(report.freed_bytes)}")
+    click.echo(f"{verb} {len(report.removed)} item(s), {_bytes(report.freed_bytes)}")
 
 
-@main.command()
-@path_arg
+@store_command()
 @click.option("--max-bytes", type=int, required=True, help="Target size of the data.")
 @click.option("--dry-run", is_flag=True, help="Only report what would be evicted.")
-@json_opt
 def evict(path: Path, max_bytes: int, dry_run: bool, as_json: bool) -> None:
     """Evict least-recently-used agents until the data fits in --max-bytes."""
     with _open(path) as store, _progress("evict"):
@@ -254,35 +307,34 @@ def evict(path: Path, max_bytes: int, dry_run: bool, as_json: bool) -> None:
     verb = "would evict" if dry_run else "evicted"
     for v in victims:
         click.echo(f"{verb} {v.describe()}")
-    click.echo(f"{verb} {len(victims)} item(s), {_size(sum(v.nbytes for v in victims))}")
+    click.echo(f"{verb} {len(victims)} item(s), {_bytes(sum(v.nbytes for v in victims))}")
 
 
-@main.command()
-@path_arg
-@click.argument("max_bytes", required=False)
-def budget(path: Path, max_bytes: str | None) -> None:
+@store_command("max_bytes?")
+def budget(path: Path, max_bytes: str | None, as_json: bool) -> None:
     """Show the persisted size budget, or set it to MAX_BYTES ('none' removes it)."""
+    value: int | None = None
+    if max_bytes is not None and max_bytes.lower() != "none":
+        try:
+            value = int(max_bytes)
+        except ValueError:
+            raise click.BadParameter("an integer number of bytes, or 'none'",
+                                     param_hint="MAX_BYTES") from None
     with _open(path) as store:
         if max_bytes is not None:
-            if max_bytes.lower() == "none":
-                store.set_max_bytes(None)
-            else:
-                try:
-                    value = int(max_bytes)
-                except ValueError:
-                    raise click.BadParameter("an integer number of bytes, or 'none'") from None
-                store.set_max_bytes(value)
+            store.set_max_bytes(value)
         current = store.max_bytes
+        used = store.info()["bytes_accounted"] if as_json else None
+    if as_json:
+        _emit_json({"max_bytes": current, "bytes_accounted": used})
+        return
     click.echo(f"size budget: {current if current is not None else 'none'}")
 
 
 # --------------------------------------------------------------------------- rewrite
 
 
-@main.command()
-@path_arg
-@click.argument("group")
-@json_opt
+@store_command("group")
 def compact(path: Path, group: str, as_json: bool) -> None:
     """Rewrite GROUP tightly (re-balanced chunks), atomically."""
     with _open(path) as store, _progress("compact"):
@@ -290,16 +342,13 @@ def compact(path: Path, group: str, as_json: bool) -> None:
     if as_json:
         _emit_json(result)
         return
-    click.echo(f"group {group!r}: {_size(result['bytes_before'])} -> "
-               f"{_size(result['bytes_after'])}")
+    click.echo(f"group {group!r}: {_bytes(result['bytes_before'])} -> "
+               f"{_bytes(result['bytes_after'])}")
 
 
-@main.command()
-@path_arg
-@click.argument("group")
+@store_command("group")
 @click.option("--master", "master", default=None, help="The agent to make the master.")
 @click.option("--auto", is_flag=True, help="Choose the master that minimises the total diff.")
-@json_opt
 def rebase(path: Path, group: str, master: str | None, auto: bool, as_json: bool) -> None:
     """Make another agent the master of GROUP and re-derive every mirror, atomically."""
     if (master is None) == (not auto):
@@ -317,13 +366,9 @@ def rebase(path: Path, group: str, master: str | None, auto: bool, as_json: bool
 # --------------------------------------------------------------------------- move data
 
 
-@main.command()
-@path_arg
-@click.argument("group")
-@click.argument("agent")
+@store_command("group", "agent")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="A .npy or .safetensors file.")
-@json_opt
 def export(path: Path, group: str, agent: str, output: Path, as_json: bool) -> None:
     """Write AGENT's KV blocks to a .npy or .safetensors file."""
     with _open(path) as store, _progress("export"):
@@ -332,33 +377,55 @@ def export(path: Path, group: str, agent: str, output: Path, as_json: bool) -> N
         _emit_json(result)
         return
     click.echo(f"wrote {result['file']}: {result['shape']} {result['dtype']}, "
-               f"{_size(result['bytes'])}")
+               f"{_bytes(result['bytes'])}")
 
 
-@main.command(name="import")
-@path_arg
-@click.argument("group")
-@click.argument("agent")
-@click.argument("file", type=click.Path(path_type=Path))
+@store_command("group", "agent", "@file", name="import")
 @click.option("--master", is_flag=True, help="Register as the group's master.")
+@click.option("--replace", is_flag=True,
+              help="Allow --master to replace the current master, which removes every "
+                   "agent of the group (the command lists them).")
 @click.option("--dtype", default=None, help="Read raw bits as this dtype (e.g. bfloat16).")
-@json_opt
-def import_(path: Path, group: str, agent: str, file: Path, master: bool, dtype: str | None,
-            as_json: bool) -> None:
-    """Register AGENT in GROUP from a .npy or .safetensors file (created if missing)."""
+def import_(path: Path, group: str, agent: str, file: Path, master: bool, replace: bool,
+            dtype: str | None, as_json: bool) -> None:
+    """Register AGENT in GROUP from a .npy or .safetensors file (created if missing).
+
+    A new master replaces the group's agents; that takes --replace."""
+    from tdstore.api.store import open as open_store
+    from tdstore.ops.budget import recording
+
     with open_store(path) as store, _progress("import"):
-        result = store.group(group).import_file(agent, file, master=master, dtype=dtype)
+        created = group not in store
+        g = store.group(group)
+        current = g.master_id
+        doomed = [a for a in g.agents() if a != agent] if master and current not in (
+            None, agent) else []
+        if doomed and not replace:
+            raise InvalidInputError(
+                f"group {group!r}: registering {agent!r} as master replaces master "
+                f"{current!r} and removes {len(doomed)} agent(s) "
+                f"({', '.join(map(repr, doomed[:5]))}{', ...' if len(doomed) > 5 else ''}); "
+                "pass --replace to do that")
+        try:
+            with recording() as evicted:
+                result = g.import_file(agent, file, master=master, dtype=dtype)
+        except BaseException:
+            if created:  # a group this command made holds nothing: it goes again
+                store.discard_empty_group(group)
+            raise
+    result["evicted"] = [v.describe() for v in evicted]
     if as_json:
         _emit_json(result)
         return
+    for name in result["removed"]:
+        click.echo(f"removed agent {name!r} (replaced by the new master)")
+    for what in result["evicted"]:
+        click.echo(f"evicted {what} (size budget)")
     click.echo(f"group {group!r}: {result['role']} {agent!r}, {result['blocks']} blocks, "
                f"{result['diff_blocks']} stored")
 
 
-@main.command()
-@path_arg
-@click.argument("group")
-@click.argument("agent", required=False)
+@store_command("group", "agent?", json=False)
 def rm(path: Path, group: str, agent: str | None) -> None:
     """Delete GROUP, or one AGENT of it."""
     with _open(path) as store:
@@ -370,21 +437,19 @@ def rm(path: Path, group: str, agent: str | None) -> None:
             click.echo(f"deleted agent {agent!r} of group {group!r}")
 
 
-@main.command()
-@path_arg
+@store_command(json=False)
 @click.option("--to", "revision", default="head", show_default=True,
-              help="Schema revision to upgrade or downgrade to.")
+              help="Schema revision to upgrade or downgrade to (head, or a revision such "
+                   "as 0003). A store downgraded stays at that revision until "
+                   "`tdstore migrate` upgrades it again.")
 def migrate(path: Path, revision: str) -> None:
     """Upgrade (or downgrade) the catalogue schema of a store."""
-    with _open(path) as store:
+    with _open(path, upgrade=False) as store:
         current = store.migrate(revision)
-    click.echo(f"schema revision: {', '.join(current) or 'base'}")
+    click.echo(f"schema revision: {', '.join(current)}")
 
 
-@main.command()
-@path_arg
-@click.argument("dest", type=click.Path(path_type=Path))
-@json_opt
+@store_command("@dest")
 def backup(path: Path, dest: Path, as_json: bool) -> None:
     """Copy the store at PATH to DEST (new or empty) consistently, while it is in use."""
     from tdstore.ops.backup import backup as backup_store
@@ -395,7 +460,7 @@ def backup(path: Path, dest: Path, as_json: bool) -> None:
         _emit_json(report)
         return
     click.echo(f"backed up {report['groups']} group(s), {report['agents']} agent(s), "
-               f"{report['arrays']} array(s), {_size(report['bytes'])} to "
+               f"{report['arrays']} array(s), {_bytes(report['bytes'])} to "
                f"{report['destination']} in {report['seconds']:.2f} s (verified)")
 
 
@@ -404,14 +469,10 @@ def backup(path: Path, dest: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path", default="tdstore-demo", type=click.Path(path_type=Path))
-@click.option("--agents", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Agents in the group.")
-@click.option("--blocks", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Blocks per agent.")
-@click.option("--tail", default=8, show_default=True, type=click.IntRange(min=0),
-              help="Tail blocks where agents differ.")
-@click.option("--near", default=4, show_default=True, type=click.IntRange(min=0),
-              help="Blocks where agents differ by rounding-level noise.")
+@_count("--agents", 8, "Agents in the group.")
+@_count("--blocks", 256, "Blocks per agent.")
+@_count("--tail", 8, "Tail blocks where agents differ.", least=0)
+@_count("--near", 4, "Blocks where agents differ by rounding-level noise.", least=0)
 def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
     """Write a synthetic group of agents to PATH, re-read it in a fresh process."""
     from tdstore.dev.demo import DemoWorkload, run
@@ -474,18 +535,18 @@ def _layers_opt(text: str | None) -> list[int] | None:
 
 ab_options = [
     click.option("--layers", default=None, help="Comma-separated layers (default: all)."),
-    click.option("--window", default=128, show_default=True, help="Sparse local window."),
-    click.option("--block-size", default=64, show_default=True, help="Landmark block size."),
-    click.option("--queries", default=64, show_default=True, help="Random queries."),
+    _count("--window", 128, "Sparse local window (tokens)."),
+    _count("--block-size", 64, "Landmark block size (tokens)."),
+    _count("--queries", 64, "Random query positions."),
     click.option("--seed", default=0, show_default=True, help="Seed of the queries."),
-    click.option("--q-heads", type=int, default=None,
+    click.option("--q-heads", type=click.IntRange(min=1), default=None,
                  help="Query heads (a multiple of the kv heads; default: the kv heads)."),
     json_opt,
 ]
 
 
-def _with(options):  # noqa: ANN001, ANN202
-    def wrap(f):  # noqa: ANN001, ANN202
+def _with(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def wrap(f: F) -> F:
         for option in reversed(options):
             f = option(f)
         return f
@@ -493,10 +554,17 @@ def _with(options):  # noqa: ANN001, ANN202
     return wrap
 
 
-@main.command()
-@path_arg
-@click.argument("group")
-@click.argument("agent")
+def _check_plot(plot: Path | None) -> None:
+    """Refuse a plot file that cannot be written before any work is done."""
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            raise click.BadParameter(f"{plot}: expected a .png file name", param_hint="--plot")
+        if not plot.absolute().parent.is_dir():
+            raise click.BadParameter(f"{plot}: directory {plot.absolute().parent} does not "
+                                     "exist", param_hint="--plot")
+
+
+@store_command("group", "agent", json=False)
 @click.option("--threshold", type=float, default=None,
               help="Apply this diff threshold instead of the group's (the store is unchanged).")
 @click.option("--exact", type=click.Path(path_type=Path), default=None,
@@ -511,6 +579,10 @@ def ab(path: Path, group: str, agent: str, threshold: float | None, exact: Path 
     from tdstore.analysis import ab as ablib
     from tdstore.ops.files import load_file
 
+    if exact is not None and threshold is not None:
+        raise click.UsageError("give --exact FILE or --threshold T, not both: with --exact "
+                               "the store's blocks are compared with the file as stored")
+    _check_plot(plot)
     with _open(path) as store:
         g = store.group(group, create=False)
         exact_kv = load_file(exact) if exact is not None else None
@@ -534,16 +606,13 @@ def ab(path: Path, group: str, agent: str, threshold: float | None, exact: Path 
                      "sparse KL": a["kl"], "mass kept": a["mass_kept"],
                      "store max": b["max_abs_err"], "store rel": b["rel_err"],
                      "store cos": b["cos_mean"], "store KL": b["kl"]})
-    num = lambda x: f"{x:.3g}"  # noqa: E731
-    _table(rows, list(rows[0]) if rows else [], {k: num for k in (rows[0] if rows else {})
+    _table(rows, list(rows[0]) if rows else [], {k: _num for k in (rows[0] if rows else {})
                                                   if k != "layer"})
     if plot is not None:
         click.echo(f"plot: {plot}")
 
 
-@main.command(name="ab-sweep")
-@path_arg
-@click.argument("group")
+@store_command("group", name="ab-sweep", json=False)
 @click.option("--thresholds", required=True, help="Comma-separated thresholds, e.g. 0,0.1,1,10.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG.")
 @_with(ab_options)
@@ -554,32 +623,32 @@ def ab_sweep(path: Path, group: str, thresholds: str, plot: Path | None, layers:
     group's stored blocks taken as exact; the store is not changed)."""
     from tdstore.analysis import ab as ablib
 
-    with _open(path) as store:
+    _check_plot(plot)
+    with _open(path) as store, _progress("ab-sweep") as progress:
         report = ablib.sweep(store.group(group, create=False), ablib.parse_thresholds(thresholds),
                              _ab_config(window, block_size, queries, seed, q_heads),
-                             layers=_layers_opt(layers))
+                             layers=_layers_opt(layers), progress=progress)
     if plot is not None:
         ablib.plot_sweep(report, str(plot))
     if as_json:
         _emit_json(report)
         return
-    num = lambda x: f"{x:.3g}"  # noqa: E731
     _table(report["rows"], ["threshold", "diff_blocks", "compression_ratio", "rel_err_mean",
                             "max_abs_err", "kl_mean"],
-           {"threshold": num, "compression_ratio": lambda x: f"{x:.2f}x", "rel_err_mean": num,
-            "max_abs_err": num, "kl_mean": num})
+           {"threshold": _num, "compression_ratio": lambda x: f"{x:.2f}x",
+            "rel_err_mean": _num, "max_abs_err": _num, "kl_mean": _num})
     if plot is not None:
         click.echo(f"plot: {plot}")
 
 
 @main.command(name="bench-attention")
-@click.option("--seq", default=8192, show_default=True)
-@click.option("--q-heads", default=8, show_default=True)
-@click.option("--kv-heads", default=2, show_default=True)
-@click.option("--head-dim", default=64, show_default=True)
-@click.option("--window", default=128, show_default=True)
-@click.option("--block-size", default=64, show_default=True)
-@click.option("--reps", default=3, show_default=True)
+@_count("--seq", 8192, "Sequence length (tokens).")
+@_count("--q-heads", 8, "Query heads (a multiple of --kv-heads).")
+@_count("--kv-heads", 2, "Key/value heads.")
+@_count("--head-dim", 64, "Dimension of one head.")
+@_count("--window", 128, "Sparse local window (tokens).")
+@_count("--block-size", 64, "Landmark block size (tokens).")
+@_count("--reps", 3, "Repetitions (the best is reported).")
 @json_opt
 def bench_attention(seq: int, q_heads: int, kv_heads: int, head_dim: int, window: int,
                     block_size: int, reps: int, as_json: bool) -> None:
@@ -629,20 +698,19 @@ def nullstats_ls(path: Path, as_json: bool) -> None:
 @json_opt
 def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
     """Show one entry (KEY_HASH: the hash or a unique prefix of it)."""
-    from tdstore.analysis.nullstats import NullStatsCache
+    from tdstore.analysis.nullstats import NullStatsCache, is_plain
 
     with _open(path) as store:
         entry = NullStatsCache(store).show(key_hash)
     if as_json:
         _emit_json(entry)
         return
-    click.echo(f"key_hash        {entry['key_hash']}")
-    click.echo(f"key             {entry['key']}")
-    click.echo(f"schema_version  {entry['schema_version']}")
-    click.echo(f"created_at      {_when(entry['created_at'])}")
+    _pairs([(k, entry[k]) for k in ("key_hash", "key", "schema_version")]
+           + [("created_at", _when(entry["created_at"]))])
     stats = entry["stats"] or {}
-    rows = [{"rank": rank, "kind": kind, **e} for rank, table in
-            (stats.get("by_rank") or {"-": stats.get("kinds", {})}).items()
+    tables = {"-": stats} if is_plain(stats) else \
+        (stats.get("by_rank") or {"-": stats.get("kinds", {})})
+    rows = [{"rank": rank, "kind": kind, **e} for rank, table in tables.items()
             for kind, e in table.items()]
     if rows:
         _table(rows, ["rank", "kind", "mean", "std", "n", "degenerate"],
@@ -675,8 +743,8 @@ def nullstats_clear(path: Path) -> None:
 
 
 @main.command(name="bench-nullstats")
-@click.option("--gets", default=5000, show_default=True)
-@click.option("--reps", default=5, show_default=True)
+@_count("--gets", 5000, "Cache hits per repetition.")
+@_count("--reps", 5, "Repetitions (the best is reported).")
 @json_opt
 def bench_nullstats(gets: int, reps: int, as_json: bool) -> None:
     """A null-stats cache hit vs diskcache.Cache.get of the same payload."""
@@ -687,23 +755,68 @@ def bench_nullstats(gets: int, reps: int, as_json: bool) -> None:
         _emit_json(r)
         return
     click.echo(f"payload {r['payload_bytes']} bytes; best of {reps} x {gets} gets")
-    click.echo(f"tdstore NullStatsCache.get:  {r['tdstore_us']:.1f} us per hit")
-    click.echo(f"diskcache.Cache.get:         {r['diskcache_us']:.1f} us per hit")
+    _pairs([("tdstore NullStatsCache.get", f"{r['tdstore_us']:.1f} us per hit"),
+            ("diskcache.Cache.get", f"{r['diskcache_us']:.1f} us per hit")])
     click.echo(f"ratio {r['ratio']:.2f}x (target <= 1.5x); both include hashing the key "
                f"({r['hash_us']:.1f} us)")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args: tuple[str, ...]) -> None:
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated ints, e.g. 2,16,8,128",
+                                 param_hint="--block-shape") from None
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(f"{text!r}: every dimension must be >= 1",
+                                 param_hint="--block-shape")
+    return shape
+
+
+@main.command()
+@_count("--agents", 8, "Agents in the group (one master, the rest mirrors).", least=2)
+@_count("--blocks", 1024, "Blocks per agent.")
+@click.option("--block-shape", default="2,16,8,128", show_default=True,
+              help="Comma-separated shape of one block (2,16,8,128: 64 KiB in float16).")
+@click.option("--dtype", default="float16", show_default=True,
+              type=click.Choice(["float16", "bfloat16", "float32", "float64", "int8", "uint8"]),
+              help="Dtype of the KV blocks.")
+@click.option("--diff-fraction", default=0.05, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Share of tail blocks in which each mirror differs from the master.")
+@_count("--reps", 5, "Repetitions of each measurement (the best is reported).")
+@_count("--scaling-mirrors", 200, "Mirrors written in the scaling test.")
+@_count("--open-agents", 10_000, "Agents in the catalogue of the open-time test.")
+@click.option("--big-gib", default=4.0, show_default=True, type=click.FloatRange(min=0),
+              help="GiB reconstructed into an np.memmap in the memory test; 0 skips it.")
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the stores and baseline files go (default: the system temp dir).")
+@json_opt
+def bench(agents: int, blocks: int, block_shape: str, dtype: str, diff_fraction: float,
+          reps: int, scaling_mirrors: int, open_agents: int, big_gib: float,
+          workdir: str | None, as_json: bool) -> None:
     """Benchmark tdstore against np.save/np.load, safetensors, diskcache and memcpy.
 
-    Options: see `tdstore bench --help`.
-    """
-    from tdstore.dev.bench import main as bench_main
+    Every figure is measured in the same run and reported as a ratio against those
+    baselines (shared machines are noisy)."""
+    from tdstore.dev.bench import Workload, print_report
+    from tdstore.dev.bench import run as run_bench
 
-    sys.exit(bench_main(list(args)))
+    w = Workload(agents=agents, blocks=blocks, block_shape=_shape(block_shape), dtype=dtype,
+                 diff_fraction=diff_fraction, reps=reps, scaling_mirrors=scaling_mirrors,
+                 open_agents=open_agents, big_gib=big_gib)
+    if workdir is not None and not Path(workdir).is_dir():
+        raise click.BadParameter(f"{workdir}: no such directory", param_hint="--dir")
+
+    def log(message: str) -> None:
+        click.echo(message, err=as_json)
+
+    report = run_bench(w, workdir, progress=log)
+    if as_json:
+        _emit_json(report)
+    else:
+        print_report(report, echo=click.echo)
 
 
 if __name__ == "__main__":
-    main()
+    run()

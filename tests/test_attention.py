@@ -73,7 +73,10 @@ def test_seed_long_case_is_finite_and_plausible(capsys):
     dense = dense_attention(q, k, v)
     sparse = sparse_attention(q, k, v, window=16, block_size=32)
     err = np.abs(dense - sparse)
-    assert np.isfinite(err).all() and err.max() < 1.0
+    # the sparse result is exactly the pattern's attention, computed from the definition
+    # (V lies within +-0.05, so a bound on the error alone would hold for any output)
+    reference = naive(q, k, v, np.arange(256), SparsePattern(window=16, block_size=32))
+    assert np.abs(sparse - reference).max() < 1e-5
     with capsys.disabled():
         print(f"\ndense_vs_sparse @ N=256, window=16, block=32: max_abs_err={err.max():.6e}, "
               f"mean_abs_err={err.mean():.6e}")

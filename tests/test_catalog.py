@@ -89,6 +89,17 @@ def test_readonly_open_of_a_missing_store_fails_clearly(tmp_path):
     assert not (tmp_path / "nothing").exists()
 
 
+def unpin(path):
+    """Make a store downgraded by ``migrate`` look like one an older tdstore wrote: that
+    records no pinned revision, so this tdstore upgrades it on open."""
+    import sqlite3
+
+    con = sqlite3.connect(path / "catalog.sqlite")
+    with con:
+        assert con.execute("DELETE FROM store_meta WHERE key = 'pinned_revision'").rowcount == 1
+    con.close()
+
+
 def test_a_store_written_at_0001_keeps_its_data_through_the_upgrade(tmp_path):
     """Stores made before per-agent attrs existed open, upgrade, and read the same."""
     path = tmp_path / "s"
@@ -99,6 +110,7 @@ def test_a_store_written_at_0001_keeps_its_data_through_the_upgrade(tmp_path):
         expected = {a: g.reconstruct(a) for a in g.agents()}
         store.migrate("0001")
         assert schema_status(store.catalog)[0] == ("0001",)
+    unpin(path)
     with tdstore.open(path) as store:  # upgraded on open
         current, heads = schema_status(store.catalog)
         assert current == heads
@@ -116,6 +128,7 @@ def test_a_store_from_before_the_null_stats_table_gains_it_on_open(tmp_path):
     with tdstore.open(tmp_path / "s") as store:
         store.group("g").register_master("m", kv(4))
         store.migrate("0002")
+    unpin(tmp_path / "s")
     with tdstore.open(tmp_path / "s") as store:
         cache = NullStatsCache(store)
         cache.put("k", {"kinds": {"kl": {"mean": 0.1, "std": 0.01, "n": 3,

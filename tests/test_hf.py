@@ -33,7 +33,7 @@ def prompts() -> dict[str, torch.Tensor]:
             for a, n in TURNS.items()}
 
 
-def greedy(model, cache, first: int) -> tuple[list[np.ndarray], list[int]]:  # noqa: ANN001
+def greedy(model, cache, first: int) -> tuple[list[np.ndarray], list[int]]:
     tok, logits, tokens = first, [], []
     with torch.no_grad():
         for _ in range(STEPS):

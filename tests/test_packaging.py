@@ -33,6 +33,10 @@ def test_wheel_contains_migrations_and_installed_package_creates_a_store(tmp_pat
             "tdstore/migrations/versions/0002_agent_attrs.py",
             "tdstore/migrations/versions/0003_null_stats.py"} <= names
     assert not any(n.startswith("migrations/") for n in names)  # no stray top-level package
+    # every module of the package is in the wheel (a subpackage missing from pyproject's
+    # package list would install without it)
+    modules = {str(f.relative_to(REPO)) for f in (REPO / "tdstore").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",

@@ -6,4 +6,4 @@ import sys
 from tdstore.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench-attention", *sys.argv[1:]]))
+    main(["bench-attention", *sys.argv[1:]])

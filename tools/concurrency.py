@@ -8,28 +8,32 @@ a group of its own, and a group that is deleted and re-created meanwhile; master
 replaced now and then.
 """
 
-import argparse
 import json
 import sys
 import tempfile
 
+import click
+
 from tdstore.dev.harness import concurrency_test
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--processes", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ops", type=int, default=2000, help="operations per thread")
-    p.add_argument("--dir", default=None)
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args()
-    root = a.dir or tempfile.mkdtemp(prefix="tdstore-concurrency-")
-    r = concurrency_test(f"{root}/store", processes=a.processes, threads=a.threads,
-                         ops=a.ops)
-    print(json.dumps(r, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
-    return 0 if not r["errors"] and not r["mismatches"] and r["verify_ok"] else 1
+@click.command(help=__doc__.splitlines()[0])
+@click.option("--processes", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Writer processes.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Threads in each process.")
+@click.option("--ops", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Operations per thread.")
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the store goes (default: a new temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def main(processes: int, threads: int, ops: int, workdir: str | None, as_json: bool) -> None:
+    root = workdir or tempfile.mkdtemp(prefix="tdstore-concurrency-")
+    r = concurrency_test(f"{root}/store", processes=processes, threads=threads, ops=ops)
+    click.echo(json.dumps(r, indent=2) if as_json
+               else "\n".join(f"{k}: {v}" for k, v in r.items()))
+    sys.exit(0 if not r["errors"] and not r["mismatches"] and r["verify_ok"] else 1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

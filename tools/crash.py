@@ -4,41 +4,51 @@
     python tools/crash.py --kills 500 [--signals KILL,TERM,INT] [--dir DIR] [--seed S] [--json]
 """
 
-import argparse
 import json
 import signal
 import sys
 import tempfile
 
+import click
+
 from tdstore.dev.harness import crash_test
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kills", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dir", default=None, help="where the store goes (default: a temp dir)")
-    p.add_argument("--signals", default="KILL",
-                   help="comma-separated signals to stop the writer with (KILL, TERM, INT)")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args()
-    root = a.dir or tempfile.mkdtemp(prefix="tdstore-crash-")
+def _signals(text: str) -> tuple[signal.Signals, ...]:
+    try:
+        return tuple(signal.Signals[f"SIG{name.strip().upper()}"] for name in text.split(","))
+    except KeyError as exc:
+        raise click.BadParameter(f"unknown signal {exc.args[0]}; expected KILL, TERM or INT",
+                                 param_hint="--signals") from None
+
+
+@click.command(help=__doc__.splitlines()[0])
+@click.option("--kills", default=500, show_default=True, type=click.IntRange(min=1),
+              help="How many times the writer is stopped.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random moments.")
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the store goes (default: a new temp dir).")
+@click.option("--signals", "names", default="KILL", show_default=True,
+              help="Comma-separated signals to stop the writer with (KILL, TERM, INT).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def main(kills: int, seed: int, workdir: str | None, names: str, as_json: bool) -> None:
+    sigs = _signals(names)
+    root = workdir or tempfile.mkdtemp(prefix="tdstore-crash-")
 
     def progress(done: int, total: int, what: str) -> None:
         if done % 25 == 0 or done == total:
-            print(f"{done}/{total} kills, {what}", file=sys.stderr, flush=True)
+            click.echo(f"{done}/{total} kills, {what}", err=True)
 
-    sigs = tuple(signal.Signals[f"SIG{name.strip().upper()}"] for name in a.signals.split(","))
-    report = crash_test(f"{root}/store", a.kills, seed=a.seed, signals=sigs, progress=progress)
+    report = crash_test(f"{root}/store", kills, seed=seed, signals=sigs, progress=progress)
     data = report.to_dict()
-    if a.json:
-        print(json.dumps(data, indent=2))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
     else:
         for key, value in data.items():
-            print(f"{key}: {value}")
-        print(f"lost: {report.lost}")
-    return 1 if report.failures else 0
+            click.echo(f"{key}: {value}")
+        click.echo(f"lost: {report.lost}")
+    sys.exit(1 if report.failures else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -10,10 +10,11 @@ model is randomly initialised from a config).
     python tools/hf_demo.py [--prefix 1024] [--agents 6] [--layers 8] [--hidden 512]
 """
 
-import argparse
 import tempfile
 import time
+from typing import Any
 
+import click
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,24 +22,30 @@ import tdstore
 from tdstore.integrations.hf import load_cache, store_cache
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prefix", type=int, default=1024, help="shared prompt tokens")
-    p.add_argument("--turn", type=int, default=48, help="tokens of each agent's own turn")
-    p.add_argument("--agents", type=int, default=6)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--dir", default=None)
-    a = p.parse_args()
+@click.command(help=__doc__.splitlines()[0])
+@click.option("--prefix", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Shared prompt tokens.")
+@click.option("--turn", default=48, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of each agent's own turn.")
+@click.option("--agents", default=6, show_default=True, type=click.IntRange(min=2),
+              help="Agents sharing the prompt.")
+@click.option("--layers", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Decoder layers of the model.")
+@click.option("--hidden", default=512, show_default=True, type=click.IntRange(min=64),
+              help="Hidden size of the model (a multiple of 64).")
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the store goes (default: a new temp dir).")
+def main(prefix: int, turn: int, agents: int, layers: int, hidden: int,
+         workdir: str | None) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=a.hidden, intermediate_size=a.hidden * 2,
-                         num_hidden_layers=a.layers, num_attention_heads=8,
-                         num_key_value_heads=2, max_position_embeddings=a.prefix + a.turn + 8)
+    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=2, max_position_embeddings=prefix + turn + 8)
     model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
-    prefix = torch.randint(0, 4096, (1, a.prefix))
-    prompts = {f"agent{i}": torch.cat([prefix, torch.randint(0, 4096, (1, a.turn))], 1)
-               for i in range(a.agents)}
-    path = a.dir or tempfile.mkdtemp(prefix="tdstore-hf-")
+    shared = torch.randint(0, 4096, (1, prefix))
+    prompts = {f"agent{i}": torch.cat([shared, torch.randint(0, 4096, (1, turn))], 1)
+               for i in range(agents)}
+    path = workdir or tempfile.mkdtemp(prefix="tdstore-hf-")
     prefill_s, load_s, same, firsts = [], [], [], {}
     with tdstore.open(path) as store:
         g = store.group("agents", diff_threshold=0.0)
@@ -59,8 +66,8 @@ def main() -> None:
             same.append(token == firsts[name])
         st = g.stats()
     mib = 1 << 20
-    print(f"model: Llama, {a.layers} layers, hidden {a.hidden}, bfloat16, random weights")
-    print(f"agents: {a.agents}, each {a.prefix} shared + {a.turn} own tokens")
+    print(f"model: Llama, {layers} layers, hidden {hidden}, bfloat16, random weights")
+    print(f"agents: {agents}, each {prefix} shared + {turn} own tokens")
     print(f"stored: {st['bytes_stored'] / mib:.1f} MiB for {st['bytes_logical'] / mib:.1f} MiB of "
           f"caches; compression ratio {st['compression_ratio']:.2f}x")
     print(f"time to first token: recomputing the prefill {1e3 * min(prefill_s):.1f} ms, from "
@@ -68,7 +75,7 @@ def main() -> None:
           f"same first token: {sum(same)}/{len(same)}")
 
 
-def _drop_last(cache):  # noqa: ANN001, ANN202
+def _drop_last(cache: Any) -> Any:
     """The stored cache holds the whole prompt; to produce the first new token from it
     the last prompt token is fed again, so drop it from the cache."""
     cache.crop(-1)

@@ -16,7 +16,7 @@ with the per-head scale of the keys.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,26 +29,11 @@ from tdstore.analysis.attention import (
     sparse_attention,
 )
 from tdstore.core.diff import diff_mask
-from tdstore.core.errors import InvalidInputError, StateError
+from tdstore.core.errors import InvalidInputError, NoMasterError, StateError
+from tdstore.core.validate import KV_AXES as AXES
 
 if TYPE_CHECKING:
     from tdstore.api.store import Group
-
-AXES = ("layer", "kv", "token", "head", "dim")
-
-
-def check_kv_layout(layout: Any) -> dict[str, Any]:
-    """A kv_layout names the axes of one block: a permutation of
-    ``layer, kv, token, head, dim`` (e.g. a paged cache block of shape
-    ``(layers, 2, block_tokens, kv_heads, head_dim)`` has the axes in that order)."""
-    if not isinstance(layout, dict) or "axes" not in layout:
-        raise InvalidInputError(
-            f"kv_layout must be a dict with 'axes', a permutation of {AXES}; got {layout!r}")
-    axes = tuple(layout["axes"])
-    if sorted(axes) != sorted(AXES):
-        raise InvalidInputError(f"kv_layout axes {axes} must be a permutation of {AXES}")
-    return {**layout, "axes": list(axes)}
-
 
 def layer_kv(blocks: np.ndarray, layout: dict[str, Any]) -> np.ndarray:
     """Blocks ``(n_blocks, *block_shape)`` -> ``(layers, 2, seq, kv_heads, head_dim)``
@@ -142,6 +127,15 @@ class ABConfig:
     log_stride: bool = True
     landmarks: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("window", "block_size", "queries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"A/B {name} must be an int >= 1, got {value!r}")
+        if self.q_heads is not None and (not isinstance(self.q_heads, int)
+                                         or self.q_heads < 1):
+            raise InvalidInputError(f"A/B q_heads must be an int >= 1, got {self.q_heads!r}")
+
 
 def _queries(kv: np.ndarray, cfg: ABConfig) -> tuple[np.ndarray, np.ndarray]:
     """Random queries at random positions (seeded), scaled like the keys."""
@@ -157,7 +151,7 @@ def _queries(kv: np.ndarray, cfg: ABConfig) -> tuple[np.ndarray, np.ndarray]:
     return q, pos
 
 
-def _layers(n_layers: int, layers: Sequence[int] | None) -> list[int]:
+def _chosen_layers(n_layers: int, layers: Sequence[int] | None) -> list[int]:
     chosen = list(range(n_layers)) if not layers else list(layers)
     bad = [x for x in chosen if not 0 <= x < n_layers]
     if bad:
@@ -200,7 +194,10 @@ def compare(group: Group, agent: str, cfg: ABConfig | None = None, *,
         kept = int(diff_mask(stored, exact, 0.0).sum())
         mode = "exact file vs store reconstruction"
     else:
-        master = group.reconstruct(group.master_id)
+        master_id = group.master_id
+        if master_id is None:  # removed since the agent was read
+            raise NoMasterError(f"group {group.name!r}: no master registered")
+        master = group.reconstruct(master_id)
         ref_blocks = stored
         approx_blocks, kept = thresholded(master, stored, t)
         mode = f"stored blocks vs threshold {t:g} applied against the master"
@@ -208,7 +205,7 @@ def compare(group: Group, agent: str, cfg: ABConfig | None = None, *,
     q, pos = _queries(ref_kv, cfg)
     pattern = SparsePattern(cfg.window, cfg.block_size, cfg.log_stride, cfg.landmarks)
     report_layers = []
-    for layer in _layers(ref_kv.shape[0], layers):
+    for layer in _chosen_layers(ref_kv.shape[0], layers):
         k, v = ref_kv[layer, 0], ref_kv[layer, 1]
         dense = dense_attention(q, k, v, q_positions=pos)
         sparse = sparse_attention(q, k, v, window=cfg.window, block_size=cfg.block_size,
@@ -234,9 +231,11 @@ def compare(group: Group, agent: str, cfg: ABConfig | None = None, *,
 
 
 def sweep(group: Group, thresholds: Sequence[float], cfg: ABConfig | None = None, *,
-          layers: Sequence[int] | None = None, max_agents: int = 8) -> dict[str, Any]:
+          layers: Sequence[int] | None = None, max_agents: int = 8,
+          progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Compression ratio against attention error for each threshold, over the group's
-    mirrors (the stored blocks taken as exact; the store is not changed)."""
+    mirrors (the stored blocks taken as exact; the store is not changed).
+    ``progress(done, total, what)`` is called before each threshold and at the end."""
     cfg = cfg or ABConfig()
     layout = _layout(group)
     names = group.agents()
@@ -247,7 +246,7 @@ def sweep(group: Group, thresholds: Sequence[float], cfg: ABConfig | None = None
     exact = {m: group.reconstruct(m) for m in mirrors}
     master_kv = layer_kv(master, layout)
     q, pos = _queries(master_kv, cfg)
-    chosen = _layers(master_kv.shape[0], layers)
+    chosen = _chosen_layers(master_kv.shape[0], layers)
     refs = {}
     for m in mirrors:
         kv = layer_kv(exact[m], layout)
@@ -255,7 +254,10 @@ def sweep(group: Group, thresholds: Sequence[float], cfg: ABConfig | None = None
                            _dense_probs(q, kv[layer, 0], pos)) for layer in chosen}
     rows = []
     n = master.shape[0]
-    for t in sorted(float(x) for x in thresholds):
+    ordered = sorted(float(x) for x in thresholds)
+    for i, t in enumerate(ordered):
+        if progress is not None:
+            progress(i, len(ordered), f"threshold {t:g}")
         kept_total, errs, kls, maxes = 0, [], [], []
         for m in mirrors:
             approx, kept = thresholded(master, exact[m], t)
@@ -277,6 +279,8 @@ def sweep(group: Group, thresholds: Sequence[float], cfg: ABConfig | None = None
             "max_abs_err": float(np.max(maxes)),
             "kl_mean": float(np.mean(kls)),
         })
+    if progress is not None:
+        progress(len(ordered), len(ordered), "done")
     return {"group": group.name, "mirrors": mirrors, "queries": int(pos.size),
             "layers": chosen, "rows": rows}
 
@@ -324,10 +328,9 @@ def plot_sweep(report: dict[str, Any], file: str) -> None:
 
     rows = report["rows"]
     ts = [r["threshold"] for r in rows]
-    xs = [t if t > 0 else None for t in ts]
     positive = [t for t in ts if t > 0]
     zero_at = min(positive) / 10 if positive else 1e-6
-    xs = [zero_at if x is None else x for x in xs]
+    xs = [t if t > 0 else zero_at for t in ts]
     fig, ax1 = plt.subplots(figsize=(8, 4.5))
     ax1.plot(xs, [r["compression_ratio"] for r in rows], "o-", color="tab:blue",
              label="compression ratio")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,9 @@ from tdstore.core.errors import InvalidInputError
 TILE_BYTES = 32 << 20
 
 
-def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions) -> tuple:  # noqa: ANN001
+def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+           q_positions: Sequence[int] | np.ndarray | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     for name, a in (("q", q), ("k", k), ("v", v)):
         if not isinstance(a, np.ndarray) or a.ndim != 3:
             raise InvalidInputError(
@@ -187,7 +189,8 @@ def _tile(n_queries: int, heads: int, width: int) -> int:
 
 def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = True,
                     q_positions: Sequence[int] | np.ndarray | None = None,
-                    scale: float | None = None, return_probs_for=None,  # noqa: ANN001
+                    scale: float | None = None,
+                    return_probs_for: Callable[[int, int, np.ndarray], object] | None = None,
                     backend: str = "auto", device: Any = None) -> np.ndarray:
     """Softmax attention of every query over every (causal) key. Returns float32
     ``(n_queries, q_heads, head_dim)``."""
@@ -286,8 +289,8 @@ def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, window: int
     return out
 
 
-def _sparse_tile(ops: _Ops, q, k, v, p, pattern: SparsePattern, group, scale,  # noqa: ANN001
-                 half, k_land, v_land) -> Any:  # noqa: ANN001
+def _sparse_tile(ops: _Ops, q: Any, k: Any, v: Any, p: np.ndarray, pattern: SparsePattern,
+                 group: int, scale: float, half: int, k_land: Any, v_land: Any) -> Any:
     n, hkv, d = k.shape
     t = p.size
     qg = _grouped(ops, q, hkv, group) * scale  # (Hkv, G, T, D)

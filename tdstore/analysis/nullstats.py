@@ -18,16 +18,17 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from sqlalchemy import delete, select
 
-from tdstore.analysis.scoring import TokenDist
+from tdstore.analysis.scoring import DifferentialBackend, TokenDist
 from tdstore.core.errors import InvalidInputError, NotFoundError, ReadOnlyError
 from tdstore.storage.catalog import NullStatsRow, now
 
 if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
     from sqlalchemy.pool import PoolProxiedConnection
 
     from tdstore.api.store import Store
@@ -99,23 +100,39 @@ def stable_hash(obj: Any) -> str:
 # --------------------------------------------------------------------------- the cache
 
 
+def _entry_ok(e: Any) -> bool:
+    """One probe kind's statistics: finite ``mean``, ``std``, ``n``, bool ``degenerate``."""
+    return (isinstance(e, dict) and {"mean", "std", "n", "degenerate"} <= set(e)
+            and all(isinstance(e[k], (int, float)) and not isinstance(e[k], bool)
+                    and math.isfinite(e[k]) for k in ("mean", "std", "n"))
+            and isinstance(e["degenerate"], bool))
+
+
+def _table_ok(t: Any) -> bool:
+    return isinstance(t, dict) and all(isinstance(k, str) and _entry_ok(v)
+                                       for k, v in t.items())
+
+
+def is_plain(stats: Any) -> bool:
+    """Whether ``stats`` is the plain per-kind mapping ``{kind: {mean, std, n,
+    degenerate}}`` (rather than ``{"kinds": {...}, "by_rank": {...}}``)."""
+    return isinstance(stats, dict) and bool(stats) and _table_ok(stats)
+
+
 def _check_stats(stats: Any) -> dict[str, Any]:
-    """Stats are ``{"kinds": {kind: {mean, std, n, degenerate}}, "by_rank": {...}}``."""
-
-    def entry_ok(e: Any) -> bool:
-        return (isinstance(e, dict) and {"mean", "std", "n", "degenerate"} <= set(e)
-                and all(isinstance(e[k], (int, float)) and math.isfinite(e[k])
-                        for k in ("mean", "std", "n")) and isinstance(e["degenerate"], bool))
-
-    def table_ok(t: Any) -> bool:
-        return isinstance(t, dict) and all(isinstance(k, str) and entry_ok(v)
-                                           for k, v in t.items())
-
-    if not (isinstance(stats, dict) and table_ok(stats.get("kinds"))
-            and all(table_ok(t) for t in (stats.get("by_rank") or {}).values())):
+    """Stats are the plain per-kind mapping ``{kind: {mean, std, n, degenerate}}``, or
+    ``{"kinds": {kind: {...}}, "by_rank": {multiplier: {kind: {...}}}}`` (what
+    :func:`calibrate` returns); both are stored as given."""
+    if is_plain(stats):
+        return dict(stats)
+    if not (isinstance(stats, dict) and set(stats) <= {"kinds", "by_rank"}
+            and _table_ok(stats.get("kinds"))
+            and isinstance(stats.get("by_rank") or {}, dict)
+            and all(_table_ok(t) for t in (stats.get("by_rank") or {}).values())):
         raise InvalidInputError(
-            "null stats must look like {'kinds': {kind: {'mean', 'std', 'n', 'degenerate'}}, "
-            "'by_rank': {multiplier: {kind: {...}}}} with finite numbers")
+            "null stats must be {kind: {'mean', 'std', 'n', 'degenerate'}} or "
+            "{'kinds': {kind: {...}}, 'by_rank': {multiplier: {kind: {...}}}}, with finite "
+            f"numbers for mean, std and n and a bool for degenerate; got {str(stats)[:120]}")
     return stats
 
 
@@ -142,9 +159,10 @@ class NullStatsCache:
     def _read(self, key_hash: str) -> tuple[int, str] | None:
         engine = self.store.catalog.engine
         if engine.dialect.name == "sqlite":
-            return self._raw().dbapi_connection.execute(
-                "SELECT schema_version, payload FROM null_stats WHERE key_hash = ?",
-                (key_hash,)).fetchone()
+            cur = self._raw().cursor()
+            cur.execute("SELECT schema_version, payload FROM null_stats WHERE key_hash = ?",
+                        (key_hash,))
+            return cur.fetchone()
         with self.store.catalog.read() as s:
             row = s.get(NullStatsRow, key_hash)
             return None if row is None else (row.schema_version, row.payload)
@@ -161,7 +179,8 @@ class NullStatsCache:
             return None
         # put() validated every entry; a hit checks the shape only (a full check would
         # double its cost), and zscore names any kind that is missing
-        if not (isinstance(stats, dict) and isinstance(stats.get("kinds"), dict)):
+        if not (isinstance(stats, dict) and (isinstance(stats.get("kinds"), dict)
+                                              or is_plain(stats))):
             return None
         return stats
 
@@ -205,13 +224,15 @@ class NullStatsCache:
         self._check_writable()
         key_hash = self._resolve(key_or_hash)
         with self.store.catalog.write() as s:
-            return s.execute(delete(NullStatsRow).where(NullStatsRow.key_hash == key_hash)
-                             ).rowcount > 0
+            # a DML statement executes to a CursorResult (Session.execute is typed Result)
+            result = cast("CursorResult[Any]", s.execute(
+                delete(NullStatsRow).where(NullStatsRow.key_hash == key_hash)))
+            return result.rowcount > 0
 
     def clear(self) -> int:
         self._check_writable()
         with self.store.catalog.write() as s:
-            return s.execute(delete(NullStatsRow)).rowcount
+            return cast("CursorResult[Any]", s.execute(delete(NullStatsRow))).rowcount
 
     def keys(self) -> list[dict[str, Any]]:
         """Every entry: hash, its key (as readable JSON), schema version, creation time."""
@@ -283,7 +304,8 @@ def calibration_key(identity: Any, prompts: Sequence[str], *, kinds: Sequence[st
             "rank_multipliers": [float(m) for m in rank_multipliers]}
 
 
-def calibrate(backend, prompts: Sequence[str], *, kinds: Sequence[str] = ("kl",),  # noqa: ANN001
+def calibrate(backend: DifferentialBackend, prompts: Sequence[str], *,
+              kinds: Sequence[str] = ("kl",),
               runs: int = 3, seed_base: int = 1000, init_scale: float = 0.02,
               rank_multipliers: Sequence[float] = (1.0,), top_k: int = 256,
               cache: NullStatsCache | None = None, identity: Any = None) -> dict[str, Any]:
@@ -332,9 +354,15 @@ def calibrate(backend, prompts: Sequence[str], *, kinds: Sequence[str] = ("kl",)
 
 def zscore(raw: float, stats: dict[str, Any], kind: str = "kl",
            rank_multiplier: float | None = None) -> float:
-    """``(raw - mean) / std`` against the null statistics of ``kind``."""
-    table = stats["kinds"] if rank_multiplier is None else \
-        stats["by_rank"][repr(float(rank_multiplier))]
+    """``(raw - mean) / std`` against the null statistics of ``kind`` (either shape)."""
+    if is_plain(stats):
+        if rank_multiplier is not None:
+            raise NotFoundError("these null stats are a plain per-kind mapping: they hold no "
+                                "per-rank statistics")
+        table = stats
+    else:
+        table = stats["kinds"] if rank_multiplier is None else \
+            stats["by_rank"][repr(float(rank_multiplier))]
     if kind not in table:
         raise NotFoundError(f"null stats hold no probe kind {kind!r}; they hold {sorted(table)}")
     entry = table[kind]

@@ -5,7 +5,7 @@ A differential backend scores a fine-tuned adapter against its base model. It yi
 and each view answers scoring calls (log-probabilities, next-token distributions).
 ``DummyDifferentialBackend`` answers from canned data or synthesises plausible values:
 deterministic, torch-free and fast, for tests and for calibrating null statistics
-(``tdstore.nullstats``) without a model.
+(``tdstore.analysis.nullstats``) without a model.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class DummyDifferentialBackend:
                 base = view.next_token_dist(prompt, top_k=8)
             with self.as_finetuned() as view:
                 ft = view.next_token_dist(prompt, top_k=8)
-        except Exception as exc:  # noqa: BLE001 - any failure fails the preflight
+        except Exception as exc:  # any failure fails the preflight
             return False, f"preflight raised {type(exc).__name__}: {exc}"
         for label, dist in (("base", base), ("ft", ft)):
             bad = int((~np.isfinite(dist.logprobs)).sum())

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tdstore.api.store import Group, Store
+from tdstore.api.store import ClosingContext, Group, Store
 from tdstore.core.errors import NoMasterError, NotFoundError
 from tdstore.core.sparse import SparseKVDiff
 
@@ -65,7 +65,7 @@ class _Mirrors(Mapping[str, SparseKVDiff]):
         return agent in self._group and agent != self._group.master_id
 
 
-class TokenDanceStorage:
+class TokenDanceStorage(ClosingContext):
     """Master-mirror diff storage for multi-agent KV caches (the seed's API, persistent)."""
 
     def __init__(self, diff_threshold: float = 1e-4, *, path: str | None = None,
@@ -121,12 +121,6 @@ class TokenDanceStorage:
         self._finalizer()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __enter__(self) -> TokenDanceStorage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack, overload
 
 import numpy as np
 
@@ -31,45 +31,74 @@ from tdstore.storage.arrays import ArrayStore
 from tdstore.storage.catalog import Catalog
 from tdstore.storage.reads import AgentSnapshot
 
+T = TypeVar("T")
 
-class Store:
+
+class _Forward(Generic[T]):
+    """A read-only attribute reading the attribute of the same name of the wrapped
+    object (``_ctx`` of a Store, ``_ops`` of a Group), so each reads the current state."""
+
+    def __init__(self, inner: str, doc: str) -> None:
+        self.inner = inner
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Forward[T]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> T | _Forward[T]:
+        if obj is None:
+            return self
+        value: T = getattr(getattr(obj, self.inner), self.name)
+        return value
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError(f"{self.name} is read-only")
+
+
+class ClosingContext:
+    """``with x:`` closes ``x`` at the end of the block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`open` (and of :class:`Store`)."""
+
+    url: str | None
+    readonly: bool
+    verify_reads: bool
+    max_bytes: int | None
+    create: bool
+    upgrade: bool
+
+
+class Store(ClosingContext):
     """A tdstore directory: ``catalog.sqlite`` plus the zarr hierarchy under ``data/``.
 
     Use :func:`tdstore.open` to get one. A Store is safe to use from several threads, and
     any number of processes may open the same directory at once.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        url: str | None = None,
-        readonly: bool = False,
-        verify_reads: bool = False,
-        max_bytes: int | None = None,
-        create: bool = True,
-    ):
-        self._ctx = StoreContext(path, url=url, readonly=readonly, verify_reads=verify_reads,
-                                 max_bytes=max_bytes, create=create)
+    def __init__(self, path: str | os.PathLike[str], **options: Unpack[OpenOptions]):
+        self._ctx = StoreContext(path, **options)
 
-    @property
-    def path(self) -> Path:
-        """The store directory (absolute)."""
-        return self._ctx.path
-
-    @property
-    def readonly(self) -> bool:
-        return self._ctx.readonly
-
-    @property
-    def catalog(self) -> Catalog:
-        """The catalogue (storage layer), for tools that inspect a store directly."""
-        return self._ctx.catalog
-
-    @property
-    def arrays(self) -> ArrayStore:
-        """The array store (storage layer), for tools that inspect a store directly."""
-        return self._ctx.arrays
+    path: _Forward[Path] = _Forward("_ctx", "The store directory (absolute).")
+    readonly: _Forward[bool] = _Forward("_ctx", "Whether the store was opened read-only.")
+    catalog: _Forward[Catalog] = _Forward(
+        "_ctx", "The catalogue (storage layer), for tools that inspect a store directly.")
+    arrays: _Forward[ArrayStore] = _Forward(
+        "_ctx", "The array store (storage layer), for tools that inspect a store directly.")
 
     def group(
         self,
@@ -114,6 +143,14 @@ class Store:
     def ls(self) -> list[dict[str, Any]]:
         """One row per group: agents, master, blocks, shape, dtype, bytes, ratio."""
         return maintenance.ls_groups(self._ctx)
+
+    def discard_empty_group(self, name: str) -> bool:
+        """Delete group ``name`` if it holds no agent (e.g. one a failed import created);
+        returns whether it was deleted. A group with any agent is left alone."""
+        check_name("group", name)
+        with self.catalog.read() as s:
+            gid = self._ctx.group_row(s, name).gid
+        return self._ctx.discard_if_empty(name, gid)
 
     def delete_group(self, name: str) -> None:
         """Delete a group, its agents and their data. Raises NotFoundError if missing.
@@ -160,12 +197,6 @@ class Store:
         """Release the catalogue's connections. The store can be opened again later."""
         self._ctx.close()
 
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         mode = ", readonly" if self.readonly else ""
         return f"<tdstore.Store {str(self.path)!r}{mode}>"
@@ -188,30 +219,17 @@ class Group:
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def master_id(self) -> str | None:
-        """Name of the master agent, or None before one is registered."""
-        return self._ops.master_id
-
-    @property
-    def diff_threshold(self) -> float:
-        return self._ops.diff_threshold
-
-    @property
-    def n_blocks(self) -> int:
-        return self._ops.n_blocks
-
-    @property
-    def block_shape(self) -> tuple[int, ...] | None:
-        return self._ops.block_shape
-
-    @property
-    def dtype(self) -> np.dtype | None:
-        return self._ops.dtype
-
-    @property
-    def kv_layout(self) -> dict[str, Any] | None:
-        return self._ops.kv_layout
+    master_id: _Forward[str | None] = _Forward(
+        "_ops", "Name of the master agent, or None before one is registered.")
+    diff_threshold: _Forward[float] = _Forward(
+        "_ops", "The persisted diff threshold (applies to mirrors registered later).")
+    n_blocks: _Forward[int] = _Forward("_ops", "Blocks of every agent (0 before a master).")
+    block_shape: _Forward[tuple[int, ...] | None] = _Forward(
+        "_ops", "The shape of one block, or None before a master.")
+    dtype: _Forward[np.dtype | None] = _Forward(
+        "_ops", "The dtype of the blocks (bfloat16, float8 included), or None.")
+    kv_layout: _Forward[dict[str, Any] | None] = _Forward(
+        "_ops", "The axes of a block, if the group records them (attention A/B, HF).")
 
     def set_diff_threshold(self, value: float) -> None:
         """Change the persisted threshold; it applies to mirrors registered later."""
@@ -373,23 +391,16 @@ class BlockView:
         return f"<tdstore.BlockView {self.group.name!r}/{self.agent!r} shape={self.shape}>"
 
 
-def open(  # noqa: A001 - the library's entry point mirrors builtins.open on purpose
-    path: str | os.PathLike[str],
-    *,
-    url: str | None = None,
-    readonly: bool = False,
-    verify_reads: bool = False,
-    max_bytes: int | None = None,
-    create: bool = True,
-) -> Store:
+def open(path: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> Store:
     """Open (creating if missing) the store at directory ``path``.
 
     ``url`` replaces the local SQLite catalogue with any SQLAlchemy URL; ``readonly``
     opens without writing anything (also on a directory the process cannot write);
     ``verify_reads`` checks every chunk's crc32c on read; ``max_bytes`` sets (and
     persists) a size budget for the data, kept by evicting least-recently-used agents;
-    ``create=False`` refuses a directory that holds no store instead of creating one.
-    Raises SchemaError if the store was written by a newer tdstore.
+    ``create=False`` refuses a directory that holds no store instead of creating one;
+    ``upgrade=False`` leaves an older catalogue schema as it is (for ``migrate``).
+    Raises SchemaError if the store was written by a newer tdstore, or was pinned to an
+    older schema by ``tdstore migrate --to REV``.
     """
-    return Store(path, url=url, readonly=readonly, verify_reads=verify_reads,
-                 max_bytes=max_bytes, create=create)
+    return Store(path, **options)

@@ -5,7 +5,7 @@ dependency ``tdstore[torch]``."""
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -73,7 +73,7 @@ def numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
         getattr(torch, torch_name))
 
 
-def is_tensor(obj: object) -> bool:
+def is_tensor(obj: object) -> TypeGuard[torch.Tensor]:
     """Whether ``obj`` is a torch tensor (without importing torch when it is not)."""
     return type(obj).__module__.startswith("torch")
 

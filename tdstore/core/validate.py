@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -128,7 +128,8 @@ def check_attrs(attrs: object, where: str) -> dict[str, Any] | None:
 def check_threshold(value: object, group: str) -> float:
     """A diff threshold: a finite number >= 0."""
     try:
-        t = float(value)  # type: ignore[arg-type]
+        # any object: float() itself refuses what it cannot convert (caught below)
+        t = float(cast(Any, value))
     except (TypeError, ValueError, OverflowError):
         raise InvalidInputError(
             f"group {group!r}: diff_threshold must be a number, got {value!r}"

@@ -1,9 +1,9 @@
-"""The read/write benchmark behind ``tdstore bench`` and ``tools/bench.py``.
+"""The read/write benchmark behind ``tdstore bench`` (also ``tools/bench.py``).
 
 Everything is measured in one run on the same data, best of several repetitions, and
 reported as ratios against baselines measured in that same run (machines are shared and
 noisy): memcpy of the same bytes, one ``np.save``/``np.load`` file per agent,
-``safetensors`` files, a ``diskcache.Cache``, and the in-memory seed prototype.
+``safetensors`` files and a ``diskcache.Cache``.
 Cold reads evict every file from the page cache first (``posix_fadvise(DONTNEED)``).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import shutil
@@ -46,7 +45,6 @@ class Workload:
     scaling_mirrors: int = 200
     open_agents: int = 10_000
     big_gib: float = 4.0  # memmap-output test; 0 skips it
-    seed_path: str | None = None  # the seed prototype's token_dance.py, if available
     extra: dict = field(default_factory=dict)
 
     @property
@@ -83,7 +81,7 @@ def best(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None
     return min(times)
 
 
-def evict(path: Path) -> None:
+def drop_page_cache(path: Path) -> None:
     """Drop every file under ``path`` from the page cache (no root needed)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
@@ -141,9 +139,9 @@ def bench_tdstore(w: Workload, agents: list[np.ndarray], root: Path) -> dict[str
             for name in names:
                 g.reconstruct(name, out=out)
 
-        r["reconstruct_all_cold_s"] = best(read_all, w.reps, setup=lambda: evict(path))
+        r["reconstruct_all_cold_s"] = best(read_all, w.reps, setup=lambda: drop_page_cache(path))
         r["reconstruct_cold_s"] = best(lambda: g.reconstruct(mirror, out=out), w.reps,
-                                       setup=lambda: evict(path))
+                                       setup=lambda: drop_page_cache(path))
 
         g.reconstruct(mirror, out=out)
         tracemalloc.start()
@@ -279,10 +277,10 @@ def _baselines(w: Workload, agents: list[np.ndarray], root: Path,
     last = npy / f"agent{len(agents) - 1}.npy"
     np.load(last)
     r["np_load_warm_s"] = best(lambda: np.load(last), w.reps)
-    r["np_load_cold_s"] = best(lambda: np.load(last), w.reps, setup=lambda: evict(npy))
+    r["np_load_cold_s"] = best(lambda: np.load(last), w.reps, setup=lambda: drop_page_cache(npy))
     r["np_load_all_cold_s"] = best(
         lambda: [np.load(npy / f"agent{i}.npy") for i in range(len(agents))], w.reps,
-        setup=lambda: evict(npy))
+        setup=lambda: drop_page_cache(npy))
     r["np_bytes_on_disk"] = du(npy)
 
     with contextlib.suppress(ImportError):
@@ -303,7 +301,7 @@ def _baselines(w: Workload, agents: list[np.ndarray], root: Path,
         r["safetensors_load_warm_s"] = best(lambda: load_file(f), w.reps)
         r["safetensors_load_all_cold_s"] = best(
             lambda: [load_file(str(st / f"agent{i}.safetensors")) for i in range(len(agents))],
-            w.reps, setup=lambda: evict(st))
+            w.reps, setup=lambda: drop_page_cache(st))
         r["safetensors_bytes_on_disk"] = du(st)
 
     with contextlib.suppress(ImportError):
@@ -323,75 +321,54 @@ def _baselines(w: Workload, agents: list[np.ndarray], root: Path,
             r["diskcache_get_warm_s"] = best(dc_get, w.reps)
             r["diskcache_get_all_cold_s"] = best(
                 lambda: [cache.get(f"agent{i}") for i in range(len(agents))], w.reps,
-                setup=lambda: evict(dc_path))
+                setup=lambda: drop_page_cache(dc_path))
         r["diskcache_bytes_on_disk"] = du(dc_path)
 
-    seed = _load_seed(w.seed_path)
-    if seed is not None:  # its float16 norm overflows (a known fault): silence the warning
-        stack.enter_context(np.errstate(over="ignore", invalid="ignore"))
-        proto = seed.TokenDanceStorage(diff_threshold=0.0)
-        r["seed_register_master_s"] = best(lambda: proto.register_master("agent0", agents[0]),
-                                           w.reps)
-        r["seed_register_mirror_s"] = best(lambda: proto.register_mirror("agent1", agents[1]),
-                                           w.reps)
-        r["seed_reconstruct_s"] = best(lambda: proto.reconstruct("agent1"), w.reps)
     return r
-
-
-def _load_seed(path: str | None):  # noqa: ANN202
-    candidates = [path] if path else [
-        str(Path.cwd().parent / "shared" / "seeds" / "token_dance.py"),
-        str(Path(__file__).resolve().parents[2] / "shared" / "seeds" / "token_dance.py"),
-    ]
-    for c in candidates:
-        if c and Path(c).is_file():
-            spec = importlib.util.spec_from_file_location("token_dance_seed", c)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
-            return module
-    return None
 
 
 # --------------------------------------------------------------------------- report
 
 
-def ratios(w: Workload, r: dict[str, float]) -> dict[str, dict[str, float | bool | None]]:
+Target = dict[str, float | bool | str | None]
+
+
+def ratios(w: Workload, r: dict[str, float]) -> dict[str, Target]:
     """Each target: the measured ratio, the target, and whether it is met."""
 
     def ratio(num: str, den: str) -> float | None:
         return r[num] / r[den] if num in r and den in r and r[den] else None
 
-    def target(value: float | None, goal: float, higher_is_better: bool = True) -> dict:
+    def target(value: float | None, goal: float, higher_is_better: bool = True) -> Target:
         met = None if value is None else (value >= goal if higher_is_better else value <= goal)
         return {"value": value, "target": goal, "met": met,
                 "direction": ">=" if higher_is_better else "<="}
 
-    out = {
-        "warm reconstruct vs np.load": target(ratio("np_load_warm_s", "reconstruct_warm_s"), 0.9),
-        "warm reconstruct vs safetensors load_file": target(
-            ratio("safetensors_load_warm_s", "reconstruct_warm_s"), 0.9),
-        "warm reconstruct vs memcpy (fresh output)": target(
-            ratio("memcpy_fresh_s", "reconstruct_warm_s"), 0.5),
-        "warm reconstruct(out=) vs memcpy (preallocated)": target(
-            ratio("memcpy_s", "reconstruct_out_warm_s"), 0.5),
-        "cold reconstruct all agents vs np.load all": target(
-            ratio("np_load_all_cold_s", "reconstruct_all_cold_s"), 2.0),
-        "register_mirror vs np.save+fsync": target(
-            ratio("np_save_fsync_s", "register_mirror_s"), 3.0),
-        "register_master vs np.save+fsync": target(
-            ratio("np_save_fsync_s", "register_master_s"), 0.8),
-        "bytes on disk / ideal (master + kept diff blocks)": target(
-            ratio("bytes_on_disk", "bytes_ideal"), 1.02, higher_is_better=False),
-        "reconstruct peak memory above output (MiB)": target(
-            r.get("reconstruct_peak_extra_bytes", 0) / MiB, 64, higher_is_better=False),
-        "register_mirror 200 vs 2 mirrors (time ratio)": target(
-            ratio("register_mirror_many_s", "register_mirror_2_s"), 1.25, False),
-        "reconstruct 200 vs 2 mirrors (time ratio)": target(
-            ratio("reconstruct_many_s", "reconstruct_2_s"), 1.25, False),
-        f"open+read {w.open_agents} vs 10 agents (time ratio)": target(
-            ratio(f"open_{w.open_agents}_s", "open_10_s"), 2.0, False),
-    }
+    # (what, baseline time or size, tdstore's, target, whether higher is better)
+    table = [
+        ("warm reconstruct vs np.load", "np_load_warm_s", "reconstruct_warm_s", 0.9, True),
+        ("warm reconstruct vs safetensors load_file", "safetensors_load_warm_s",
+         "reconstruct_warm_s", 0.9, True),
+        ("warm reconstruct vs memcpy (fresh output)", "memcpy_fresh_s", "reconstruct_warm_s",
+         0.5, True),
+        ("warm reconstruct(out=) vs memcpy (preallocated)", "memcpy_s",
+         "reconstruct_out_warm_s", 0.5, True),
+        ("cold reconstruct all agents vs np.load all", "np_load_all_cold_s",
+         "reconstruct_all_cold_s", 2.0, True),
+        ("register_mirror vs np.save+fsync", "np_save_fsync_s", "register_mirror_s", 3.0, True),
+        ("register_master vs np.save+fsync", "np_save_fsync_s", "register_master_s", 0.8, True),
+        ("bytes on disk / ideal (master + kept diff blocks)", "bytes_on_disk", "bytes_ideal",
+         1.02, False),
+        ("register_mirror 200 vs 2 mirrors (time ratio)", "register_mirror_many_s",
+         "register_mirror_2_s", 1.25, False),
+        ("reconstruct 200 vs 2 mirrors (time ratio)", "reconstruct_many_s", "reconstruct_2_s",
+         1.25, False),
+        (f"open+read {w.open_agents} vs 10 agents (time ratio)", f"open_{w.open_agents}_s",
+         "open_10_s", 2.0, False),
+    ]
+    out = {name: target(ratio(num, den), goal, higher) for name, num, den, goal, higher in table}
+    out["reconstruct peak memory above output (MiB)"] = target(
+        r.get("reconstruct_peak_extra_bytes", 0) / MiB, 64, higher_is_better=False)
     if "big_peak_rss_bytes" in r:
         out[f"peak RSS, {w.big_gib:g} GiB agent into np.memmap (MiB)"] = target(
             r["big_peak_rss_bytes"] / MiB, 512, higher_is_better=False)
@@ -426,9 +403,6 @@ def throughput_table(w: Workload, r: dict[str, float]) -> list[tuple[str, str, s
     add("diskcache set", "diskcache_set_s", n)
     add("diskcache get, warm", "diskcache_get_warm_s", n)
     add("diskcache get all agents, cold", "diskcache_get_all_cold_s", n * w.agents)
-    add("seed prototype register_master (memory)", "seed_register_master_s", n)
-    add("seed prototype register_mirror (memory)", "seed_register_mirror_s", n)
-    add("seed prototype reconstruct (memory)", "seed_reconstruct_s", n)
     return rows
 
 
@@ -534,8 +508,8 @@ def nullstats_benchmark(gets: int = 5000, reps: int = 5) -> dict[str, Any]:
     try:
         backend = DummyDifferentialBackend(base=DummyResponses(), ft=DummyResponses())
         prompts = [f"prompt {i}" for i in range(8)]
-        params = {"kinds": ("kl", "js"), "runs": 5, "seed_base": 1000, "init_scale": 0.02,
-                  "rank_multipliers": (0.5, 1.0, 2.0)}
+        params: dict[str, Any] = {"kinds": ("kl", "js"), "runs": 5, "seed_base": 1000,
+                                  "init_scale": 0.02, "rank_multipliers": (0.5, 1.0, 2.0)}
         stats = calibrate(backend, prompts, **params)
         key = calibration_key(backend.identity, prompts, top_k=256, **params)
         with open_store(root / "store") as store:
@@ -552,35 +526,3 @@ def nullstats_benchmark(gets: int = 5000, reps: int = 5) -> dict[str, Any]:
                 "diskcache_us": t_dc * 1e6, "hash_us": t_hash * 1e6, "ratio": t_ours / t_dc}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="tdstore bench", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=8)
-    p.add_argument("--blocks", type=int, default=1024)
-    p.add_argument("--block-shape", default="2,16,8,128",
-                   help="comma-separated block shape (default 2,16,8,128: 64 KiB in float16)")
-    p.add_argument("--dtype", default="float16")
-    p.add_argument("--diff-fraction", type=float, default=0.05)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--scaling-mirrors", type=int, default=200)
-    p.add_argument("--open-agents", type=int, default=10_000)
-    p.add_argument("--big-gib", type=float, default=4.0, help="0 skips the memmap test")
-    p.add_argument("--seed-path", default=None, help="the seed prototype's token_dance.py")
-    p.add_argument("--dir", default=None, help="where to write (default: system temp dir)")
-    p.add_argument("--json", action="store_true", help="print machine-readable results")
-    a = p.parse_args(argv)
-    w = Workload(agents=a.agents, blocks=a.blocks,
-                 block_shape=tuple(int(x) for x in a.block_shape.split(",")), dtype=a.dtype,
-                 diff_fraction=a.diff_fraction, reps=a.reps,
-                 scaling_mirrors=a.scaling_mirrors, open_agents=a.open_agents,
-                 big_gib=a.big_gib, seed_path=a.seed_path)
-    log = (lambda m: print(m, file=sys.stderr)) if a.json else print
-    report = run(w, a.dir, progress=log)
-    if a.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print_report(report)
-    return 0

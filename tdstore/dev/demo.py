@@ -1,7 +1,7 @@
 """The demo behind ``tdstore demo``: a synthetic group of agents, written and re-read.
 
 Eight agents share a prefix and diverge on a few tail blocks. The demo writes them into
-a store, then a *fresh process* (``python -m tdstore.dev.demo verify ...``) re-opens the store,
+a store, then a *fresh process* (:func:`verify_child`) re-opens the store,
 reconstructs every agent and checks each is bit-exact against a regenerated copy.
 """
 
@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,13 +92,14 @@ def verify(path: Path, work: DemoWorkload) -> dict[str, object]:
     return {"agents": work.agent_names, "exact": exact, "read_s": read_s, "stats": stats}
 
 
-def run(path: Path, work: DemoWorkload | None = None) -> dict[str, object]:
+def run(path: Path, work: DemoWorkload | None = None) -> dict[str, Any]:
     """Write the demo group, verify it in a fresh process; returns the figures."""
     work = work or DemoWorkload()
     path = Path(path)
     timings = write(path, work)
     child = subprocess.run(
-        [sys.executable, "-m", "tdstore.dev.demo", "verify", str(path), json.dumps(asdict(work))],
+        [sys.executable, "-c", "from tdstore.dev.demo import verify_child; verify_child()"],
+        input=json.dumps({"path": str(path), "workload": asdict(work)}),
         capture_output=True, text=True, check=False,
     )
     if child.returncode != 0:
@@ -110,16 +112,11 @@ def run(path: Path, work: DemoWorkload | None = None) -> dict[str, object]:
     return result
 
 
-def _main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "verify":
-        print("usage: python -m tdstore.dev.demo verify PATH WORKLOAD_JSON", file=sys.stderr)
-        return 2
-    spec = json.loads(argv[2])
+def verify_child() -> None:
+    """The fresh process of :func:`run`: reads ``{"path", "workload"}`` as JSON on stdin
+    and prints the result of :func:`verify` as JSON."""
+    request = json.load(sys.stdin)
+    spec = request["workload"]
     spec["block_shape"] = tuple(spec["block_shape"])
-    result = verify(Path(argv[1]), DemoWorkload(**spec))
+    result = verify(Path(request["path"]), DemoWorkload(**spec))
     print(json.dumps(result, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

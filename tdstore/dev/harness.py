@@ -31,11 +31,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tdstore.api.store import open as open_store
+from tdstore.ops.maintenance import Progress
+
+if TYPE_CHECKING:
+    from tdstore.api.store import Store
 
 BLOCK = (4, 32)  # float16: 256 bytes a block
 DTYPE = np.float16
@@ -58,10 +62,17 @@ def _master(model: Model, group: str) -> str | None:
     return next(iter(agents), None)
 
 
+def _require_master(model: Model, group: str) -> str:
+    master = _master(model, group)
+    if master is None:
+        raise AssertionError(f"the model's group {group!r} has no master")
+    return master
+
+
 def apply(model: Model, op: dict[str, Any]) -> None:
     """What ``op`` does to the store, on the model (mirrors seed semantics)."""
-    kind, g = op["op"], op.get("group")
-    agents = model.setdefault(g, {}) if g is not None else None
+    kind, g = op["op"], op["group"]
+    agents = model.setdefault(g, {})
     if kind == "master":
         data = gen(op["seed"], op["n"])
         if _master(model, g) == op["agent"]:
@@ -69,14 +80,14 @@ def apply(model: Model, op: dict[str, Any]) -> None:
         else:
             model[g] = {op["agent"]: data}
     elif kind == "mirror":
-        data = agents[_master(model, g)].copy()
+        data = agents[_require_master(model, g)].copy()
         data[op["blocks"]] = gen(op["seed"], len(op["blocks"]))
         agents[op["agent"]] = data
     elif kind == "append":
         new = gen(op["seed"], op["n"])
         for name in list(agents):
             agents[name] = np.concatenate([agents[name], new])
-        master = _master(model, g)
+        master = _require_master(model, g)
         for name in op["agents"]:
             if name not in agents:
                 agents[name] = agents[master].copy()
@@ -84,7 +95,7 @@ def apply(model: Model, op: dict[str, Any]) -> None:
         del agents[op["agent"]]
     elif kind == "delete_group":
         model.pop(g, None)
-    if g is not None and g in model and not model[g]:  # an empty group holds nothing
+    if g in model and not model[g]:  # an empty group holds nothing
         model.pop(g)
 
 
@@ -108,7 +119,7 @@ def choose(model: Model, rng: random.Random, seq: int) -> dict[str, Any]:
             [a for a in AGENTS if a != master])
         return {"op": "master", "group": g, "agent": agent, "seed": seed, "n": n, "seq": seq}
     if kind == "mirror":
-        n = len(agents[master])
+        n = len(agents[_require_master(model, g)])
         free = [a for a in AGENTS if a != master]
         k = rng.randint(0, min(n, 600 if big else 6))
         blocks = sorted(rng.sample(range(n), k))
@@ -124,7 +135,7 @@ def choose(model: Model, rng: random.Random, seq: int) -> dict[str, Any]:
     return {"op": "delete_group", "group": g, "seq": seq}
 
 
-def execute(store, op: dict[str, Any], model: Model) -> None:  # noqa: ANN001
+def execute(store: Store, op: dict[str, Any], model: Model) -> None:
     """Run ``op`` against the store (the model gives the mirror's base content)."""
     kind, g = op["op"], op["group"]
     if kind == "delete_group":
@@ -135,7 +146,7 @@ def execute(store, op: dict[str, Any], model: Model) -> None:  # noqa: ANN001
     if kind == "master":
         group.register_master(op["agent"], gen(op["seed"], op["n"]))
     elif kind == "mirror":
-        data = model[g][_master(model, g)].copy()
+        data = model[g][_require_master(model, g)].copy()
         data[op["blocks"]] = gen(op["seed"], len(op["blocks"]))
         group.register_mirror(op["agent"], data)
     elif kind == "append":
@@ -144,7 +155,7 @@ def execute(store, op: dict[str, Any], model: Model) -> None:  # noqa: ANN001
         group.delete(op["agent"])
 
 
-def read_state(store) -> Model:  # noqa: ANN001
+def read_state(store: Store) -> Model:
     """Everything the store holds, as a model."""
     state: Model = {}
     for name in store.groups():
@@ -196,12 +207,14 @@ def writer_main(path: str, seed: int) -> None:
 
 @dataclass
 class CrashReport:
+    """What a crash run found: kills, what was committed, what each kill interrupted."""
+
     kills: int = 0
+    signals: Counter = field(default_factory=Counter)  # kills by signal
+    killed_during: Counter = field(default_factory=Counter)  # kills by operation
     ops_committed: int = 0
     in_flight_committed: int = 0
     in_flight_lost: int = 0
-    killed_during: Counter = field(default_factory=Counter)
-    signals: Counter = field(default_factory=Counter)
     repeated: int = 0  # signals sent again to a writer that kept going
     garbage_collected: int = 0
     failures: list[str] = field(default_factory=list)
@@ -250,7 +263,7 @@ def _stopped_by(sig: int, returncode: int, err: str) -> bool:
 def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                max_ops_before_kill: int = 6, max_delay_s: float = 0.05,
                signals: tuple[int, ...] = (signal.SIGKILL,),
-               progress=None) -> CrashReport:  # noqa: ANN001
+               progress: Progress | None = None) -> CrashReport:
     """Run ``kills`` writer processes into ``path``, each stopped at a random moment by
     a signal drawn from ``signals`` (SIGKILL, SIGTERM, SIGINT)."""
     path = str(path)
@@ -268,6 +281,7 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
         begun: dict[int, dict] = {}
         acked: list[int] = []
         lines = []
+        assert proc.stdout is not None  # started with stdout=PIPE
         while True:
             line = proc.stdout.readline()
             if not line:
@@ -437,7 +451,7 @@ def _worker(path: str, proc_id: int, threads: int, ops: int, out: str) -> None:
                     if where == VOLATILE:
                         versions = {k: v for k, v in versions.items() if k[0] != VOLATILE}
                     entry["missed"] = True
-                except Exception as exc:  # noqa: BLE001 - every error is a finding
+                except Exception as exc:  # every error is a finding
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
                     continue
@@ -487,7 +501,7 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
     seconds = time.monotonic() - started
     expected: dict[tuple[str, str], tuple[int, int, int] | None] = {}
     volatile: dict[str, set[tuple[int, int, int]]] = {}
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for out in outs:
         if not out.exists():
             continue

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tdstore.core.errors import InvalidInputError, NotFoundError
+from tdstore.core.errors import InvalidInputError, NoMasterError, NotFoundError
 from tdstore.core.tensors import numpy_to_tensor, tensor_to_numpy
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 LAYOUT = {"axes": ["layer", "kv", "token", "head", "dim"]}
 
 
-def _layers(cache: Any) -> list[tuple[Any, Any]]:
+def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     """(keys, values) per layer of a transformers cache (v5 ``layers`` or v4 lists)."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -48,7 +48,7 @@ def cache_to_blocks(cache: Any, block_tokens: int, fill: np.ndarray | None = Non
     Tokens past the cache's end come from ``fill`` (blocks of the same layout) where it
     has them, else zeros. Returns (blocks, number of real tokens).
     """
-    layers = _layers(cache)
+    layers = _cache_layers(cache)
     if not layers:
         raise InvalidInputError("the cache has no layers")
     k0 = layers[0][0]
@@ -100,7 +100,11 @@ def store_cache(group: Group, agent: str, cache: Any, *, block_tokens: int = 16,
         group.register_master(agent, blocks, attrs={"tokens": seq})
         return {"agent": agent, "role": "master", "tokens": seq, "blocks": len(blocks),
                 "diff_blocks": len(blocks)}
-    base = group.reconstruct(group.master_id)
+    master_id = group.master_id
+    if master_id is None:  # master=False on a group that has none
+        raise NoMasterError(f"group {group.name!r}: no master registered; store the first "
+                            "cache as the master (master=None or True)")
+    base = group.reconstruct(master_id)
     blocks, seq = cache_to_blocks(cache, block_tokens, fill=base)
     if len(blocks) > len(base):  # longer than the group: every agent grows (with zeros,
         # as this cache's own padding past its end is, so that padding costs nothing)

@@ -3,7 +3,7 @@
 A store opened with ``max_bytes`` keeps the bytes under ``data/`` at or below it. Every
 array's size is recorded in the catalogue when it is written, and every byte no agent
 references (a write in progress, data a commit replaced, garbage a crash left) is
-journaled (:mod:`tdstore.journal`), so the accounting needs no walk of the file system
+journaled (:mod:`tdstore.ops.journal`), so the accounting needs no walk of the file system
 and holds after crashes too. A write first reserves the bytes it will add (the old data
 it replaces stays counted until it is removed after the commit); if they do not fit,
 the garbage of crashed writes is collected first, then
@@ -83,9 +83,10 @@ def metadata_overhead(store: Store, n_groups: int) -> int:
 def accounted_bytes(store: Store) -> int:
     """Bytes under ``data/`` according to the catalogue (an upper bound of the files)."""
     with store.catalog.read() as s:
-        arrays = s.scalar(select(func.coalesce(func.sum(AgentRow.nbytes), 0)))
-        pending = s.scalar(select(func.coalesce(func.sum(PendingRow.nbytes), 0)))
-        n_groups = s.scalar(select(func.count(GroupRow.id)))
+        # an aggregate always returns one row
+        arrays = s.scalars(select(func.coalesce(func.sum(AgentRow.nbytes), 0))).one()
+        pending = s.scalars(select(func.coalesce(func.sum(PendingRow.nbytes), 0))).one()
+        n_groups = s.scalars(select(func.count(GroupRow.id))).one()
     return int(arrays) + int(pending) + metadata_overhead(store, int(n_groups))
 
 
@@ -152,7 +153,7 @@ def _try_group_lock(store: Store, gid: str, held_gid: str | None) -> Iterator[bo
         yield held
 
 
-def evict(store: Store, victims: list[Victim], held_gid: str | None = None) -> list[Victim]:
+def evict_victims(store: Store, victims: list[Victim], held_gid: str | None = None) -> list[Victim]:
     """Evict ``victims``; returns those evicted (a group busy with a writer is skipped)."""
     done = []
     for v in victims:
@@ -223,7 +224,7 @@ class Reservation:
                 f"{self.max_bytes} bytes and only {self.max_bytes - after} can be freed or "
                 "are free; nothing was written"
             )
-        evict(self.store, victims, held_gid=self.gid)
+        evict_victims(self.store, victims, held_gid=self.gid)
         if accounted_bytes(self.store) + nbytes > self.max_bytes:
             raise StoreFullError(
                 f"store {self.store.path}: {what} needs {nbytes} bytes; agents that would make "

@@ -46,6 +46,8 @@ CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
 LOCK_DIR = "locks"
 DEFAULT_DIFF_THRESHOLD = 0.0
+# set by a downgrade (`tdstore migrate --to REV`): opening then refuses to upgrade
+PINNED_KEY = "pinned_revision"
 
 
 class StoreContext:
@@ -65,6 +67,7 @@ class StoreContext:
         verify_reads: bool = False,
         max_bytes: int | None = None,
         create: bool = True,
+        upgrade: bool = True,
     ):
         if max_bytes is not None:
             check_max_bytes(max_bytes)
@@ -88,7 +91,10 @@ class StoreContext:
         self.arrays = LocalArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
         try:
             with self.catalog.errors():
-                self._open_schema()
+                if upgrade:
+                    self._open_schema()
+                else:
+                    check_not_newer(self.catalog, str(self.path))
             if not readonly:
                 self.arrays.ensure_root()
             if max_bytes is not None and max_bytes != budget.get_max_bytes(self):
@@ -134,6 +140,12 @@ class StoreContext:
                 f"store {self.path}: the catalogue holds no schema but data/ holds "
                 f"{len(held)} group directories; refusing to initialise it over them "
                 "(restore catalog.sqlite from a backup)")
+        pinned = self.catalog.get_meta(PINNED_KEY) if current else None
+        if pinned is not None:
+            raise SchemaError(
+                f"store {self.path}: schema revision {', '.join(current)} was chosen by "
+                f"`tdstore migrate --to {pinned}`; this tdstore needs {', '.join(heads)}: "
+                "run `tdstore migrate` to upgrade it")
         if self.readonly:
             raise SchemaError(
                 f"store {self.path}: catalogue schema {current or 'empty'} needs an upgrade to "
@@ -274,6 +286,11 @@ class StoreContext:
         """Upgrade (or downgrade) the catalogue schema; returns the new revision."""
         self.check_writable()
         known = known_revisions(self.catalog)
+        if revision == "base":
+            raise InvalidInputError(
+                f"store {self.path}: downgrading to 'base' would drop every table of the "
+                "catalogue (all groups and agents); refused: remove the store directory "
+                "to discard a store")
         if revision != "head" and revision not in known:
             raise InvalidInputError(
                 f"store {self.path}: schema revision {revision!r} is unknown; expected "
@@ -281,9 +298,17 @@ class StoreContext:
         with self.locks.hold("store"):
             check_not_newer(self.catalog, str(self.path))
             upgrade(self.catalog, revision)
-            if revision == "head":
+            current, heads = schema_status(self.catalog)
+            with self.catalog.write() as s:
+                if set(current) == set(heads):
+                    pin = s.get(MetaRow, PINNED_KEY)
+                    if pin is not None:
+                        s.delete(pin)
+                else:
+                    s.merge(MetaRow(key=PINNED_KEY, value=revision))
+            if set(current) == set(heads):
                 maintenance.backfill_checksums(self)
-        return schema_status(self.catalog)[0]
+        return current
 
     def close(self) -> None:
         """Release the catalogue's connections. The store can be opened again later."""

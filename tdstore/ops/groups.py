@@ -21,15 +21,17 @@ writer replaced them meanwhile. Unreferenced data is never read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
 
 from tdstore.core import tensors
 from tdstore.core.diff import diff_mask
@@ -62,7 +64,13 @@ from tdstore.ops import journal
 from tdstore.ops.budget import Reservation, budget_turn
 from tdstore.storage.arrays import run_all
 from tdstore.storage.catalog import AgentRow, DiffBlockRow, GroupRow, delete_agents, now
-from tdstore.storage.integrity import agent_ref, check_group_row, index_checksum, index_problems
+from tdstore.storage.integrity import (
+    agent_ref,
+    check_group_row,
+    group_layout,
+    index_checksum,
+    index_problems,
+)
 from tdstore.storage.locks import deferred_signals
 from tdstore.storage.reads import (
     AgentSnapshot,
@@ -73,6 +81,8 @@ from tdstore.storage.reads import (
 )
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     import torch
 
     from tdstore.ops.context import StoreContext
@@ -99,13 +109,14 @@ class GroupOps:
 
     # ------------------------------------------------------------------ state
 
-    def row(self, session) -> GroupRow:  # noqa: ANN001
+    def row(self, session: Session) -> GroupRow:
         return self.ctx.group_row(session, self.name)
 
     @staticmethod
     def spec(g: GroupRow, chunk_blocks: int) -> ArraySpec:
         """The layout of one of the group's arrays (each records its own chunking)."""
-        return ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype), chunk_blocks, g.compressor)
+        dtype_name, block_shape = group_layout(g)
+        return ArraySpec(block_shape, stored_dtype(dtype_name), chunk_blocks, g.compressor)
 
     @staticmethod
     def chunk_for(g: GroupRow, spec: ArraySpec, n_blocks: int) -> int:
@@ -114,15 +125,15 @@ class GroupOps:
         return balanced_chunk_blocks(n_blocks, most)
 
     @staticmethod
-    def agents_of(session, g: GroupRow) -> list[AgentRow]:  # noqa: ANN001
+    def agents_of(session: Session, g: GroupRow) -> list[AgentRow]:
         return list(session.scalars(
             select(AgentRow).where(AgentRow.group_id == g.id)
             .order_by(AgentRow.role != Role.MASTER, AgentRow.id)
         ))
 
     @staticmethod
-    def master_and(session, g: GroupRow, agent: str) -> tuple[AgentRow | None,  # noqa: ANN001
-                                                               AgentRow | None]:
+    def master_and(session: Session, g: GroupRow, agent: str
+                   ) -> tuple[AgentRow | None, AgentRow | None]:
         """The group's master row and the row of ``agent`` (either may be None)."""
         rows = session.scalars(select(AgentRow).where(
             AgentRow.group_id == g.id, (AgentRow.role == Role.MASTER) | (AgentRow.name == agent)))
@@ -165,13 +176,13 @@ class GroupOps:
             return AgentSnapshot(
                 group=self.name, agent=agent, role=row.role, master=self.ref(g, master),
                 diff=agent_ref(g, row) if row.role != Role.MASTER else None,
-                dtype_name=g.dtype, block_indices=idx,
+                dtype_name=group_layout(g)[0], block_indices=idx,
                 accessed={row.id: row.last_access, master.id: master.last_access},
             )
 
     @staticmethod
     def ref(g: GroupRow, row: AgentRow) -> ArrayRef:
-        """The committed array of an agent row, checked (see tdstore.integrity)."""
+        """The committed array of an agent row, checked (see tdstore.storage.integrity)."""
         ref = agent_ref(g, row)
         if ref is None:
             raise CorruptionError(f"group {g.name!r} agent {row.name!r}: no array recorded")
@@ -187,7 +198,7 @@ class GroupOps:
                                   f"({'; '.join(problems)}); re-register the agent or "
                                   "delete it")
 
-    def read(self, agent: str, fn, *, touch: bool = True):  # noqa: ANN001
+    def read(self, agent: str, fn: Callable[[AgentSnapshot], T], *, touch: bool = True) -> T:
         """Run ``fn(snapshot)``; if it fails on data that a concurrent writer replaced
         meanwhile, run it again on a fresh snapshot (with a short randomised backoff), so
         churn never surfaces as corruption. Then record the access (for LRU eviction)."""
@@ -321,7 +332,8 @@ class GroupOps:
         return kv, dtype_name
 
     @staticmethod
-    def _finite_check(g: GroupRow, dtype_name: str, what: str):  # noqa: ANN205
+    def _finite_check(g: GroupRow, dtype_name: str, what: str
+                      ) -> Callable[[np.ndarray, int], None] | None:
         """The finite check run on each chunk as it is written (the bytes written)."""
         if g.allow_nonfinite:
             return None
@@ -332,22 +344,19 @@ class GroupOps:
 
         return check
 
+    def _checked_agent(self, agent: str, attrs: object) -> tuple[str, dict[str, Any] | None]:
+        """A write's agent name and attrs, validated: (where, attrs)."""
+        check_name("agent", agent, f"group {self.name!r}")
+        where = self.where(agent)
+        return where, check_attrs(attrs, where)
+
     def register_master(self, agent_id: str, kv_blocks: object, *,
                         attrs: dict[str, Any] | None = None) -> None:
-        """Store ``kv_blocks`` (``(n_blocks, ...)``) as the group's master.
+        """Store ``kv_blocks`` as the group's master.
 
-        A different agent replaces the master and removes every mirror (their data
-        becomes unreferenced). Re-registering the current master re-derives each mirror
-        against the new blocks, so every mirror still reconstructs to its own values;
-        re-registering a master quarantined by ``verify --repair`` restores it and keeps
-        its mirrors' stored blocks.
-
-        ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
-        Raises InvalidInputError for bad arrays or names (nothing is written).
+        Documented on ``tdstore.Group.register_master``.
         """
-        where = self.where(agent_id)
-        check_name("agent", agent_id, f"group {self.name!r}")
-        attrs = check_attrs(attrs, where)
+        where, attrs = self._checked_agent(agent_id, attrs)
         with self.locked() as g, _Write(self, g) as w:
             # values are checked as they are written (on the bytes written), so bad ones
             # are refused with nothing left behind and the array is scanned once
@@ -383,7 +392,7 @@ class GroupOps:
             rederived = []
             # a quarantined master is being restored: its mirrors' own blocks are
             # intact and stay as stored (they cannot be rebuilt through damaged data)
-            if same_master and mirrors and master.status == Status.OK:
+            if master is not None and same_master and mirrors and master.status == Status.OK:
                 for m in mirrors:
                     old = self.read(m.name, self.full, touch=False)
                     rederived.append((m, self._write_diff(g, mref, old, w, room=room)))
@@ -402,6 +411,7 @@ class GroupOps:
                                    status=Status.OK, created_at=t, updated_at=t, last_access=t,
                                    attrs=attrs, chunk_crcs=crcs))
                 else:
+                    assert master is not None  # same_master
                     mrow = s.get(AgentRow, master.id)
                     mrow.array, mrow.nbytes, mrow.updated_at = path, nbytes, t
                     mrow.status = Status.OK
@@ -421,14 +431,15 @@ class GroupOps:
         """Blocks of ``kv`` that differ from the stored master, and the master's values of
         those blocks. The master is read and compared in parallel batches of bounded size.
         """
-        def compare(start: int, load) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+        def compare(start: int, load: Callable[[], np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
             master = load().view(kv.dtype)
             stop = start + master.shape[0]
             kept = np.flatnonzero(diff_mask(master, kv[start:stop], g.diff_threshold))
             return kept + start, master[kept]
 
         loaders = self.ctx.arrays.mapped(mref, 0, kv.shape[0])
-        parts = run_all([lambda s=s, f=f: compare(s, f) for s, f in loaders])
+        parts = run_all([functools.partial(compare, s, f) for s, f in loaders])
         if not parts:
             return np.zeros(0, np.int64), np.empty((0, *mref.spec.block_shape), kv.dtype)
         return (np.concatenate([p[0] for p in parts]).astype(np.int64),
@@ -446,7 +457,7 @@ class GroupOps:
         idx, master_values = self._diff_indices(g, mref, kv)
         values = kv[idx]
         if what and not g.allow_nonfinite:
-            check_finite(values, g.dtype, what, block_numbers=idx)
+            check_finite(values, group_layout(g)[0], what, block_numbers=idx)
         if idx.size == 0:
             return _WrittenDiff(idx, None, None, 0, values, master_values, None)
         dspec = replace(spec, chunk_blocks=self.chunk_for(g, spec, idx.size))
@@ -456,7 +467,7 @@ class GroupOps:
         return _WrittenDiff(idx, path, dspec.chunk_blocks, nbytes, values, master_values, crcs)
 
     @staticmethod
-    def _store_diff_rows(s, row: AgentRow, diff: _WrittenDiff, t: float) -> None:  # noqa: ANN001
+    def _store_diff_rows(s: Session, row: AgentRow, diff: _WrittenDiff, t: float) -> None:
         s.execute(sa_delete(DiffBlockRow).where(DiffBlockRow.agent_id == row.id))
         if diff.indices.size:
             s.execute(insert(DiffBlockRow), [
@@ -471,16 +482,11 @@ class GroupOps:
 
     def register_mirror(self, agent_id: str, kv_blocks: object, *,
                         attrs: dict[str, Any] | None = None) -> SparseKVDiff:
-        """Store ``kv_blocks`` as a mirror: only the blocks that differ from the master.
+        """Store ``kv_blocks`` as a mirror: only the blocks that differ.
 
-        Re-registering a mirror replaces it atomically. Returns the stored diff.
-        ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
-        Raises NoMasterError without a master, InvalidInputError for a shape or dtype
-        that does not match the master (nothing is written).
+        Documented on ``tdstore.Group.register_mirror``.
         """
-        where = self.where(agent_id)
-        check_name("agent", agent_id, f"group {self.name!r}")
-        attrs = check_attrs(attrs, where)
+        where, attrs = self._checked_agent(agent_id, attrs)
         with self.locked() as g, _Write(self, g) as w:
             with self.ctx.catalog.read() as s:
                 master, old = self.master_and(s, g, agent_id)
@@ -494,14 +500,15 @@ class GroupOps:
                 )
             what = f"{where}: kv_blocks"
             kv, dtype_name = self._prepare(kv_blocks, what, g, check=False)
-            master_shape = (g.n_blocks, *g.block_shape)
+            master_dtype, block_shape = group_layout(g)
+            master_shape = (g.n_blocks, *block_shape)
             if kv.shape != master_shape:
                 raise InvalidInputError(
                     f"{where}: kv_blocks shape {kv.shape} must match master shape {master_shape}"
                 )
-            if dtype_name != g.dtype:
+            if dtype_name != master_dtype:
                 raise InvalidInputError(
-                    f"{where}: kv_blocks dtype {dtype_name} must match master dtype {g.dtype}"
+                    f"{where}: kv_blocks dtype {dtype_name} must match master dtype {master_dtype}"
                 )
             room = Reservation(self.ctx, g.gid, frozenset({agent_id}))
             diff = self._write_diff(g, self.ref(g, master), kv, w, what, room)
@@ -530,9 +537,7 @@ class GroupOps:
                               ) -> dict[str, int]:
         """Append ``shared_blocks`` to the master once; every mirror adopts them.
 
-        Agents named in ``agent_ids`` that are not in the group join as mirrors identical
-        to the master. Cost is O(new blocks): existing chunks are not rewritten. Returns
-        the number of diff blocks of the master and of each agent named.
+        Documented on ``tdstore.Group.collective_reuse_step``.
         """
         if isinstance(agent_ids, str):
             raise InvalidInputError(f"group {self.name!r}: agent_ids must be a list of names, "
@@ -546,10 +551,11 @@ class GroupOps:
                 raise NoMasterError(f"group {self.name!r}: no master registered")
             what = f"group {self.name!r}: shared_blocks"
             new, dtype_name = self._prepare(shared_blocks, what, g)
-            if new.shape[1:] != tuple(g.block_shape) or dtype_name != g.dtype:
+            master_dtype, block_shape = group_layout(g)
+            if new.shape[1:] != block_shape or dtype_name != master_dtype:
                 raise InvalidInputError(
                     f"{what} blocks of shape {new.shape[1:]} and dtype {dtype_name} must match "
-                    f"the master's blocks of shape {tuple(g.block_shape)} and dtype {g.dtype}"
+                    f"the master's blocks of shape {block_shape} and dtype {master_dtype}"
                 )
             mref = self.ref(g, master)
             spec = mref.spec
@@ -560,9 +566,9 @@ class GroupOps:
                 # the replaced last chunk and zarr.json exist twice for a moment
                 grown = (arrays.estimate_nbytes(spec, n_new) - master.nbytes
                          + spec.chunk_nbytes + 4096)
-                w.append(master.array, grown, what,
+                w.append(mref.path, grown, what,
                          Reservation(self.ctx, g.gid, frozenset(names)))
-                arrays.resize(master.array, spec, n_new)
+                arrays.resize(mref.path, spec, n_new)
                 crcs = arrays.write(mref, new.view(spec.dtype),
                                     check=self._finite_check(g, dtype_name, what))
             t = now()
@@ -570,27 +576,25 @@ class GroupOps:
             with w.commit() as (s, row):
                 row.n_blocks, row.updated_at = n_new, t
                 mrow = s.get(AgentRow, master.id)
-                mrow.nbytes, mrow.last_access = arrays.nbytes(master.array), t
+                mrow.nbytes, mrow.last_access = arrays.nbytes(mref.path), t
                 mrow.chunk_crcs = crcs
                 for name in names:
                     if name == master.name:
                         continue
-                    if name not in agents:
+                    if name in agents:
+                        counts[name] = agents[name].n_diff
+                    elif name not in counts:  # a name given twice joins once
                         s.add(AgentRow(group_id=g.id, name=name, role=Role.MIRROR, n_diff=0,
                                        nbytes=0, status=Status.OK, created_at=t, updated_at=t,
                                        last_access=t, index_crc=index_checksum(
                                            np.zeros(0, np.int64))))
-                        agents[name] = None  # a name given twice joins once
                         counts[name] = 0
-                    else:
-                        counts[name] = agents[name].n_diff if agents[name] else 0
         return counts
 
     def delete(self, agent_id: str) -> None:
         """Delete an agent and its data.
 
-        The master can be deleted only once it has no mirrors (delete them, or the whole
-        group with ``Store.delete_group``). Raises NotFoundError for an unknown agent.
+        Documented on ``tdstore.Group.delete``.
         """
         check_name("agent", agent_id, f"group {self.name!r}")
         with self.locked() as g, _Write(self, g) as w, w.commit() as (s, grow):
@@ -623,7 +627,8 @@ class GroupOps:
             if new_master not in names:
                 raise NotFoundError(f"group {self.name!r}: unknown agent {new_master!r}")
             master_kv = self.read(new_master, self.full, touch=False)
-            spec = ArraySpec(master_kv.shape[1:], stored_dtype(g.dtype), 1, g.compressor)
+            spec = ArraySpec(master_kv.shape[1:], stored_dtype(group_layout(g)[0]), 1,
+                             g.compressor)
             spec = replace(spec, chunk_blocks=self.chunk_for(g, spec, master_kv.shape[0]))
             arrays = self.ctx.arrays
             room = Reservation(self.ctx, g.gid, frozenset(names))
@@ -657,14 +662,9 @@ class GroupOps:
 
     def reconstruct(self, agent_id: str, out: np.ndarray | None = None, *,
                     device: Any = None) -> Any:
-        """The agent's full KV blocks, bit-exact for every kept block.
+        """The agent's full KV blocks, into ``out`` or onto ``device``.
 
-        With ``out`` (an ndarray or ``np.memmap`` of the right shape and dtype) the blocks
-        are written into it and ``out`` is returned; no full-size temporary is made.
-        With ``device`` (e.g. ``"cpu"``, ``"cuda"``, a ``torch.device``) the result is a
-        torch tensor there, in the same dtype (bfloat16 included); for CUDA the blocks
-        are read straight into pinned host memory and copied once.
-        Raises NotFoundError for an unknown agent, CorruptionError for damaged data.
+        Documented on ``tdstore.Group.reconstruct``.
         """
         if device is not None:
             if out is not None:
@@ -722,7 +722,13 @@ class GroupOps:
             idx = snap.block_indices
             values = read_blocks(self.ctx.arrays, snap, idx) if idx.size else \
                 np.empty((0, *snap.spec.block_shape), snap.dtype)
-            master = self._master_blocks(self.master_id, idx) if idx.size else values
+            if not idx.size:
+                master = values
+            else:
+                master_id = self.master_id
+                if master_id is None:  # a concurrent writer removed it meanwhile
+                    raise NoMasterError(f"group {self.name!r}: no master registered")
+                master = self._master_blocks(master_id, idx)
             return SparseKVDiff(block_indices=idx, total_blocks=snap.n_blocks,
                                 threshold=self.diff_threshold, values=values,
                                 master_values=master)
@@ -800,7 +806,8 @@ class _Write:
     def __enter__(self) -> _Write:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             return
         with contextlib.suppress(Exception):

@@ -15,10 +15,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tdstore.core.errors import CorruptionError
 from tdstore.core.ids import GID_RE, check_gid
@@ -30,7 +31,7 @@ from tdstore.ops import budget, journal
 from tdstore.ops.groups import GroupOps
 from tdstore.storage.arrays import entry_nbytes, remove_entry
 from tdstore.storage.catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
-from tdstore.storage.integrity import agent_ref, check_group_row, index_problems
+from tdstore.storage.integrity import agent_ref, check_group_row, group_layout, index_problems
 
 if TYPE_CHECKING:
     from tdstore.ops.context import StoreContext as Store
@@ -116,9 +117,9 @@ class _ArrayRef:
         return self.ref.path
 
 
-def _group_refs(session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]:  # noqa: ANN001
+def _group_refs(session: Session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]:
     """The checked arrays of a group's agents, and the rows that fail their checks
-    (see tdstore.integrity)."""
+    (see tdstore.storage.integrity)."""
     try:
         check_group_row(g)
     except CorruptionError as exc:
@@ -130,7 +131,7 @@ def _group_refs(session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]: 
     counts = Counter(a.array for a in rows if a.array is not None)
     for a in rows:
         try:
-            if counts.get(a.array, 0) > 1:
+            if a.array is not None and counts[a.array] > 1:
                 raise CorruptionError(f"array {a.array} is referenced by more than one agent")
             ref = agent_ref(g, a)
         except CorruptionError as exc:
@@ -144,11 +145,16 @@ def _group_refs(session, g: GroupRow) -> tuple[list[_ArrayRef], list[Finding]]: 
     return refs, found
 
 
+class _Who(TypedDict):
+    group: str
+    agent: str
+
+
 def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
                  report: VerifyReport) -> list[Finding]:
     """Damage in one referenced array, plus the garbage files inside it."""
     found: list[Finding] = []
-    who = {"group": ref.group.name, "agent": ref.agent.name}
+    who: _Who = {"group": ref.group.name, "agent": ref.agent.name}
     full = store.arrays.root / ref.path
     spec, rows = ref.ref.spec, ref.ref.rows
     try:
@@ -193,7 +199,7 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
     return found
 
 
-def _check_index(store: Store, session, g: GroupRow) -> list[Finding]:  # noqa: ANN001
+def _check_index(store: Store, session: Session, g: GroupRow) -> list[Finding]:
     found = []
     mirrors = session.scalars(select(AgentRow).where(AgentRow.group_id == g.id,
                                                     AgentRow.role == "mirror"))
@@ -254,9 +260,10 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
                                            group=g.name))
             continue
         with store.locks.hold(g.gid), store.catalog.read() as s:
-            g = s.get(GroupRow, g.id)
-            if g is None:  # deleted meanwhile
+            current = s.get(GroupRow, g.id)
+            if current is None:  # deleted meanwhile
                 continue
+            g = current
             if remove_garbage and journal.stale_ids(s, g.gid):
                 journal.collect(store, g.gid)
             refs, found = _group_refs(s, g)
@@ -339,8 +346,12 @@ def backfill_checksums(store: Store) -> int:
                 if a.array is not None and crcs is None:
                     from tdstore.core.dtypes import stored_dtype
 
-                    spec = ArraySpec(tuple(g.block_shape), stored_dtype(g.dtype),
-                                     a.chunk_blocks, g.compressor)
+                    dtype_name, block_shape = group_layout(g)
+                    if a.chunk_blocks is None:
+                        raise CorruptionError(f"catalogue: group {g.name!r} agent {a.name!r}: "
+                                              "an array but no chunk_blocks recorded")
+                    spec = ArraySpec(block_shape, stored_dtype(dtype_name), a.chunk_blocks,
+                                     g.compressor)
                     rows_n = g.n_blocks if a.role == "master" else a.n_diff
                     crcs = store.arrays.chunk_checksums(ArrayRef(a.array, spec, rows_n, None))
                 with store.catalog.write() as s:
@@ -475,4 +486,4 @@ def evict(store: Store, max_bytes: int, *, dry_run: bool = False) -> list[budget
     store.check_writable()
     with budget.budget_turn(store):
         victims, _ = budget.plan(store, max_bytes)
-        return budget.evict(store, victims)
+        return budget.evict_victims(store, victims)

@@ -39,18 +39,22 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import crc32c
 import numpy as np
 import zarr
+from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from tdstore.core.errors import CorruptionError
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
 
-COMPRESSORS = {
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+COMPRESSORS: dict[str, Callable[[], BytesBytesCodec]] = {
     "zstd": lambda: ZstdCodec(level=3),
     "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
 }
@@ -120,7 +124,7 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data) -> None:  # noqa: ANN001
+def _write_all(fd: int, data: Buffer) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view)
@@ -138,7 +142,7 @@ def _read_exact(fd: int, buf: memoryview, offset: int, what: str, name: str) -> 
 
 def as_bytes(a: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (any dtype, bfloat16 included)."""
-    return memoryview(a.reshape(-1).view(np.uint8))
+    return a.reshape(-1).view(np.uint8).data
 
 
 @functools.lru_cache(maxsize=64)
@@ -146,7 +150,7 @@ def _metadata_template(spec: ArraySpec) -> str:
     """The zarr.json that zarr itself writes for an array of this layout."""
     from zarr.storage import MemoryStore
 
-    compressors = [Crc32cCodec()]
+    compressors: list[BytesBytesCodec] = [Crc32cCodec()]
     if spec.compressor is not None:
         compressors.insert(0, COMPRESSORS[spec.compressor]())
     store = MemoryStore()
@@ -170,8 +174,16 @@ def _expected_metadata(spec: ArraySpec) -> dict:
     return doc
 
 
+class _Compressor(Protocol):
+    """What tdstore uses of a numcodecs compressor (numcodecs ships no type hints)."""
+
+    def encode(self, buf: Buffer | np.ndarray) -> bytes: ...
+
+    def decode(self, buf: Buffer | np.ndarray) -> bytes: ...
+
+
 @functools.lru_cache(maxsize=64)
-def _codec(spec: ArraySpec):  # noqa: ANN202
+def _codec(spec: ArraySpec) -> _Compressor:
     """The numcodecs compressor equivalent to the zarr codec recorded in zarr.json
     (checked by a test that reads tdstore's chunks back through zarr)."""
     import numcodecs
@@ -475,15 +487,15 @@ class LocalArrayStore:
             return old
         path = check_array_path(ref.path)
         full = self.root / path
-        jobs, pending = [], []
+        jobs: list[Callable[[], object]] = []
+        pending: list[tuple[Path, Path]] = []
         for chunk, lo, hi in spec.windows(start, stop):
             final = full / spec.chunk_key(chunk)
             tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(4)}")
             body = blocks[lo - start : hi - start]
-            jobs.append(lambda c=chunk, t=tmp, b=body, lo=lo: self._write_chunk(
-                ref, c, t, b, lo, check))
+            jobs.append(functools.partial(self._write_chunk, ref, chunk, tmp, body, lo, check))
             pending.append((tmp, final))
-        jobs.extend(lambda f=f: fsync_file(f) for f in also_fsync)
+        jobs.extend(functools.partial(fsync_file, f) for f in also_fsync)
         try:
             crcs = run_all(jobs)[: len(pending)]
             for tmp, final in pending:
@@ -516,16 +528,16 @@ class LocalArrayStore:
         region[:] = as_bytes(np.ascontiguousarray(body))
         if check is not None:
             check(region.view(spec.dtype).reshape(body.shape), lo)
-        decoded_crc = crc32c.crc32c(buf)
+        decoded_crc = crc32c.crc32c(buf.data)
         if spec.compressor is None:
             payload = buf
             crc = decoded_crc
         else:
             payload = np.frombuffer(_codec(spec).encode(buf), np.uint8)
-            crc = crc32c.crc32c(payload)
+            crc = crc32c.crc32c(payload.data)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, payload)
+            _write_all(fd, payload.data)
             _write_all(fd, crc.to_bytes(CRC_BYTES, "little"))
             os.fsync(fd)
         finally:
@@ -541,9 +553,13 @@ class LocalArrayStore:
         self.create(path, spec, n, durable=n == 0)
         full = self.root / path
         ref = ArrayRef(path, spec, 0, ())
-        crcs = self.write(ref, blocks, check, also_fsync=(full / "zarr.json",)) if n else []
+        crcs: list[int] | None = []
         if n:
+            crcs = self.write(ref, blocks, check, also_fsync=(full / "zarr.json",))
             fsync_dir(full.parent)
+        # write() returns None only for an array whose earlier chunks are unrecorded;
+        # this one records every chunk from the first (ref.crcs is ())
+        assert crcs is not None
         return self.nbytes(path), crcs
 
     # ------------------------------------------------------------------ reading
@@ -651,7 +667,7 @@ class LocalArrayStore:
         chunk: ``(first_block, load)`` where ``load()`` returns a read-only array of those
         blocks (stored dtype) mapping the page cache. Compressed arrays, and every array
         when ``verify_reads`` is on, are read (and checked) instead."""
-        return [(lo, lambda c=c, lo=lo, hi=hi: self._map_chunk(ref, c, lo, hi))
+        return [(lo, functools.partial(self._map_chunk, ref, c, lo, hi))
                 for c, lo, hi in ref.spec.windows(start, stop)]
 
     def _map_chunk(self, ref: ArrayRef, chunk: int, lo: int, hi: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -33,10 +33,16 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tdstore.core.errors import SchemaError
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from alembic.config import Config
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 # Settings applied to every SQLite connection. synchronous=FULL makes a commit durable
 # across power loss; WAL lets readers proceed while one writer commits.
@@ -127,7 +133,7 @@ class DiffBlockRow(Base):
 
 
 class NullStatsRow(Base):
-    """Cached null-adapter statistics (tdstore.nullstats), keyed by a stable hash."""
+    """Cached null-adapter statistics (tdstore.analysis.nullstats), keyed by a stable hash."""
 
     __tablename__ = "null_stats"
     key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -169,7 +175,7 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: An
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S}, **kw)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own handling
         # would start transactions lazily and as DEFERRED).
         dbapi_conn.isolation_level = None
@@ -183,7 +189,7 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: An
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # noqa: ANN001
+    def _on_begin(conn: Connection) -> None:
         # A writer takes the write lock at BEGIN, so it waits on the busy timeout
         # instead of failing with "database is locked" when upgrading a read lock.
         options = conn.get_execution_options()
@@ -194,7 +200,7 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: An
             conn.exec_driver_sql("PRAGMA synchronous = NORMAL")
         elif options.get("tdstore_write"):
             conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            # journal rows (tdstore.journal) need no fsync of their own: the commit that
+            # journal rows (tdstore.ops.journal) need no fsync of their own: the commit that
             # follows them fsyncs the WAL, theirs included
             sync = "NORMAL" if options.get("tdstore_lazy") else SQLITE_PRAGMAS["synchronous"]
             conn.exec_driver_sql(f"PRAGMA synchronous = {sync}")
@@ -364,7 +370,7 @@ def migrations_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "migrations"
 
 
-def _alembic_config(catalog: Catalog):
+def _alembic_config(catalog: Catalog) -> Config:
     from alembic.config import Config
 
     cfg = Config()

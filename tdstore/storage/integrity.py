@@ -7,6 +7,8 @@ KeyError, a ZeroDivisionError, a path outside the store, or silently different d
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import crc32c
 import numpy as np
 
@@ -41,7 +43,7 @@ def index_problems(idx: np.ndarray, n_diff: int, n_blocks: int,
     return problems
 
 
-def _int(value: object) -> bool:
+def _int(value: object) -> TypeGuard[int]:
     return type(value) is int
 
 
@@ -70,6 +72,15 @@ def check_group_row(g: GroupRow) -> None:
                               "int >= 1")
 
 
+def group_layout(g: GroupRow) -> tuple[str, tuple[int, ...]]:
+    """The dtype name and block shape of a group with a master (its first master fixed
+    them); CorruptionError naming the group if the row records none."""
+    if g.dtype is None or g.block_shape is None:
+        raise CorruptionError(f"catalogue: group {g.name!r}: no layout (dtype and "
+                              "block_shape) is recorded, yet the group has a master")
+    return g.dtype, tuple(g.block_shape)
+
+
 def agent_ref(g: GroupRow, a: AgentRow) -> ArrayRef | None:
     """The checked array of an agent row (None: a mirror identical to its master).
 
@@ -87,7 +98,7 @@ def agent_ref(g: GroupRow, a: AgentRow) -> ArrayRef | None:
         if a.role == "master" or rows:
             raise CorruptionError(f"{where}: no array recorded for {rows} blocks")
         return None
-    if g.dtype is None:
+    if g.dtype is None or g.block_shape is None:
         raise CorruptionError(f"{where}: an array but the group has no layout")
     m = ARRAY_RE.fullmatch(a.array) if isinstance(a.array, str) else None
     if m is None or m.group(1) != g.gid or m.group(2) != ("m" if a.role == "master" else "d"):

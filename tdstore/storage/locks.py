@@ -105,8 +105,8 @@ def deferred_signals() -> Iterator[None]:
         if _depth == 0 and _pending:
             todo = list(dict.fromkeys(_pending))
             _pending.clear()
-            for signum in todo:
-                _deliver(signum, None)
+            for pending in todo:
+                _deliver(pending, None)
 
 
 class Locks(Protocol):

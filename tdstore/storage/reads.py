@@ -10,12 +10,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from tdstore.core.dtypes import numpy_dtype
-from tdstore.core.errors import InvalidInputError
+from tdstore.core.errors import CorruptionError, InvalidInputError
 from tdstore.core.layout import ArrayRef, ArraySpec
 from tdstore.storage.arrays import ArrayStore
 
@@ -92,6 +93,9 @@ def reconstruct_into(arrays: ArrayStore, snap: AgentSnapshot, out: np.ndarray) -
         arrays.read(snap.master, start, stop, raw[start:stop], f"{snap.label} (master)")
         lo, hi = np.searchsorted(idx, [start, stop])
         if hi > lo:  # the mirror's own blocks in this window sit at slots lo..hi-1
+            if snap.diff is None:  # agent_ref refuses diff blocks without an array
+                raise CorruptionError(f"{snap.label}: {snap.block_indices.size} diff blocks "
+                                      "but no array of them recorded")
             values = np.empty((hi - lo, *spec.block_shape), spec.dtype)
             arrays.read(snap.diff, int(lo), int(hi), values, f"{snap.label} (own blocks)",
                         "slot")
@@ -100,7 +104,7 @@ def reconstruct_into(arrays: ArrayStore, snap: AgentSnapshot, out: np.ndarray) -
             release(raw[start:stop])
 
 
-def _page_releaser(out: np.ndarray):  # noqa: ANN202
+def _page_releaser(out: np.ndarray) -> Callable[[np.ndarray], None] | None:
     """For an np.memmap output on a shared mapping, a function that drops the pages of a
     finished region from this process (they stay in the page cache and reach the file),
     so a cache larger than RAM can be rebuilt with bounded resident memory."""
@@ -142,7 +146,7 @@ def read_blocks(arrays: ArrayStore, snap: AgentSnapshot, indices: np.ndarray) ->
     return raw.view(snap.dtype)
 
 
-def normalize_index(key, n_blocks: int, label: str) -> tuple[np.ndarray, bool]:  # noqa: ANN001
+def normalize_index(key: object, n_blocks: int, label: str) -> tuple[np.ndarray, bool]:
     """Block indices selected by ``key``, and whether the result drops the block axis."""
     if isinstance(key, tuple):
         if len(key) != 1:
