@@ -83,10 +83,28 @@ def run() -> None:
         _interrupted(exc)
 
 
-def _open(path: Path, **kwargs: Any) -> Store:
+def _catalog_url() -> str | None:
+    """``--url`` (or ``TDSTORE_URL``) of the command being run, if any."""
+    ctx = click.get_current_context(silent=True)
+    url: str | None = ctx.meta.get("tdstore_url") if ctx is not None else None
+    return url or None
+
+
+def _open(path: Path, *, create: bool = False, **kwargs: Any) -> Store:
     from tdstore.api.store import open as open_store
 
-    return open_store(path, create=False, **kwargs)
+    return open_store(path, url=_catalog_url(), create=create, **kwargs)
+
+
+def _remember_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta["tdstore_url"] = value
+
+
+url_opt = click.option(
+    "--url", envvar="TDSTORE_URL", default=None, expose_value=False, callback=_remember_url,
+    help="SQLAlchemy URL of the catalogue (default: PATH/catalog.sqlite; env TDSTORE_URL), "
+         "e.g. postgresql+psycopg://user@host/db.")
 
 
 def _bytes(n: int | None) -> str:
@@ -186,7 +204,7 @@ def store_command(*arguments: str, name: str | None = None, json: bool = True
                 g = click.argument(spec[1:], type=click.Path(path_type=Path))(g)
             else:
                 g = click.argument(spec.rstrip("?"), required=not spec.endswith("?"))(g)
-        return main.command(name=name)(path_arg(g))
+        return main.command(name=name)(path_arg(url_opt(g)))
 
     return wrap
 
@@ -391,10 +409,9 @@ def import_(path: Path, group: str, agent: str, file: Path, master: bool, replac
     """Register AGENT in GROUP from a .npy or .safetensors file (created if missing).
 
     A new master replaces the group's agents; that takes --replace."""
-    from tdstore.api.store import open as open_store
     from tdstore.ops.budget import recording
 
-    with open_store(path) as store, _progress("import"):
+    with _open(path, create=True) as store, _progress("import"):
         created = group not in store
         g = store.group(group)
         current = g.master_id
@@ -454,6 +471,10 @@ def backup(path: Path, dest: Path, as_json: bool) -> None:
     """Copy the store at PATH to DEST (new or empty) consistently, while it is in use."""
     from tdstore.ops.backup import backup as backup_store
 
+    if _catalog_url():
+        raise InvalidInputError(
+            f"store {path}: backup copies a catalog.sqlite; for a catalogue on a database "
+            "server, back the database up with its own tools (pg_dump) and copy data/")
     with _progress("backup") as progress:
         report = backup_store(path, dest, progress=progress)
     if as_json:
@@ -677,6 +698,7 @@ def nullstats() -> None:
 
 @nullstats.command(name="ls")
 @path_arg
+@url_opt
 @json_opt
 def nullstats_ls(path: Path, as_json: bool) -> None:
     """List the cached entries."""
@@ -694,6 +716,7 @@ def nullstats_ls(path: Path, as_json: bool) -> None:
 
 @nullstats.command(name="show")
 @path_arg
+@url_opt
 @click.argument("key_hash")
 @json_opt
 def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
@@ -719,6 +742,7 @@ def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
 
 @nullstats.command(name="rm")
 @path_arg
+@url_opt
 @click.argument("key_hash")
 def nullstats_rm(path: Path, key_hash: str) -> None:
     """Remove one entry (KEY_HASH: the hash or a unique prefix of it)."""
@@ -733,6 +757,7 @@ def nullstats_rm(path: Path, key_hash: str) -> None:
 
 @nullstats.command(name="clear")
 @path_arg
+@url_opt
 def nullstats_clear(path: Path) -> None:
     """Remove every entry."""
     from tdstore.analysis.nullstats import NullStatsCache

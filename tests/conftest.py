@@ -52,3 +52,21 @@ def head_revision() -> str:
     from tdstore.storage.catalog import migrations_dir
 
     return ScriptDirectory(str(migrations_dir())).get_current_head()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for this test session (see tests/pgserver.py)."""
+    from pgserver import PgServer
+
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The SQLAlchemy URL of a fresh database on the session's PostgreSQL server."""
+    return pg_server.new_database()

@@ -187,13 +187,28 @@ def describe(model: Model) -> str:
 # --------------------------------------------------------------------------- crash
 
 
+URL_ENV = "TDSTORE_HARNESS_URL"  # the catalogue URL handed to the harness's processes
+
+
+def _child_env(url: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop(URL_ENV, None)
+    if url:
+        env[URL_ENV] = url
+    return env
+
+
+def _child_url() -> str | None:
+    return os.environ.get(URL_ENV) or None
+
+
 def writer_main(path: str, seed: int) -> None:
     """The crash writer: rebuilds its model from the store, then runs operations."""
     # Ctrl-C raises KeyboardInterrupt here as in an interactive program, even when the
     # harness was started where SIGINT is ignored (a background job of a shell)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(seed)
-    with open_store(path) as store:
+    with open_store(path, url=_child_url()) as store:
         model = read_state(store)
         seq = 0
         while True:
@@ -263,19 +278,21 @@ def _stopped_by(sig: int, returncode: int, err: str) -> bool:
 def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                max_ops_before_kill: int = 6, max_delay_s: float = 0.05,
                signals: tuple[int, ...] = (signal.SIGKILL,),
-               progress: Progress | None = None) -> CrashReport:
+               progress: Progress | None = None, url: str | None = None) -> CrashReport:
     """Run ``kills`` writer processes into ``path``, each stopped at a random moment by
-    a signal drawn from ``signals`` (SIGKILL, SIGTERM, SIGINT)."""
+    a signal drawn from ``signals`` (SIGKILL, SIGTERM, SIGINT). ``url``: the catalogue
+    (default: the store's own SQLite file)."""
     path = str(path)
     rng = random.Random(seed)
     report = CrashReport()
     model: Model = {}
-    open_store(path).close()
+    open_store(path, url=url).close()
+    env = _child_env(url)
     for k in range(kills):
         proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from tdstore.dev.harness import writer_main; "
              "writer_main(sys.argv[1], int(sys.argv[2]))", path, str(rng.randrange(1 << 30))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         target = rng.randint(1, max_ops_before_kill)
         sig = signals[0]
         begun: dict[int, dict] = {}
@@ -321,7 +338,7 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
         flight = [begun[s] for s in sorted(begun) if s not in acked]
         if flight:
             report.killed_during[flight[0]["op"]] += 1
-        problem = _check_after_kill(path, model, flight, report)
+        problem = _check_after_kill(path, model, flight, report, url)
         if problem:
             report.failures.append(f"kill {k}: {problem}")
             break
@@ -330,9 +347,9 @@ def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
     return report
 
 
-def _check_after_kill(path: str, model: Model, flight: list[dict], report: CrashReport
-                      ) -> str | None:
-    with open_store(path) as store:
+def _check_after_kill(path: str, model: Model, flight: list[dict], report: CrashReport,
+                      url: str | None = None) -> str | None:
+    with open_store(path, url=url) as store:
         v = store.verify()
         if v.damage:
             return "verify found damage: " + "; ".join(map(str, v.damage))
@@ -394,7 +411,7 @@ def _worker(path: str, proc_id: int, threads: int, ops: int, out: str) -> None:
         rng = random.Random(owner)
         own = f"own-{owner}"
         versions: dict[tuple[str, int], int] = {}
-        with open_store(path) as store:
+        with open_store(path, url=_child_url()) as store:
             groups = {name: store.group(name, diff_threshold=0.0, compressor=comp)
                       for name, comp in SHARED.items()}
             groups[own] = store.group(own, diff_threshold=0.0)
@@ -468,7 +485,7 @@ def _worker(path: str, proc_id: int, threads: int, ops: int, out: str) -> None:
 
 
 def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, threads: int = 2,
-                     ops: int = 200) -> dict[str, Any]:
+                     ops: int = 200, url: str | None = None) -> dict[str, Any]:
     """Run the concurrency test (each thread runs ``ops`` operations); returns counts
     and every error seen.
 
@@ -481,7 +498,7 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
     its acknowledged versions.
     """
     path = Path(path)
-    with open_store(path) as store:
+    with open_store(path, url=url) as store:
         for name, comp in SHARED.items():
             store.group(name, diff_threshold=0.0, compressor=comp).register_master(
                 "m", gen(7, 32))
@@ -491,7 +508,7 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
         [sys.executable, "-c", "import sys; from tdstore.dev.harness import _worker; "
          "_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
          "sys.argv[5])", str(path), str(p), str(threads), str(ops), str(outs[p])],
-        stderr=subprocess.PIPE, text=True) for p in range(processes)]
+        stderr=subprocess.PIPE, text=True, env=_child_env(url)) for p in range(processes)]
     errors = []
     started = time.monotonic()
     for p, proc in enumerate(procs):
@@ -527,7 +544,7 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
         out.unlink()
     base = gen(7, 32)
     mismatches = 0
-    with open_store(path) as store:
+    with open_store(path, url=url) as store:
         for (group, agent), want in expected.items():
             g = store.group(group, create=False)
             if want is None:

@@ -40,6 +40,7 @@ from tdstore.storage.catalog import (
     sqlite_url,
     upgrade,
 )
+from tdstore.storage.dblocks import AdvisoryLocks
 from tdstore.storage.locks import FileLocks, Locks, deferred_signals
 
 CATALOG_FILE = "catalog.sqlite"
@@ -73,7 +74,8 @@ class StoreContext:
             check_max_bytes(max_bytes)
         self.path = Path(path).absolute()
         self.readonly = readonly
-        if not create:
+        self.url_given = url is not None
+        if not create and not self.url_given:
             self._require_store()
         self._prepare_directory()
         catalog_file = self.path / CATALOG_FILE
@@ -87,10 +89,15 @@ class StoreContext:
                 unwritable = catalog_file
             url = sqlite_url(catalog_file, readonly=readonly)
         self.catalog = Catalog(url, readonly=readonly, unwritable_file=unwritable)
-        self.locks = FileLocks(self.path / LOCK_DIR)
+        # with a catalogue on a database server, processes take turns there, on any host
+        self.locks = AdvisoryLocks(self.catalog.engine) if self.catalog.dialect == \
+            "postgresql" else FileLocks(self.path / LOCK_DIR)
         self.arrays = LocalArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
         try:
             with self.catalog.errors():
+                if not create and self.url_given and not schema_status(self.catalog)[0]:
+                    raise NotFoundError(f"store {self.path}: the catalogue at "
+                                        f"{self.catalog.where} holds no store")
                 if upgrade:
                     self._open_schema()
                 else:
@@ -115,7 +122,8 @@ class StoreContext:
                 f"store {self.path}: the directory is not writable by this process; "
                 "open it with readonly=True")
         if self.readonly:
-            self._require_store()
+            if not self.url_given:
+                self._require_store()
             return
         if self.path.exists() and not (self.path / CATALOG_FILE).exists():
             foreign = [p.name for p in self.path.iterdir() if p.name not in (DATA_DIR, LOCK_DIR)]

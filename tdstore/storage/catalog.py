@@ -108,7 +108,7 @@ class AgentRow(Base):
     array: Mapped[str | None] = mapped_column(String, nullable=True)
     chunk_blocks: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of `array`
     n_diff: Mapped[int] = mapped_column(Integer, default=0)
-    nbytes: Mapped[int] = mapped_column(Integer, default=0)  # bytes on disk of `array`
+    nbytes: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes on disk of `array`
     status: Mapped[str] = mapped_column(String(16), default="ok")
     attrs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
@@ -157,6 +157,11 @@ class PendingRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     nbytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+def _first_line(exc: object) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def now() -> float:
@@ -216,7 +221,10 @@ def make_engine(url: str, *, readonly: bool = False, foreign_keys: bool = True) 
     """An engine for the catalogue at ``url`` with tdstore's connection settings."""
     if url.startswith("sqlite"):
         return _sqlite_engine(url, readonly, foreign_keys)
-    return create_engine(url, pool_pre_ping=True)
+    # a held advisory lock keeps a connection of its own (tdstore.storage.dblocks):
+    # room for a group lock, the budget lock and sessions of every thread
+    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=56,
+                         pool_timeout=BUSY_TIMEOUT_S)
 
 
 def sqlite_url(path: Path, *, readonly: bool = False, immutable: bool = False) -> str:
@@ -282,13 +290,26 @@ class Catalog:
             self._wal_engine = make_engine(self.url, readonly=True)
         return self._wal_engine
 
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    @property
+    def where(self) -> str:
+        """The catalogue's URL without its password, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
-        """A read transaction (a consistent snapshot)."""
+        """A read transaction (a consistent snapshot: on PostgreSQL, REPEATABLE READ)."""
         with self.errors():
-            with Session(self._read_engine(), expire_on_commit=False) as session, \
-                    session.begin():
-                yield session
+            with self._read_engine().connect() as conn:
+                if self.dialect == "postgresql":
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ",
+                                                  postgresql_readonly=True)
+                with Session(bind=conn, expire_on_commit=False) as session, session.begin():
+                    yield session
 
     @contextlib.contextmanager
     def write(self, *, lazy: bool = False) -> Iterator[Session]:
@@ -305,28 +326,44 @@ class Catalog:
         """Database failures as tdstore errors: a damaged catalogue is CorruptionError,
         a full or failing disk under a commit is StorageError (the transaction is rolled
         back, so the catalogue is as it was)."""
-        from sqlalchemy.exc import DatabaseError
+        from sqlalchemy.exc import DatabaseError, OperationalError
 
         from tdstore.core.errors import CorruptionError, StorageError
 
         try:
             yield
+        except OperationalError as exc:
+            if self.dialect != "sqlite":
+                raise StorageError(
+                    f"catalogue {self.where}: the database server cannot be reached or "
+                    f"closed the connection ({_first_line(exc.orig)}); the operation was "
+                    "cut: a write either committed whole or not at all (read again to see "
+                    "which); the next call reconnects") from exc
+            self._sqlite_error(exc)
+            raise
         except json.JSONDecodeError as exc:  # a JSON column holds something else
             raise CorruptionError(
                 f"catalogue {self.url}: a JSON column holds malformed JSON ({exc}); "
                 "`tdstore verify` names the rows it can read") from exc
         except DatabaseError as exc:
-            text = str(exc.orig if exc.orig is not None else exc).lower()
-            if "malformed" in text or "not a database" in text or "corrupt" in text:
-                raise CorruptionError(
-                    f"catalogue {self.url}: damaged ({exc.orig}); restore it from a backup "
-                    "or a copy") from exc
-            if "disk is full" in text or "disk i/o error" in text or "readonly" in text \
-                    or "read-only" in text:
-                raise StorageError(
-                    f"catalogue {self.url}: the commit failed ({exc.orig}); nothing was "
-                    "committed") from exc
+            self._sqlite_error(exc)
             raise
+
+    def _sqlite_error(self, exc: Exception) -> None:
+        """Raise the tdstore error a SQLite failure means, if it means one."""
+        from tdstore.core.errors import CorruptionError, StorageError
+
+        orig = getattr(exc, "orig", None)
+        text = str(orig if orig is not None else exc).lower()
+        if "malformed" in text or "not a database" in text or "corrupt" in text:
+            raise CorruptionError(
+                f"catalogue {self.url}: damaged ({orig}); restore it from a backup "
+                "or a copy") from exc
+        if "disk is full" in text or "disk i/o error" in text or "readonly" in text \
+                or "read-only" in text:
+            raise StorageError(
+                f"catalogue {self.url}: the commit failed ({orig}); nothing was "
+                "committed") from exc
 
     def get_meta(self, key: str) -> str | None:
         with self.read() as s:
@@ -348,6 +385,8 @@ class Catalog:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(tdstore_write=True, tdstore_nowait=True)
                 with conn.begin():
+                    if self.dialect == "postgresql":  # a writer holds the rows: skip
+                        conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
                     conn.execute(update(AgentRow).where(AgentRow.id.in_(stale))
                                  .values(last_access=t))
         except OperationalError:
