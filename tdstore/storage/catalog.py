@@ -406,7 +406,12 @@ def migrations_dir() -> Path:
     try:
         return Path(str(resources.files("tdstore.migrations")))
     except ModuleNotFoundError:  # running from a source checkout without installing
-        return Path(__file__).resolve().parent.parent / "migrations"
+        return source_migrations_dir()
+
+
+def source_migrations_dir() -> Path:
+    """``migrations/`` of the source checkout this module lies in (tdstore/storage/)."""
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def _alembic_config(catalog: Catalog) -> Config:
