@@ -61,15 +61,13 @@ def test_wheel_contains_migrations_and_installed_package_creates_a_store(tmp_pat
 def test_a_source_checkout_finds_its_migrations():
     """Run from the checkout without installing (``python -c`` in the repository root
     imports the source tree), the Alembic scripts are found beside the package."""
-    from tdstore.storage.catalog import source_migrations_dir
-
-    assert source_migrations_dir() == REPO / "migrations"
-    assert (source_migrations_dir() / "env.py").is_file()
     done = subprocess.run(
         [sys.executable, "-c", "import tdstore, tdstore.storage.catalog as c; "
-         "print(tdstore.__file__); print(c.migrations_dir())"],
+         "print(tdstore.__file__); print(c.source_migrations_dir()); "
+         "print(c.migrations_dir())"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    module, migrations = done.stdout.split()
+    module, source, migrations = done.stdout.split()
     assert module == str(REPO / "tdstore" / "__init__.py")
+    assert source == str(REPO / "migrations")
     assert (Path(migrations) / "env.py").is_file()
