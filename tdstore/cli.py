@@ -67,6 +67,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except TdStoreError as exc:
             _fail(exc)
+        except OSError as exc:  # a file the command was given cannot be used
+            _fail(exc)
         except KeyboardInterrupt as exc:
             _interrupted(exc)
         finally:

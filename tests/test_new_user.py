@@ -287,3 +287,17 @@ def test_reconstruct_on_cuda_without_cuda_is_a_clear_error(path):
             store.group("g").reconstruct("a", device="gpu-please")
         cpu = store.group("g").reconstruct("a", device="cpu")
         assert np.array_equal(cpu.numpy(), store.group("g").reconstruct("a"))
+
+
+@pytest.mark.parametrize("command", [["info", "{p}"], ["import", "{p}", "g", "m", "{f}"],
+                                     ["verify", "{p}"]])
+@pytest.mark.parametrize("kind", ["name too long", "through a file"])
+def test_a_path_the_system_refuses_is_one_line(tmp_path, command, kind):
+    file = tmp_path / "kv.npy"
+    np.save(file, kv(4, (2, 2)))
+    bad = tmp_path / ("a" * 300) if kind == "name too long" else file / "store"
+    args = [a.format(p=bad, f=file) for a in command]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.npy"]  # nothing was made

@@ -75,19 +75,24 @@ class StoreContext:
         self.path = Path(path).absolute()
         self.readonly = readonly
         self.url_given = url is not None
-        if not create and not self.url_given:
-            self._require_store()
-        self._prepare_directory()
         catalog_file = self.path / CATALOG_FILE
         unwritable = None
-        if url is None:
-            _refuse_empty_catalog(self.path)
-            # SQLite needs to write its -shm file even to read a WAL database; in a
-            # directory we cannot write, Catalog reads it immutable or through the
-            # writer's -shm file, whichever is exact at the time (see Catalog)
-            if readonly and not _writable(self.path):
-                unwritable = catalog_file
-            url = sqlite_url(catalog_file, readonly=readonly)
+        try:
+            if not create and not self.url_given:
+                self._require_store()
+            self._prepare_directory()
+            if url is None:
+                _refuse_empty_catalog(self.path)
+                # SQLite needs to write its -shm file even to read a WAL database; in a
+                # directory we cannot write, Catalog reads it immutable or through the
+                # writer's -shm file, whichever is exact at the time (see Catalog)
+                if readonly and not _writable(self.path):
+                    unwritable = catalog_file
+                url = sqlite_url(catalog_file, readonly=readonly)
+        except OSError as exc:  # a name too long, a path through a file, no permission
+            raise InvalidInputError(
+                f"store {str(self.path)[:200]}: the path cannot be used as a store directory "
+                f"({exc.strerror or exc})") from None
         self.catalog = Catalog(url, readonly=readonly, unwritable_file=unwritable)
         # with a catalogue on a database server, processes take turns there, on any host
         self.locks = AdvisoryLocks(self.catalog.engine) if self.catalog.dialect == \
