@@ -1,3 +1,3 @@
-from tdstore.cli import run
+from tdstore.entry import run
 
 run()

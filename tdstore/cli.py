@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from tdstore import interrupt
 from tdstore.core.errors import InvalidInputError, TdStoreError
 from tdstore.core.version import __version__
 
@@ -29,31 +30,17 @@ if TYPE_CHECKING:
     from tdstore.api.store import Store
 
 MiB = 1 << 20
+MAX_COUNT = 2**31 - 1  # counts and sizes on the command line
 
 
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters (newlines, escape sequences) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {_printable(str(exc))}", err=True)
     sys.exit(2)
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _interrupted(exc: KeyboardInterrupt) -> None:
-    what = str(exc) or "SIGINT"
-    click.echo(f"interrupted ({what}): the operation in progress was completed or "
-               "rolled back; the store is consistent", err=True)
-    sys.stderr.flush()
-    # what background threads of other libraries may print while the
-    # interpreter shuts down is not for the user: the line above is the message
-    try:
-        own_stderr = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # a test runner's stream
-        own_stderr = False
-    if own_stderr:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    sys.exit(130)
 
 
 class _Group(click.Group):
@@ -62,27 +49,25 @@ class _Group(click.Group):
     committed or been rolled back (the library holds signals back during a commit)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, interrupt.terminate)
         try:
             return super().invoke(ctx)
         except TdStoreError as exc:
             _fail(exc)
-        except OSError as exc:  # a file the command was given cannot be used
+        except (OSError, EOFError) as exc:  # a file the command was given cannot be used
             _fail(exc)
         except KeyboardInterrupt as exc:
-            _interrupted(exc)
+            interrupt.interrupted(exc)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: usage errors and exits
+        except Exception as exc:  # a bug: still one line (TDSTORE_DEBUG=1 shows it all)
+            if os.environ.get("TDSTORE_DEBUG"):
+                raise
+            click.echo(f"error: {_printable(f'{type(exc).__name__}: {exc}')} (an internal "
+                       "error: set TDSTORE_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
         finally:
             signal.signal(signal.SIGTERM, previous)
-
-
-def run() -> None:
-    """The ``tdstore`` executable: :data:`main`, with Ctrl-C and SIGTERM one line (exit
-    130) from the very start, while the library is still being imported."""
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        main()
-    except KeyboardInterrupt as exc:
-        _interrupted(exc)
 
 
 def _catalog_url() -> str | None:
@@ -92,10 +77,19 @@ def _catalog_url() -> str | None:
     return url or None
 
 
-def _open(path: Path, *, create: bool = False, **kwargs: Any) -> Store:
+def _open(path: Path, *, create: bool = False, reads_only: bool = False,
+          **kwargs: Any) -> Store:
+    """The store at ``path``; a command that only reads (``reads_only``) opens a store
+    in a directory this process cannot write read-only instead of refusing it."""
     from tdstore.api.store import open as open_store
+    from tdstore.core.errors import ReadOnlyError
 
-    return open_store(path, url=_catalog_url(), create=create, **kwargs)
+    try:
+        return open_store(path, url=_catalog_url(), create=create, **kwargs)
+    except ReadOnlyError:
+        if not reads_only:
+            raise
+        return open_store(path, url=_catalog_url(), create=False, readonly=True, **kwargs)
 
 
 def _remember_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -191,7 +185,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _count(name: str, default: int, help: str, least: int = 1) -> Callable[[F], F]:
     """An option taking a whole number >= ``least``."""
     return click.option(name, default=default, show_default=True,
-                        type=click.IntRange(min=least), help=help)
+                        type=click.IntRange(min=least, max=MAX_COUNT), help=help)
 
 
 def store_command(*arguments: str, name: str | None = None, json: bool = True
@@ -223,7 +217,7 @@ def main() -> None:
 @store_command()
 def info(path: Path, as_json: bool) -> None:
     """Schema, version, groups, agents, bytes, ratio and reclaimable bytes of a store."""
-    with _open(path) as store:
+    with _open(path, reads_only=True) as store:
         data = store.info()
     if as_json:
         _emit_json(data)
@@ -246,7 +240,7 @@ def info(path: Path, as_json: bool) -> None:
 @store_command("group?")
 def ls(path: Path, group: str | None, as_json: bool) -> None:
     """List the groups of a store, or the agents of GROUP."""
-    with _open(path) as store:
+    with _open(path, reads_only=True) as store:
         if group is None:
             rows = store.ls()
             cols = ["group", "agents", "master", "blocks", "dtype", "bytes_logical",
@@ -265,7 +259,7 @@ def ls(path: Path, group: str | None, as_json: bool) -> None:
 @store_command("group")
 def stats(path: Path, group: str, as_json: bool) -> None:
     """The statistics of GROUP (Group.stats())."""
-    with _open(path) as store:
+    with _open(path, reads_only=True) as store:
         data = store.group(group, create=False).stats()
     if as_json:
         _emit_json(data)
@@ -284,7 +278,7 @@ def verify(path: Path, repair: bool, as_json: bool) -> None:
 
     Exits 0 when clean, 1 when anything was found.
     """
-    with _open(path) as store, _progress("verify") as progress:
+    with _open(path, reads_only=not repair) as store, _progress("verify") as progress:
         report = store.verify(repair=repair, progress=progress)
     if as_json:
         _emit_json(report.to_dict())
@@ -303,7 +297,7 @@ def verify(path: Path, repair: bool, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
 def gc(path: Path, dry_run: bool, as_json: bool) -> None:
     """Remove data no catalogue row references (after replacements, deletes, crashes)."""
-    with _open(path) as store, _progress("gc") as progress:
+    with _open(path, reads_only=dry_run) as store, _progress("gc") as progress:
         report = store.gc(dry_run=dry_run, progress=progress)
     if as_json:
         _emit_json(report.to_dict())
@@ -319,7 +313,7 @@ def gc(path: Path, dry_run: bool, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Only report what would be evicted.")
 def evict(path: Path, max_bytes: int, dry_run: bool, as_json: bool) -> None:
     """Evict least-recently-used agents until the data fits in --max-bytes."""
-    with _open(path) as store, _progress("evict"):
+    with _open(path, reads_only=dry_run) as store, _progress("evict"):
         victims = store.evict(max_bytes, dry_run=dry_run)
     if as_json:
         _emit_json([v.__dict__ for v in victims])
@@ -387,11 +381,16 @@ def rebase(path: Path, group: str, master: str | None, auto: bool, as_json: bool
 
 
 @store_command("group", "agent")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="A .npy or .safetensors file.")
-def export(path: Path, group: str, agent: str, output: Path, as_json: bool) -> None:
-    """Write AGENT's KV blocks to a .npy or .safetensors file."""
-    with _open(path) as store, _progress("export"):
+def export(path: Path, group: str, agent: str, force: bool, output: Path,
+           as_json: bool) -> None:
+    """Write AGENT's KV blocks to a .npy or .safetensors file (an existing file only with
+    --force)."""
+    if (output.exists() or output.is_symlink()) and not force:
+        raise InvalidInputError(f"export file {output} exists; pass --force to overwrite it")
+    with _open(path, reads_only=True) as store, _progress("export"):
         result = store.group(group, create=False).export(agent, output)
     if as_json:
         _emit_json(result)
@@ -419,6 +418,8 @@ def import_(path: Path, group: str, agent: str, file: Path, master: bool, replac
         current = g.master_id
         doomed = [a for a in g.agents() if a != agent] if master and current not in (
             None, agent) else []
+        if replace and not master:
+            raise click.UsageError("--replace only goes with --master")
         if doomed and not replace:
             raise InvalidInputError(
                 f"group {group!r}: registering {agent!r} as master replaces master "
@@ -449,8 +450,11 @@ def rm(path: Path, group: str, agent: str | None) -> None:
     """Delete GROUP, or one AGENT of it."""
     with _open(path) as store:
         if agent is None:
+            agents = store.group(group, create=False).agents() if group in store else []
             store.delete_group(group)
-            click.echo(f"deleted group {group!r}")
+            shown = ", ".join(map(repr, agents[:5])) + (", ..." if len(agents) > 5 else "")
+            click.echo(f"deleted group {group!r} and its {len(agents)} agent(s)"
+                       + (f": {shown}" if agents else ""))
         else:
             store.group(group, create=False).delete(agent)
             click.echo(f"deleted agent {agent!r} of group {group!r}")
@@ -505,6 +509,13 @@ def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
                                  "blocks", param_hint="--tail/--near")
 
     work = DemoWorkload(n_agents=agents, n_blocks=blocks, tail_blocks=tail, near_blocks=near)
+    if (path / "catalog.sqlite").exists():
+        with _open(path, reads_only=True) as store:
+            old = store.group("demo", create=False).agents() if "demo" in store else []
+        if old:
+            click.echo(f"tdstore demo: replacing group 'demo' of {path}: its {len(old)} "
+                       f"agent(s) ({', '.join(map(repr, old[:5]))}"
+                       f"{', ...' if len(old) > 5 else ''}) are removed")
     click.echo(
         f"tdstore demo: store {path}/, group 'demo': {work.n_agents} agents x "
         f"{work.n_blocks} blocks of {work.block_shape} {work.dtype} "
@@ -561,7 +572,8 @@ ab_options = [
     _count("--window", 128, "Sparse local window (tokens)."),
     _count("--block-size", 64, "Landmark block size (tokens)."),
     _count("--queries", 64, "Random query positions."),
-    click.option("--seed", default=0, show_default=True, help="Seed of the queries."),
+    click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+                 help="Seed of the queries."),
     click.option("--q-heads", type=click.IntRange(min=1), default=None,
                  help="Query heads (a multiple of the kv heads; default: the kv heads)."),
     json_opt,
@@ -606,7 +618,7 @@ def ab(path: Path, group: str, agent: str, threshold: float | None, exact: Path 
         raise click.UsageError("give --exact FILE or --threshold T, not both: with --exact "
                                "the store's blocks are compared with the file as stored")
     _check_plot(plot)
-    with _open(path) as store:
+    with _open(path, reads_only=True) as store:
         g = store.group(group, create=False)
         exact_kv = load_file(exact) if exact is not None else None
         report = ablib.compare(g, agent, _ab_config(window, block_size, queries, seed, q_heads),
@@ -647,7 +659,7 @@ def ab_sweep(path: Path, group: str, thresholds: str, plot: Path | None, layers:
     from tdstore.analysis import ab as ablib
 
     _check_plot(plot)
-    with _open(path) as store, _progress("ab-sweep") as progress:
+    with _open(path, reads_only=True) as store, _progress("ab-sweep") as progress:
         report = ablib.sweep(store.group(group, create=False), ablib.parse_thresholds(thresholds),
                              _ab_config(window, block_size, queries, seed, q_heads),
                              layers=_layers_opt(layers), progress=progress)
@@ -678,6 +690,7 @@ def bench_attention(seq: int, q_heads: int, kv_heads: int, head_dim: int, window
     """Time and peak memory of dense vs sparse attention (same inputs, one run)."""
     from tdstore.dev.bench import attention_benchmark
 
+    _must_fit(4 * seq * (q_heads + 2 * kv_heads) * head_dim * 4, "--seq/--q-heads/--head-dim")
     r = attention_benchmark(seq, q_heads, kv_heads, head_dim, window, block_size, reps)
     if as_json:
         _emit_json(r)
@@ -706,7 +719,7 @@ def nullstats_ls(path: Path, as_json: bool) -> None:
     """List the cached entries."""
     from tdstore.analysis.nullstats import NullStatsCache
 
-    with _open(path) as store:
+    with _open(path, reads_only=True) as store:
         rows = NullStatsCache(store).keys()
     if as_json:
         _emit_json(rows)
@@ -725,7 +738,7 @@ def nullstats_show(path: Path, key_hash: str, as_json: bool) -> None:
     """Show one entry (KEY_HASH: the hash or a unique prefix of it)."""
     from tdstore.analysis.nullstats import NullStatsCache, is_plain
 
-    with _open(path) as store:
+    with _open(path, reads_only=True) as store:
         entry = NullStatsCache(store).show(key_hash)
     if as_json:
         _emit_json(entry)
@@ -788,6 +801,16 @@ def bench_nullstats(gets: int, reps: int, as_json: bool) -> None:
                f"({r['hash_us']:.1f} us)")
 
 
+def _must_fit(nbytes: int, options: str) -> None:
+    """Refuse a workload that cannot fit in this machine's free memory."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if nbytes > available:
+        raise click.BadParameter(f"the workload needs about {_bytes(nbytes)} of memory; "
+                                 f"{_bytes(available)} are free", param_hint=options)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.split(","))
@@ -812,7 +835,7 @@ def _shape(text: str) -> tuple[int, ...]:
               type=click.FloatRange(min=0, max=1, min_open=True),
               help="Share of tail blocks in which each mirror differs from the master.")
 @_count("--reps", 5, "Repetitions of each measurement (the best is reported).")
-@_count("--scaling-mirrors", 200, "Mirrors written in the scaling test.")
+@_count("--scaling-mirrors", 200, "Mirrors written in the scaling test.", least=2)
 @_count("--open-agents", 10_000, "Agents in the catalogue of the open-time test.")
 @click.option("--big-gib", default=4.0, show_default=True, type=click.FloatRange(min=0),
               help="GiB reconstructed into an np.memmap in the memory test; 0 skips it.")
@@ -829,9 +852,14 @@ def bench(agents: int, blocks: int, block_shape: str, dtype: str, diff_fraction:
     from tdstore.dev.bench import Workload, print_report
     from tdstore.dev.bench import run as run_bench
 
+    if not math.isfinite(diff_fraction):
+        raise click.BadParameter(f"{diff_fraction}: expected a number in (0, 1]",
+                                 param_hint="--diff-fraction")
     w = Workload(agents=agents, blocks=blocks, block_shape=_shape(block_shape), dtype=dtype,
                  diff_fraction=diff_fraction, reps=reps, scaling_mirrors=scaling_mirrors,
                  open_agents=open_agents, big_gib=big_gib)
+    # the agents, their np.save/safetensors copies and the outputs are in memory at once
+    _must_fit(3 * w.agents * w.agent_nbytes, "--agents/--blocks/--block-shape")
     if workdir is not None and not Path(workdir).is_dir():
         raise click.BadParameter(f"{workdir}: no such directory", param_hint="--dir")
 
@@ -846,4 +874,4 @@ def bench(agents: int, blocks: int, block_shape: str, dtype: str, diff_fraction:
 
 
 if __name__ == "__main__":
-    run()
+    main()

@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tdstore"
 LAYERS = ["core", "storage", "ops", "api", "analysis", "integrations", "dev", "cli"]
 # modules that are a layer by themselves, by their path under tdstore/
-TOP = {"__init__": "api", "cli": "cli", "__main__": "cli"}
+TOP = {"__init__": "api", "cli": "cli", "entry": "cli", "interrupt": "cli", "__main__": "cli"}
 
 
 def module_name(path: Path, root: Path) -> str:

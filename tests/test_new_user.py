@@ -252,7 +252,7 @@ INTERRUPT_AT_IMPORT = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGINT)
             return None
 
-    from tdstore.cli import run
+    from tdstore.entry import run
     sys.meta_path.insert(0, Interrupt())
     sys.argv = ["tdstore", *sys.argv[1:]]
     run()
@@ -301,3 +301,170 @@ def test_a_path_the_system_refuses_is_one_line(tmp_path, command, kind):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.npy"]  # nothing was made
+
+
+@pytest.mark.parametrize("damage", ["removed", "foreign sqlite"])
+def test_no_command_initialises_a_catalogue_over_existing_data(path, tmp_path, damage):
+    """A lost catalogue beside data: import, migrate and gc all refuse, so gc can never
+    delete the data as orphans."""
+    import sqlite3
+
+    catalog = path / "catalog.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        (path / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    if damage == "foreign sqlite":
+        con = sqlite3.connect(catalog)
+        con.execute("CREATE TABLE t (x)")
+        con.commit()
+        con.close()
+    data = sorted(p.name for p in (path / "data").iterdir())
+    file = tmp_path / "m.npy"
+    np.save(file, kv(4, (2, 2)))
+    for args in (["import", str(path), "g9", "x", str(file), "--master"],
+                 ["migrate", str(path)], ["gc", str(path)], ["verify", str(path), "--repair"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in (path / "data").iterdir()) == data
+    assert catalog.exists() == (damage == "foreign sqlite")
+
+
+# --------------------------------------------------------------------------- found by an
+# independent tester: each of these printed a traceback, left debris or lost data
+
+
+def _junk_store(path, tmp_path, damage):
+    if damage == "catalog is a directory":
+        for suffix in ("", "-wal", "-shm"):
+            (path / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+        (path / "catalog.sqlite").mkdir()
+    elif damage == "data is a file":
+        import shutil
+
+        shutil.rmtree(path / "data")
+        (path / "data").write_text("x")
+    elif damage == "a table dropped":
+        import sqlite3
+
+        con = sqlite3.connect(path / "catalog.sqlite")
+        con.execute("DROP TABLE groups")
+        con.commit()
+        con.close()
+
+
+@pytest.mark.parametrize("damage", ["catalog is a directory", "data is a file",
+                                    "a table dropped"])
+@pytest.mark.parametrize("command", [["info"], ["ls"], ["verify"], ["gc"], ["stats", "g"],
+                                     ["rm", "g", "a"]])
+def test_a_broken_store_layout_is_one_line(path, tmp_path, damage, command):
+    _junk_store(path, tmp_path, damage)
+    result = CliRunner().invoke(cli, [command[0], str(path), *command[1:]])
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["import", "{p}", "\udcff", "a", "{npy}"], ["not valid Unicode"]),
+    (["import", "{p}", "g", "x", "{junk}"], ["cannot be read"]),
+    (["import", "{p}", "g", "x", "{empty}"], ["empty or truncated"]),
+    (["import", "{p}", "g", "x", "{npy}", "--dtype", ""], ["not a dtype"]),
+    (["import", "{p}", "g", "x", "{npy}", "--replace"], ["--replace only goes with"]),
+    (["info", "{p}", "--url", "bogus"], ["cannot be used", "postgresql+psycopg"]),
+    (["info", "{p}", "--url", "foo://x"], ["cannot be used"]),
+    (["info", "{p}", "--url", "sqlite:////nonexistent/dir/x.db"], ["cannot be opened"]),
+    (["export", "{p}", "g", "m", "-o", "{p}/evil.npy"], ["inside the store"]),
+    (["export", "{p}", "g", "m", "-o", "{npy}"], ["exists", "--force"]),
+    (["info", "{tmp}/x\ny"], ["x\\ny"]),
+])
+def test_bad_input_found_by_the_tester_is_one_line(path, tmp_path, args, words):
+    npy, junk, empty = tmp_path / "m.npy", tmp_path / "junk.safetensors", tmp_path / "e.npy"
+    np.save(npy, kv(8, (2, 4)))
+    junk.write_bytes(b"\xff" * 20)
+    empty.write_bytes(b"")
+    before = fingerprint(path)
+    argv = [a.format(p=path, npy=npy, junk=junk, empty=empty, tmp=tmp_path) for a in args]
+    one_line_error(CliRunner().invoke(cli, argv), *words)
+    assert fingerprint(path) == before
+    assert sorted(p.name for p in (path / "locks").iterdir()) == sorted(
+        p.name for p in (path / "locks").iterdir() if p.name == "store.lock"
+        or p.stem in _gids(path))
+
+
+def _gids(path) -> set[str]:
+    import sqlite3
+
+    con = sqlite3.connect(path / "catalog.sqlite")
+    try:
+        return {r[0] for r in con.execute("SELECT gid FROM groups")}
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("args", [["--seed", "-1"], ["--window", "99999999999999999999"],
+                                  ["--threshold", "nan"], ["--threshold", "-1"]])
+def test_ab_bad_values_are_refused(kv_store, args):
+    result = CliRunner().invoke(cli, ["ab", str(kv_store), "rag", "c", *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def test_ab_exact_of_another_dtype_is_refused(kv_store, tmp_path):
+    np.save(tmp_path / "e.npy", np.zeros((8, 2, 2, 8, 2, 16), np.float64))
+    one_line_error(CliRunner().invoke(cli, ["ab", str(kv_store), "rag", "c", "--exact",
+                                            str(tmp_path / "e.npy")]), "dtype float64")
+
+
+@pytest.mark.parametrize("args", [["bench", "--diff-fraction", "nan"],
+                                  ["bench", "--block-shape", "99999999999,99999999999"],
+                                  ["bench-attention", "--seq", "2000000000", "--head-dim",
+                                   "100000"]])
+def test_impossible_benchmarks_are_refused_before_running(args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def test_a_deleted_or_discarded_group_leaves_no_lock_file(path, tmp_path):
+    (tmp_path / "e.npy").write_bytes(b"")
+    for _ in range(3):  # refused imports into new groups
+        assert CliRunner().invoke(cli, ["import", str(path), "new", "x",
+                                        str(tmp_path / "e.npy")]).exit_code == 2
+    assert CliRunner().invoke(cli, ["rm", str(path), "g"]).exit_code == 0
+    assert [p.name for p in (path / "locks").iterdir()] == ["store.lock"]
+
+
+def test_rm_of_a_group_names_its_agents(path):
+    result = CliRunner().invoke(cli, ["rm", str(path), "g"])
+    assert result.exit_code == 0
+    assert result.output.strip() == "deleted group 'g' and its 3 agent(s): 'm', 'a', 'b'"
+
+
+def test_demo_says_it_replaces_an_existing_demo_group(tmp_path):
+    store = tmp_path / "d"
+    args = ["demo", str(store), "--agents", "2", "--blocks", "4", "--tail", "1", "--near", "0"]
+    assert "replacing" not in CliRunner().invoke(cli, args).output
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "replacing group 'demo'" in again.output and "2 agent(s)" in again.output
+
+
+AFTER_THE_END = textwrap.dedent("""
+    import atexit, os, signal, sys
+    sig = getattr(signal, sys.argv[1])
+    if sys.argv[2] == "ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tdstore.entry import run
+    atexit.register(lambda: os.kill(os.getpid(), sig))  # while the interpreter shuts down
+    sys.argv = ["tdstore", *sys.argv[3:]]
+    run()
+""")
+
+
+@pytest.mark.parametrize("sig, start", [("SIGINT", "default"), ("SIGTERM", "default"),
+                                         ("SIGINT", "ignored")])
+def test_a_signal_once_the_command_has_finished_does_not_kill_it(path, sig, start):
+    """The interpreter resets signal handlers as it shuts down: a signal then used to
+    kill a command whose work was done (exit -2, no message)."""
+    done = subprocess.run([sys.executable, "-c", AFTER_THE_END, sig, start, "rm", str(path),
+                           "g", "a"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.strip() == "deleted agent 'a' of group 'g'" and done.stderr == ""

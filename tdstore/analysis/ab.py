@@ -31,6 +31,7 @@ from tdstore.analysis.attention import (
 from tdstore.core.diff import diff_mask
 from tdstore.core.errors import InvalidInputError, NoMasterError, StateError
 from tdstore.core.validate import KV_AXES as AXES
+from tdstore.core.validate import check_threshold
 
 if TYPE_CHECKING:
     from tdstore.api.store import Group
@@ -185,11 +186,12 @@ def compare(group: Group, agent: str, cfg: ABConfig | None = None, *,
     cfg = cfg or ABConfig()
     layout = _layout(group)
     stored = group.reconstruct(agent)
-    t = group.diff_threshold if threshold is None else float(threshold)
+    t = group.diff_threshold if threshold is None else check_threshold(threshold, group.name)
     if exact is not None:
-        if exact.shape != stored.shape:
+        if exact.shape != stored.shape or exact.dtype != stored.dtype:
             raise InvalidInputError(
-                f"exact KV has shape {exact.shape}; the stored agent has {stored.shape}")
+                f"exact KV has shape {exact.shape} and dtype {exact.dtype}; the stored agent "
+                f"has shape {stored.shape} and dtype {stored.dtype}")
         ref_blocks, approx_blocks = exact, stored
         kept = int(diff_mask(stored, exact, 0.0).sum())
         mode = "exact file vs store reconstruction"

@@ -185,6 +185,8 @@ def evict_victims(store: Store, victims: list[Victim], held_gid: str | None = No
             recorded = _recorded.get()
             if recorded is not None:
                 recorded.append(v)
+        if v.agent is None and v.gid != held_gid and done and done[-1] is v:
+            store.locks.forget(v.gid)  # the whole group went: its lock is not needed
     return done
 
 

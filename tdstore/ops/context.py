@@ -21,6 +21,7 @@ from tdstore.core.errors import (
     NotFoundError,
     ReadOnlyError,
     SchemaError,
+    TdStoreError,
 )
 from tdstore.core.kinds import JournalOp
 from tdstore.core.validate import check_max_bytes, check_name
@@ -89,6 +90,8 @@ class StoreContext:
                 if readonly and not _writable(self.path):
                     unwritable = catalog_file
                 url = sqlite_url(catalog_file, readonly=readonly)
+        except TdStoreError:
+            raise
         except OSError as exc:  # a name too long, a path through a file, no permission
             raise InvalidInputError(
                 f"store {str(self.path)[:200]}: the path cannot be used as a store directory "
@@ -144,15 +147,8 @@ class StoreContext:
         current, heads = check_not_newer(self.catalog, str(self.path))
         if set(current) == set(heads):
             return
-        data = self.path / DATA_DIR
-        held = [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
-        if not current and held:
-            # an empty or replaced catalogue beside existing data: initialising it would
-            # orphan every array (and gc would then delete them)
-            raise CorruptionError(
-                f"store {self.path}: the catalogue holds no schema but data/ holds "
-                f"{len(held)} group directories; refusing to initialise it over them "
-                "(restore catalog.sqlite from a backup)")
+        if not current:
+            self._refuse_schema_over_data()
         pinned = self.catalog.get_meta(PINNED_KEY) if current else None
         if pinned is not None:
             raise SchemaError(
@@ -175,6 +171,16 @@ class StoreContext:
                     s.merge(MetaRow(key="tdstore_version", value=__version__))
                 if not created:  # rows of an older schema get their checksums recorded
                     maintenance.backfill_checksums(self)
+
+    def _refuse_schema_over_data(self) -> None:
+        """An empty or replaced catalogue beside existing data: initialising it would
+        orphan every array (and gc would then delete them)."""
+        held = _group_dirs(self.path)
+        if held:
+            raise CorruptionError(
+                f"store {self.path}: the catalogue holds no schema but data/ holds "
+                f"{len(held)} group directories; refusing to initialise it over them "
+                "(restore catalog.sqlite from a backup)")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -255,7 +261,9 @@ class StoreContext:
             return list(s.scalars(select(GroupRow.name).order_by(GroupRow.id)))
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
+        try:
+            check_name("group", name)
+        except InvalidInputError:  # no group can have such a name
             return False
         with self.catalog.read() as s:
             return s.scalars(select(GroupRow.id).where(GroupRow.name == name)).first() is not None
@@ -280,7 +288,8 @@ class StoreContext:
                     s.delete(g)
                     journal.schedule_removals(s, gid, [(gid, nbytes)], JournalOp.REMOVE_GROUP)
                 journal.collect(self, gid)
-                return
+            self.locks.forget(gid)
+            return
 
     def discard_if_empty(self, name: str, gid: str) -> bool:
         """Delete the group ``name`` if it is still the group ``gid`` and holds no agent
@@ -293,6 +302,7 @@ class StoreContext:
             s.delete(g)
             journal.schedule_removals(s, gid, [(gid, 0)], JournalOp.REMOVE_GROUP)
         journal.collect(self, gid)
+        self.locks.forget(gid)
         return True
 
     def migrate(self, revision: str = "head") -> tuple[str, ...]:
@@ -309,7 +319,8 @@ class StoreContext:
                 f"store {self.path}: schema revision {revision!r} is unknown; expected "
                 f"'head' or one of {', '.join(sorted(known))}")
         with self.locks.hold("store"):
-            check_not_newer(self.catalog, str(self.path))
+            if not check_not_newer(self.catalog, str(self.path))[0]:
+                self._refuse_schema_over_data()
             upgrade(self.catalog, revision)
             current, heads = schema_status(self.catalog)
             with self.catalog.write() as s:
@@ -333,17 +344,27 @@ def _refuse_empty_catalog(path: Path) -> None:
     """An empty (or headerless) catalogue file beside existing data: connecting would
     write a database header into it, so refuse before connecting."""
     catalog = path / CATALOG_FILE
+    held = _group_dirs(path)
     try:
         size = catalog.stat().st_size
     except FileNotFoundError:
+        if held:  # connecting would create a new, empty catalogue over them
+            raise CorruptionError(
+                f"store {path}: {CATALOG_FILE} is missing but data/ holds {len(held)} group "
+                f"directories; refusing to create a new catalogue over them (restore "
+                f"{CATALOG_FILE} from a backup)") from None
         return
-    data = path / DATA_DIR
-    held = [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
     if size < 100 and held:  # 100 bytes: the SQLite header
         raise CorruptionError(
             f"store {path}: {CATALOG_FILE} is empty ({size} bytes) but data/ holds "
             f"{len(held)} group directories; refusing to initialise it over them "
             f"(restore {CATALOG_FILE} from a backup)")
+
+
+def _group_dirs(path: Path) -> list[str]:
+    """The entries of ``data/`` other than its zarr.json (group directories, or debris)."""
+    data = path / DATA_DIR
+    return [p.name for p in data.iterdir() if p.name != "zarr.json"] if data.is_dir() else []
 
 
 def _writable(path: Path) -> bool:

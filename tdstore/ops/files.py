@@ -26,6 +26,11 @@ def export_agent(group: GroupOps, agent: str, file: str | os.PathLike[str]) -> d
         raise InvalidInputError(f"export file {path}: expected a .npy or .safetensors name")
     if not path.parent.is_dir():
         raise InvalidInputError(f"export file {path}: directory {path.parent} does not exist")
+    store_dir = group.ctx.path.resolve()
+    target = path.absolute().parent.resolve() / path.name
+    if target == store_dir or store_dir in target.parents:
+        raise InvalidInputError(f"export file {path}: it lies inside the store directory "
+                                f"{store_dir}; write it elsewhere")
     full = group.reconstruct(agent)
     name = logical_name(full.dtype)
     raw = full.view(f"u{full.dtype.itemsize}") if name in ("bfloat16", "float8_e4m3fn",
@@ -66,10 +71,16 @@ def load_file(file: str | os.PathLike[str], dtype: str | None = None) -> np.ndar
                 recorded = (f.metadata() or {}).get("tdstore_dtype")
         else:
             raise InvalidInputError(f"import file {path}: expected a .npy or .safetensors file")
-    except (ValueError, OSError) as exc:
-        if isinstance(exc, InvalidInputError):
-            raise
-        raise InvalidInputError(f"import file {path} cannot be read: {exc}") from exc
+    except InvalidInputError:
+        raise
+    except EOFError:
+        raise InvalidInputError(f"import file {path} cannot be read: it is empty or "
+                                "truncated") from None
+    except Exception as exc:  # numpy's and safetensors' errors for a damaged file
+        raise InvalidInputError(f"import file {path} cannot be read: {exc}") from None
+    if dtype == "":
+        raise InvalidInputError("dtype '' is not a dtype; expected one of "
+                                f"{', '.join(SUPPORTED)}")
     target = dtype or recorded
     if target is not None:
         if target not in SUPPORTED:

@@ -219,6 +219,20 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: An
 
 def make_engine(url: str, *, readonly: bool = False, foreign_keys: bool = True) -> Engine:
     """An engine for the catalogue at ``url`` with tdstore's connection settings."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from tdstore.core.errors import InvalidInputError
+
+    try:
+        return _make_engine(url, readonly, foreign_keys)
+    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as exc:
+        hint = " (pip install 'tdstore[postgres]')" if "psycopg" in str(exc) else ""
+        raise InvalidInputError(
+            f"catalogue URL {url[:200]!r} cannot be used ({exc}){hint}; expected "
+            "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE") from None
+
+
+def _make_engine(url: str, readonly: bool, foreign_keys: bool) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url, readonly, foreign_keys)
     # a held advisory lock keeps a connection of its own (tdstore.storage.dblocks):
@@ -359,6 +373,12 @@ class Catalog:
             raise CorruptionError(
                 f"catalogue {self.url}: damaged ({orig}); restore it from a backup "
                 "or a copy") from exc
+        if "no such table" in text or "no such column" in text:
+            raise CorruptionError(
+                f"catalogue {self.url}: a table or column of the schema is missing ({orig}); "
+                "restore it from a backup") from exc
+        if "unable to open database file" in text:
+            raise StorageError(f"catalogue {self.url}: cannot be opened ({orig})") from exc
         if "disk is full" in text or "disk i/o error" in text or "readonly" in text \
                 or "read-only" in text:
             raise StorageError(

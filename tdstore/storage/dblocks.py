@@ -51,3 +51,6 @@ class AdvisoryLocks:
                 # a connection that broke meanwhile has lost the lock with its session
                 with contextlib.suppress(Exception):
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+    def forget(self, name: str) -> None:
+        """Advisory locks leave nothing behind."""

@@ -118,6 +118,10 @@ class Locks(Protocol):
 
     def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]: ...
 
+    def forget(self, name: str) -> None:
+        """Drop what the lock of a deleted group left behind (a group id is never
+        reused, so no later writer needs it)."""
+
 
 class FileLocks:
     """:class:`Locks` as ``flock`` on ``<directory>/<name>.lock`` (one host)."""
@@ -134,3 +138,8 @@ class FileLocks:
 
     def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]:
         return file_lock(self.path(name), wait=wait)
+
+    def forget(self, name: str) -> None:
+        # a process still waiting on the old file finds the group gone once it holds it
+        with contextlib.suppress(OSError):
+            self.path(name).unlink()
