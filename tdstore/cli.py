@@ -54,6 +54,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except TdStoreError as exc:
             _fail(exc)
+        except BrokenPipeError:  # the reader went away (`tdstore ls S | head`): be quiet
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except (OSError, EOFError) as exc:  # a file the command was given cannot be used
             _fail(exc)
         except KeyboardInterrupt as exc:

@@ -468,3 +468,13 @@ def test_a_signal_once_the_command_has_finished_does_not_kill_it(path, sig, star
                            "g", "a"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert done.stdout.strip() == "deleted agent 'a' of group 'g'" and done.stderr == ""
+
+
+def test_a_reader_that_goes_away_is_not_an_error(path):
+    """`tdstore info PATH | head -1`: a closed pipe ends the command quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "tdstore", "info", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert err == "" and proc.returncode == 1
