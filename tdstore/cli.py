@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from tdstore import interrupt
-from tdstore.core.errors import InvalidInputError, TdStoreError
+from tdstore.core.errors import InvalidInputError, TdStoreError, name_list
 from tdstore.core.version import __version__
 
 if TYPE_CHECKING:
@@ -342,7 +342,7 @@ def budget(path: Path, max_bytes: str | None, as_json: bool) -> None:
         if max_bytes is not None:
             store.set_max_bytes(value)
         current = store.max_bytes
-        used = store.info()["bytes_accounted"] if as_json else None
+        used = store.accounted_bytes() if as_json else None
     if as_json:
         _emit_json({"max_bytes": current, "bytes_accounted": used})
         return
@@ -417,22 +417,14 @@ def import_(path: Path, group: str, agent: str, file: Path, master: bool, replac
     from tdstore.ops.budget import recording
 
     with _open(path, create=True) as store, _progress("import"):
-        created = group not in store
-        g = store.group(group)
-        current = g.master_id
-        doomed = [a for a in g.agents() if a != agent] if master and current not in (
-            None, agent) else []
         if replace and not master:
             raise click.UsageError("--replace only goes with --master")
-        if doomed and not replace:
-            raise InvalidInputError(
-                f"group {group!r}: registering {agent!r} as master replaces master "
-                f"{current!r} and removes {len(doomed)} agent(s) "
-                f"({', '.join(map(repr, doomed[:5]))}{', ...' if len(doomed) > 5 else ''}); "
-                "pass --replace to do that")
+        created = group not in store
+        g = store.group(group)
         try:
             with recording() as evicted:
-                result = g.import_file(agent, file, master=master, dtype=dtype)
+                result = g.import_file(agent, file, master=master, dtype=dtype,
+                                       replace=replace)
         except BaseException:
             if created:  # a group this command made holds nothing: it goes again
                 store.discard_empty_group(group)
@@ -456,9 +448,8 @@ def rm(path: Path, group: str, agent: str | None) -> None:
         if agent is None:
             agents = store.group(group, create=False).agents() if group in store else []
             store.delete_group(group)
-            shown = ", ".join(map(repr, agents[:5])) + (", ..." if len(agents) > 5 else "")
             click.echo(f"deleted group {group!r} and its {len(agents)} agent(s)"
-                       + (f": {shown}" if agents else ""))
+                       + (f": {name_list(agents)}" if agents else ""))
         else:
             store.group(group, create=False).delete(agent)
             click.echo(f"deleted agent {agent!r} of group {group!r}")
@@ -518,8 +509,7 @@ def demo(path: Path, agents: int, blocks: int, tail: int, near: int) -> None:
             old = store.group("demo", create=False).agents() if "demo" in store else []
         if old:
             click.echo(f"tdstore demo: replacing group 'demo' of {path}: its {len(old)} "
-                       f"agent(s) ({', '.join(map(repr, old[:5]))}"
-                       f"{', ...' if len(old) > 5 else ''}) are removed")
+                       f"agent(s) ({name_list(old)}) are removed")
     click.echo(
         f"tdstore demo: store {path}/, group 'demo': {work.n_agents} agents x "
         f"{work.n_blocks} blocks of {work.block_shape} {work.dtype} "

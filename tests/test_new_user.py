@@ -478,3 +478,18 @@ def test_a_reader_that_goes_away_is_not_an_error(path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert err == "" and proc.returncode == 1
+
+
+def test_the_library_refuses_a_replacing_import_with_replace_false(path, tmp_path):
+    file = tmp_path / "new.npy"
+    np.save(file, kv(8, (2, 4), seed=9))
+    before = fingerprint(path)
+    with tdstore.open(path) as store:
+        with pytest.raises(tdstore.InvalidInputError, match=r"removes 3 agent\(s\)"):
+            store.group("g").import_file("new", file, master=True, replace=False)
+    assert fingerprint(path) == before
+
+
+def test_budget_json_counts_what_info_counts(path):
+    with tdstore.open(path) as store:
+        assert store.accounted_bytes() == store.info()["bytes_accounted"] > 0

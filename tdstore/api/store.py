@@ -171,6 +171,11 @@ class Store(ClosingContext):
         use :meth:`evict` to shrink the store to a new, lower budget at once."""
         budget.set_max_bytes(self._ctx, value)
 
+    def accounted_bytes(self) -> int:
+        """Bytes under ``data/`` as the size budget counts them (agents' arrays, journaled
+        data, metadata), from the catalogue alone."""
+        return budget.accounted_bytes(self._ctx)
+
     def info(self) -> dict[str, Any]:
         """Schema revision, versions, groups, agents, bytes, ratio, reclaimable bytes."""
         return maintenance.info(self._ctx)
@@ -348,12 +353,15 @@ class Group:
         return files.export_agent(self._ops, agent_id, file)
 
     def import_file(self, agent_id: str, file: str | os.PathLike[str], *,
-                    master: bool = False, dtype: str | None = None) -> dict[str, Any]:
+                    master: bool = False, dtype: str | None = None,
+                    replace: bool = True) -> dict[str, Any]:
         """Register an agent from a .npy or .safetensors file (as a mirror unless
         ``master``, or when the group has no master yet). Registering a different agent
         as master replaces the group's master and removes its mirrors, as
-        :meth:`register_master` does; the result lists them under ``"removed"``."""
-        return files.import_agent(self._ops, agent_id, file, master=master, dtype=dtype)
+        :meth:`register_master` does; the result lists them under ``"removed"``.
+        ``replace=False`` refuses that (InvalidInputError naming them) instead."""
+        return files.import_agent(self._ops, agent_id, file, master=master, dtype=dtype,
+                                  replace=replace)
 
 
 class BlockView:

@@ -50,3 +50,8 @@ class StoreFullError(TdStoreError, OSError):
 class StorageError(TdStoreError, OSError):
     """The file system failed under a write (full disk, I/O error, read-only); nothing
     was committed and the store is as it was."""
+
+
+def name_list(names: list[str], most: int = 5) -> str:
+    """``'a', 'b', ...``: the first ``most`` names, quoted, for a one-line message."""
+    return ", ".join(map(repr, names[:most])) + (", ..." if len(names) > most else "")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tdstore.core.dtypes import SUPPORTED, logical_name, numpy_dtype
-from tdstore.core.errors import InvalidInputError, NotFoundError
+from tdstore.core.errors import InvalidInputError, NotFoundError, name_list
 from tdstore.ops.groups import GroupOps
 
 
@@ -96,15 +96,22 @@ def load_file(file: str | os.PathLike[str], dtype: str | None = None) -> np.ndar
 
 
 def import_agent(group: GroupOps, agent: str, file: str | os.PathLike[str], *,
-                 master: bool = False, dtype: str | None = None) -> dict[str, Any]:
+                 master: bool = False, dtype: str | None = None,
+                 replace: bool = True) -> dict[str, Any]:
     """Register ``agent`` from a file: as a mirror, or as the master when ``master`` is
     set or the group has none yet. A new master replaces the old one and its mirrors
-    (as ``register_master`` does): the result names them under ``removed``."""
-    kv = load_file(file, dtype)
+    (as ``register_master`` does): the result names them under ``removed``; with
+    ``replace=False`` that is refused instead, before the file is read."""
     current = group.master_id
     as_master = master or current is None
     removed = [a for a in group.agents() if a != agent] if as_master and current != agent \
         else []
+    if removed and not replace:
+        raise InvalidInputError(
+            f"group {group.name!r}: registering {agent!r} as master replaces master "
+            f"{current!r} and removes {len(removed)} agent(s) ({name_list(removed)}); "
+            "pass --replace (replace=True) to do that")
+    kv = load_file(file, dtype)
     if as_master:
         group.register_master(agent, kv)
         n_diff = int(kv.shape[0])
