@@ -75,9 +75,7 @@ def set_max_bytes(store: Store, value: int | None) -> None:
 
 def metadata_overhead(store: Store, n_groups: int) -> int:
     """Bytes of the zarr group documents: the root's and one per group directory."""
-    root = store.arrays.root / "zarr.json"
-    size = root.stat().st_size if root.exists() else 0
-    return (1 + n_groups) * size
+    return (1 + n_groups) * store.arrays.entry_nbytes("zarr.json")
 
 
 def accounted_bytes(store: Store) -> int:

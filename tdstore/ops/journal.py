@@ -22,7 +22,6 @@ from sqlalchemy import delete, select
 from tdstore.core.errors import CorruptionError
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.kinds import JournalOp
-from tdstore.storage.arrays import remove_entry
 from tdstore.storage.catalog import AgentRow, GroupRow, PendingRow, now
 from tdstore.storage.integrity import agent_ref, check_group_row
 
@@ -104,7 +103,7 @@ def collect(store: Store, gid: str, ids: list[int] | None = None) -> int:
                 ref = agent_ref(group, refs[r.path])
                 if ref is not None:
                     for extra in store.arrays.extra_entries(ref.path, ref.spec, ref.rows):
-                        remove_entry(extra)
+                        store.arrays.remove_below(extra)
         except CorruptionError:
             pass  # a tampered row or path: nothing of ours to remove; the row goes
     with store.catalog.write(lazy=True) as s:

@@ -9,12 +9,9 @@ committed is never mistaken for garbage.
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
@@ -29,7 +26,6 @@ from tdstore.core.validate import check_max_bytes
 from tdstore.core.version import __version__
 from tdstore.ops import budget, journal
 from tdstore.ops.groups import GroupOps
-from tdstore.storage.arrays import entry_nbytes, remove_entry
 from tdstore.storage.catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
 from tdstore.storage.integrity import agent_ref, check_group_row, group_layout, index_problems
 
@@ -97,8 +93,9 @@ class VerifyReport:
                 "repaired": self.repaired}
 
 
-def _rel(store: Store, path: Path) -> str:
-    return str(path.relative_to(store.path))
+def _rel(rel: str) -> str:
+    """A path under ``data/`` as findings name it (relative to the store's location)."""
+    return f"{DATA_DIR}/{rel}" if rel else DATA_DIR
 
 
 # --------------------------------------------------------------------------- scanning
@@ -155,7 +152,6 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
     """Damage in one referenced array, plus the garbage files inside it."""
     found: list[Finding] = []
     who: _Who = {"group": ref.group.name, "agent": ref.agent.name}
-    full = store.arrays.root / ref.path
     spec, rows = ref.ref.spec, ref.ref.rows
     try:
         store.arrays.check_metadata(ref.ref, cached=False)
@@ -164,27 +160,30 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
         kind = (FindingKind.UNSAFE_ENTRY if "symlink" in msg or "not a directory" in msg else
                 FindingKind.MISSING_ARRAY if "is missing" in msg and "zarr.json" not in msg else
                 FindingKind.BAD_METADATA)
-        where = full / "zarr.json" if kind == FindingKind.BAD_METADATA else full
-        found.append(Finding(kind, _rel(store, where), msg.split(": ", 1)[-1], **who))
+        where = f"{ref.path}/zarr.json" if kind == FindingKind.BAD_METADATA else ref.path
+        found.append(Finding(kind, _rel(where), msg.split(": ", 1)[-1], **who))
         if kind != FindingKind.BAD_METADATA:
             return found
     for extra in store.arrays.extra_entries(ref.path, spec, rows):
-        found.append(Finding(FindingKind.ORPHAN_FILE, _rel(store, extra),
-                             "file no committed block uses", nbytes=entry_nbytes(extra), **who))
+        found.append(Finding(FindingKind.ORPHAN_FILE, _rel(extra), "file no committed block "
+                             "uses", nbytes=store.arrays.entry_nbytes(extra), **who))
     for c, lo, hi in spec.windows(0, rows):
         blocks = block_range(lo, hi) if ref.agent.role == "master" else \
             f"slots {lo}-{hi - 1} of its own blocks"
-        file = full / spec.chunk_key(c)
+        file = f"{ref.path}/{spec.chunk_key(c)}"
         report.chunks_checked += 1
         try:
             if checksums:
                 store.arrays.check_chunk(ref.ref, c, ref.path)
             else:
-                st = os.lstat(file)
-                if not stat.S_ISREG(st.st_mode):
-                    raise CorruptionError(f"chunk file {file.name} is not a regular file")
+                what = store.arrays.kind(file)
+                if what is None:
+                    raise FileNotFoundError(file)
+                if what != "file":
+                    raise CorruptionError(f"chunk file {spec.chunk_key(c)} is not a regular "
+                                          "file")
         except FileNotFoundError:
-            found.append(Finding(FindingKind.MISSING_CHUNK, _rel(store, file),
+            found.append(Finding(FindingKind.MISSING_CHUNK, _rel(file),
                                  "chunk file is missing", blocks=blocks, **who))
         except CorruptionError as exc:
             msg = str(exc)
@@ -194,7 +193,7 @@ def _check_array(store: Store, ref: _ArrayRef, checksums: bool,
                     FindingKind.FOREIGN_CHUNK if "holds other data" in msg else
                     FindingKind.UNSAFE_ENTRY if "symlink" in msg or " is a" in msg
                     or "not a regular" in msg else FindingKind.CHECKSUM)
-            found.append(Finding(kind, _rel(store, file), msg.split(": ", 1)[-1],
+            found.append(Finding(kind, _rel(file), msg.split(": ", 1)[-1],
                                  blocks=blocks, **who))
     return found
 
@@ -218,16 +217,15 @@ def _check_index(store: Store, session: Session, g: GroupRow) -> list[Finding]:
     return found
 
 
-def _orphans_in_group_dir(store: Store, gdir: Path, referenced: set[str],
+def _orphans_in_group_dir(store: Store, gid: str, referenced: set[str],
                           group: str | None) -> list[Finding]:
     found = []
-    for entry in gdir.iterdir():
-        rel = f"{gdir.name}/{entry.name}"
-        if entry.name == "zarr.json" or rel in referenced:
+    for entry in store.arrays.children(gid):
+        if entry.name == "zarr.json" or entry.rel in referenced:
             continue
-        found.append(Finding(FindingKind.ORPHAN_ARRAY, _rel(store, entry),
+        found.append(Finding(FindingKind.ORPHAN_ARRAY, _rel(entry.rel),
                              "array no catalogue row references", group=group,
-                             nbytes=entry_nbytes(entry)))
+                             nbytes=store.arrays.entry_nbytes(entry.rel)))
     return found
 
 
@@ -249,7 +247,7 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
     report = VerifyReport()
     groups = _groups(store)
     total = len(groups) + 1
-    root = store.arrays.root
+    arrays = store.arrays
     for i, g in enumerate(groups):
         if progress:
             progress(i, total, f"group {g.name!r}")
@@ -271,12 +269,12 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
             # be the one that references what looks unreferenced
             trusted = not found
             found += _check_index(store, s, g)
-            gdir = root / g.gid
-            if gdir.is_symlink() or (gdir.exists() and not gdir.is_dir()):
-                found.append(Finding(FindingKind.UNSAFE_ENTRY, _rel(store, gdir),
+            gkind = arrays.kind(g.gid)
+            if gkind not in ("dir", None):
+                found.append(Finding(FindingKind.UNSAFE_ENTRY, _rel(g.gid),
                                      "the group directory is a symlink or not a directory",
                                      group=g.name))
-                found += [Finding(FindingKind.UNSAFE_ENTRY, _rel(store, root / r.path),
+                found += [Finding(FindingKind.UNSAFE_ENTRY, _rel(r.path),
                                   "its group directory is not a directory of the store",
                                   group=g.name, agent=r.agent.name) for r in refs]
                 refs = []
@@ -284,41 +282,39 @@ def _scan(store: Store, *, checksums: bool, remove_garbage: bool = False,
                 found += _check_array(store, ref, checksums, report)
             report.agents_checked += len(list(s.scalars(
                 select(AgentRow.id).where(AgentRow.group_id == g.id))))
-            if gdir.is_dir() and not gdir.is_symlink():
-                found += _orphans_in_group_dir(store, gdir, {r.path for r in refs}, g.name)
+            if gkind == "dir":
+                found += _orphans_in_group_dir(store, g.gid, {r.path for r in refs}, g.name)
             if remove_garbage and trusted:
                 for f in found:
                     if not f.is_damage or f.kind == FindingKind.UNSAFE_ENTRY:
                         with contextlib.suppress(CorruptionError):
-                            store.arrays.remove_below(
-                                str(Path(f.path).relative_to(DATA_DIR)))
+                            arrays.remove_below(f.path.removeprefix(f"{DATA_DIR}/"))
             if on_group is not None:
                 on_group(g, found)
         report.findings += found
     if progress:
         progress(total - 1, total, "directories of no group")
     known = {g.gid for g in _groups(store)}
-    if root.is_dir() and not root.is_symlink():
-        for entry in sorted(root.iterdir()):
-            if entry.name == "zarr.json" or entry.name in known:
+    for entry in arrays.children(""):
+        if entry.name == "zarr.json" or entry.name in known:
+            continue
+        if not GID_RE.fullmatch(entry.name) or entry.kind != "dir":
+            report.findings.append(Finding(
+                FindingKind.FOREIGN_ENTRY, _rel(entry.rel),
+                "not a group directory (a symlink, file or foreign name)",
+                nbytes=arrays.entry_nbytes(entry.rel)))
+            if remove_garbage:
+                arrays.remove_below(entry.rel)
+            continue
+        with store.locks.hold(entry.name):
+            if entry.name in {g.gid for g in _groups(store)}:
                 continue
-            if not GID_RE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
-                report.findings.append(Finding(
-                    FindingKind.FOREIGN_ENTRY, _rel(store, entry),
-                    "not a group directory (a symlink, file or foreign name)",
-                    nbytes=entry_nbytes(entry)))
-                if remove_garbage:
-                    remove_entry(entry)
-                continue
-            with store.locks.hold(entry.name):
-                if entry.name in {g.gid for g in _groups(store)}:
-                    continue
-                report.findings.append(Finding(
-                    FindingKind.ORPHAN_GROUP, _rel(store, entry), "directory of no group",
-                    nbytes=entry_nbytes(entry)))
-                if remove_garbage:
-                    remove_entry(entry)
-                    journal.collect(store, entry.name)
+            report.findings.append(Finding(
+                FindingKind.ORPHAN_GROUP, _rel(entry.rel), "directory of no group",
+                nbytes=arrays.entry_nbytes(entry.rel)))
+            if remove_garbage:
+                arrays.remove_below(entry.rel)
+                journal.collect(store, entry.name)
     if progress:
         progress(total, total, "done")
     return report

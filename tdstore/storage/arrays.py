@@ -38,6 +38,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -200,6 +201,160 @@ def _codec(spec: ArraySpec) -> _Compressor:
                            typesize=cfg["typesize"])
 
 
+def assemble_chunk(spec: ArraySpec, head: memoryview | None, keep: int, body: np.ndarray,
+                   lo: int, check: Callable[[np.ndarray, int], None] | None
+                   ) -> tuple[np.ndarray, int, int]:
+    """One chunk as stored: the ``keep`` bytes of committed blocks from ``head``, then
+    ``body`` (blocks from ``lo``), zero padding, encoded. Returns ``(payload, trailer,
+    decoded_crc)``: the bytes to store before the 4-byte crc32c ``trailer``, and the
+    crc32c of the decoded chunk (what the catalogue records). ``check(blocks, lo)`` runs
+    on the private copy, so what is validated is exactly what is stored."""
+    buf = np.empty(spec.chunk_nbytes, np.uint8)
+    buf[keep + body.nbytes :] = 0  # zarr pads an edge chunk with the fill value
+    if keep:
+        assert head is not None
+        buf[:keep] = np.frombuffer(head, np.uint8, keep)
+    region = buf[keep : keep + body.nbytes]
+    region[:] = as_bytes(np.ascontiguousarray(body))
+    if check is not None:
+        check(region.view(spec.dtype).reshape(body.shape), lo)
+    decoded_crc = crc32c.crc32c(buf.data)
+    if spec.compressor is None:
+        return buf, decoded_crc, decoded_crc
+    payload = np.frombuffer(_codec(spec).encode(buf), np.uint8)
+    return payload, crc32c.crc32c(payload.data), decoded_crc
+
+
+def chunk_size_range(spec: ArraySpec) -> tuple[int, int]:
+    """The sizes (inclusive) a stored chunk of this layout can have."""
+    lo = spec.chunk_nbytes + CRC_BYTES if spec.compressor is None else CRC_BYTES + 1
+    return lo, spec.max_file_bytes
+
+
+def check_chunk_size(spec: ArraySpec, size: int, what: str, name: str) -> None:
+    lo, hi = chunk_size_range(spec) if spec.compressor is not None else (
+        spec.chunk_nbytes + CRC_BYTES, spec.chunk_nbytes + CRC_BYTES)
+    if not lo <= size <= hi:
+        expected = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        raise CorruptionError(f"{what}: chunk file {name} has {size} bytes, expected {expected}")
+
+
+def decode_chunk(ref: ArrayRef, chunk: int, data: Buffer, what: str, name: str) -> memoryview:
+    """The decoded bytes of one stored chunk, every check applied: its own crc32c, the
+    codec, the decoded size, and its binding to the catalogue's record."""
+    spec = ref.spec
+    view = memoryview(data).cast("B")
+    check_chunk_size(spec, len(view), what, name)
+    body = view[:-CRC_BYTES]
+    stored = int.from_bytes(view[-CRC_BYTES:], "little")
+    if crc32c.crc32c(body) != stored:
+        raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
+    if spec.compressor is None:
+        decoded = body
+    else:
+        try:
+            decoded = memoryview(_codec(spec).decode(body)).cast("B")
+        except Exception as exc:  # numcodecs raises plain errors for bad input
+            raise CorruptionError(f"{what}: chunk file {name} cannot be decoded "
+                                  f"({exc})") from None
+        if len(decoded) != spec.chunk_nbytes:
+            raise CorruptionError(f"{what}: chunk file {name} decodes to "
+                                  f"{len(decoded)} bytes, expected {spec.chunk_nbytes}")
+    verify_binding(ref, chunk, decoded, what, name)
+    return decoded
+
+
+def verify_binding(ref: ArrayRef, chunk: int, decoded: memoryview | bytes,
+                   what: str, name: str) -> None:
+    """The decoded chunk is the one the catalogue recorded at this position."""
+    if ref.crcs is None:
+        return
+    if chunk >= len(ref.crcs):
+        raise CorruptionError(f"{what}: the catalogue records {len(ref.crcs)} chunk "
+                              f"checksums, none for chunk {chunk}")
+    recorded = ref.crcs[chunk]
+    crc = crc32c.crc32c(decoded)
+    if crc == recorded:
+        return
+    # the last chunk of a master, replaced by an append (committed or not): its
+    # committed blocks, zero padded, are what was recorded
+    keep = ref.chunk_rows(chunk) * ref.spec.block_nbytes
+    if keep < ref.spec.chunk_nbytes:
+        crc = crc32c.crc32c(bytes(ref.spec.chunk_nbytes - keep),
+                            crc32c.crc32c(memoryview(decoded)[:keep]))
+        if crc == recorded:
+            return
+    raise CorruptionError(
+        f"{what}: chunk file {name} holds other data than the catalogue recorded at "
+        f"chunk {chunk} of array {ref.path} (a chunk swapped or copied from elsewhere)")
+
+
+def trailer_matches(ref: ArrayRef, chunk: int, trailer: int) -> bool:
+    """Whether an uncompressed chunk's own checksum is the one the catalogue recorded
+    (then its bytes are the recorded ones, unless damaged on the medium itself)."""
+    return ref.crcs is None or (chunk < len(ref.crcs) and trailer == ref.crcs[chunk])
+
+
+def check_metadata_doc(ref: ArrayRef, raw: bytes, what: str) -> None:
+    """Check an array's ``zarr.json`` against the catalogue's record (dtype, byte order,
+    chunking, codecs, shape): zarr and other readers trust it."""
+    if len(raw) > MAX_METADATA_BYTES:
+        raise CorruptionError(f"{what} has {len(raw)} bytes; expected a document "
+                              f"of at most {MAX_METADATA_BYTES}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
+        raise CorruptionError(f"{what} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise CorruptionError(f"{what} is not a JSON object")
+    shape = doc.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 1 + len(ref.spec.block_shape)
+            or not all(type(d) is int for d in shape) or shape[0] < ref.rows
+            or tuple(shape[1:]) != ref.spec.block_shape):
+        raise CorruptionError(f"{what}: shape {str(shape)[:80]} does not hold the "
+                              f"{ref.rows} committed blocks of {ref.spec.block_shape}")
+    expected = _expected_metadata(ref.spec)
+    for field_name, value in expected.items():
+        if field_name != "shape" and doc.get(field_name) != value:
+            raise CorruptionError(
+                f"{what}: {field_name} is {str(doc.get(field_name))[:120]}, but the "
+                f"catalogue records {str(value)[:120]}")
+    extra = set(doc) - set(expected)
+    if extra:
+        raise CorruptionError(f"{what}: unexpected fields {sorted(extra)[:5]}")
+
+
+def metadata_text(spec: ArraySpec, n_blocks: int) -> str:
+    """zarr's own ``zarr.json`` for this layout with the array's shape filled in
+    (zarr's create/resize cost ~2 ms each through its async API)."""
+    doc = json.loads(_metadata_template(spec))
+    doc["shape"] = [n_blocks, *spec.block_shape]
+    return json.dumps(doc, indent=2)
+
+
+def estimate_nbytes(spec: ArraySpec, n_blocks: int) -> int:
+    """Bytes an array of ``n_blocks`` will take: exact when uncompressed, an upper bound
+    when compressed (incompressible data grows by a small header)."""
+    n_chunks = -(-n_blocks // spec.chunk_blocks) if n_blocks else 0
+    per_chunk = spec.chunk_nbytes + CRC_BYTES
+    if spec.compressor is not None:
+        per_chunk += spec.chunk_nbytes // 64 + 512
+    return n_chunks * per_chunk + len(metadata_text(spec, n_blocks).encode())
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry under ``data/``, as maintenance scans them: ``rel`` is relative to
+    ``data/``; ``kind`` is "dir", "file" or "other" (a symlink, FIFO, device...)."""
+
+    rel: str
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return self.rel.rsplit("/", 1)[-1]
+
+
 def _kind_of(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symlink"
@@ -220,12 +375,15 @@ class ArrayStore(Protocol):
     Arrays are named by generated paths (``tdstore.core.ids``) and laid out as
     ``tdstore.core.layout`` describes; every chunk is checked against the catalogue's
     record (:class:`ArrayRef`) when read. Paths are never overwritten in place except a
-    master's last, partly filled chunk by an append. :class:`LocalArrayStore` keeps them
-    in a directory; a second implementation (object storage) plugs in here.
+    master's last, partly filled chunk by an append (both versions hold the committed
+    blocks). :class:`LocalArrayStore` keeps them in a directory,
+    ``tdstore.storage.objects.ObjectArrayStore`` under an object-store prefix.
+    Relative paths (``rel``) are relative to ``data/``.
     """
 
-    root: Path
+    location: str  # for messages: the data directory or URL
     verify_reads: bool
+    shared: bool  # reachable from other hosts (then the catalogue must be too)
 
     def ensure_root(self) -> None: ...
     def new_group_dir(self, gid: str) -> bool: ...
@@ -236,31 +394,37 @@ class ArrayStore(Protocol):
                          ) -> tuple[int, list[int]]: ...
     def resize(self, path: str, spec: ArraySpec, n_blocks: int) -> None: ...
     def write(self, ref: ArrayRef, blocks: np.ndarray,
-              check: Callable[[np.ndarray, int], None] | None = None,
-              also_fsync: tuple[Path, ...] = ()) -> list[int] | None: ...
+              check: Callable[[np.ndarray, int], None] | None = None) -> list[int] | None: ...
     def read(self, ref: ArrayRef, start: int, stop: int, out: np.ndarray,
              label: str = "", unit: str = "block") -> None: ...
     def read_runs(self, ref: ArrayRef, positions: np.ndarray, out: np.ndarray,
                   label: str = "", unit: str = "block") -> None: ...
     def mapped(self, ref: ArrayRef, start: int, stop: int
                ) -> list[tuple[int, Callable[[], np.ndarray]]]: ...
-    def check_metadata(self, ref: ArrayRef, dirfd: int | None = None, *,
-                       cached: bool = True) -> None: ...
+    def check_metadata(self, ref: ArrayRef, *, cached: bool = True) -> None: ...
     def check_chunk(self, ref: ArrayRef, chunk: int, what: str) -> None: ...
     def chunk_checksums(self, ref: ArrayRef) -> list[int]: ...
-    def extra_entries(self, path: str, spec: ArraySpec, rows: int) -> list[Path]: ...
+    def extra_entries(self, path: str, spec: ArraySpec, rows: int) -> list[str]: ...
     def nbytes(self, path: str) -> int: ...
     def remove(self, path: str) -> None: ...
     def remove_group_dir(self, gid: str) -> None: ...
     def remove_below(self, rel: str) -> None: ...
+    def kind(self, rel: str) -> str | None: ...
+    def children(self, rel: str) -> list[Entry]: ...
+    def entry_nbytes(self, rel: str) -> int: ...
+    def read_object(self, rel: str, max_bytes: int) -> bytes: ...
+    def close(self) -> None: ...
 
 
 class LocalArrayStore:
     """:class:`ArrayStore` in the ``data/`` directory of a store: a zarr v3 hierarchy of
     generated ids."""
 
+    shared = False
+
     def __init__(self, root: Path, *, verify_reads: bool = False):
         self.root = root
+        self.location = str(root)
         self.verify_reads = verify_reads
         self._meta_ok: dict[tuple, bool] = {}  # zarr.json documents already checked
 
@@ -343,33 +507,10 @@ class LocalArrayStore:
                 return None
             if not stat.S_ISREG(st.st_mode):
                 raise CorruptionError(f"{what} is {_kind_of(st.st_mode)}")
-            if st.st_size > MAX_METADATA_BYTES:
-                raise CorruptionError(f"{what} has {st.st_size} bytes; expected a document "
-                                      f"of at most {MAX_METADATA_BYTES}")
-            raw = os.pread(fd, st.st_size, 0)
+            raw = os.pread(fd, min(st.st_size, MAX_METADATA_BYTES + 1), 0)
         finally:
             os.close(fd)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
-            raise CorruptionError(f"{what} is not valid JSON ({type(exc).__name__})") from None
-        if not isinstance(doc, dict):
-            raise CorruptionError(f"{what} is not a JSON object")
-        shape = doc.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 1 + len(ref.spec.block_shape)
-                or not all(type(d) is int for d in shape) or shape[0] < ref.rows
-                or tuple(shape[1:]) != ref.spec.block_shape):
-            raise CorruptionError(f"{what}: shape {str(shape)[:80]} does not hold the "
-                                  f"{ref.rows} committed blocks of {ref.spec.block_shape}")
-        expected = _expected_metadata(ref.spec)
-        for field_name, value in expected.items():
-            if field_name != "shape" and doc.get(field_name) != value:
-                raise CorruptionError(
-                    f"{what}: {field_name} is {str(doc.get(field_name))[:120]}, but the "
-                    f"catalogue records {str(value)[:120]}")
-        extra = set(doc) - set(expected)
-        if extra:
-            raise CorruptionError(f"{what}: unexpected fields {sorted(extra)[:5]}")
+        check_metadata_doc(ref, raw, what)
         if len(self._meta_ok) > 4096:
             self._meta_ok.clear()
         self._meta_ok[key] = True
@@ -436,27 +577,13 @@ class LocalArrayStore:
             fsync_dir(full)
             fsync_dir(full.parent)
 
-    @staticmethod
-    def _metadata_text(spec: ArraySpec, n_blocks: int) -> str:
-        """zarr's own ``zarr.json`` for this layout with the array's shape filled in
-        (zarr's create/resize cost ~2 ms each through its async API)."""
-        doc = json.loads(_metadata_template(spec))
-        doc["shape"] = [n_blocks, *spec.block_shape]
-        return json.dumps(doc, indent=2)
-
     def _write_metadata(self, full: Path, spec: ArraySpec, n_blocks: int) -> None:
         tmp = full / f"zarr.json.tmp-{secrets.token_hex(4)}"
-        tmp.write_text(self._metadata_text(spec, n_blocks))
+        tmp.write_text(metadata_text(spec, n_blocks))
         os.replace(tmp, full / "zarr.json")
 
     def estimate_nbytes(self, spec: ArraySpec, n_blocks: int) -> int:
-        """Bytes an array of ``n_blocks`` will take on disk: exact when uncompressed, an
-        upper bound when compressed (incompressible data grows by a small header)."""
-        n_chunks = -(-n_blocks // spec.chunk_blocks) if n_blocks else 0
-        per_chunk = spec.chunk_nbytes + CRC_BYTES
-        if spec.compressor is not None:
-            per_chunk += spec.chunk_nbytes // 64 + 512
-        return n_chunks * per_chunk + len(self._metadata_text(spec, n_blocks).encode())
+        return estimate_nbytes(spec, n_blocks)
 
     def resize(self, path: str, spec: ArraySpec, n_blocks: int) -> None:
         """Grow the array's zarr shape (never shrinks: that would delete chunks)."""
@@ -516,25 +643,12 @@ class LocalArrayStore:
         ``body`` (blocks from ``lo``), zero padding, encoded, plus the crc32c. Returns the
         crc32c of the decoded chunk."""
         spec = ref.spec
-        c0 = chunk * spec.chunk_blocks
-        buf = np.empty(spec.chunk_nbytes, np.uint8)
-        keep = (lo - c0) * spec.block_nbytes  # committed blocks at the front of the chunk
-        buf[keep + body.nbytes :] = 0  # zarr pads an edge chunk with the fill value
+        keep = (lo - chunk * spec.chunk_blocks) * spec.block_nbytes  # committed blocks first
+        head = None
         if keep:
             with self._dir(ref.path) as dirfd:
                 head = self._load_chunk(dirfd, ref, chunk, f"{ref.path} chunk {chunk}")
-            buf[:keep] = np.frombuffer(head, np.uint8, keep)
-        region = buf[keep : keep + body.nbytes]
-        region[:] = as_bytes(np.ascontiguousarray(body))
-        if check is not None:
-            check(region.view(spec.dtype).reshape(body.shape), lo)
-        decoded_crc = crc32c.crc32c(buf.data)
-        if spec.compressor is None:
-            payload = buf
-            crc = decoded_crc
-        else:
-            payload = np.frombuffer(_codec(spec).encode(buf), np.uint8)
-            crc = crc32c.crc32c(payload.data)
+        payload, crc, decoded_crc = assemble_chunk(spec, head, keep, body, lo, check)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             _write_all(fd, payload.data)
@@ -564,59 +678,18 @@ class LocalArrayStore:
 
     # ------------------------------------------------------------------ reading
 
-    def _verify_binding(self, ref: ArrayRef, chunk: int, decoded: memoryview | bytes,
-                        what: str, name: str) -> None:
-        """The decoded chunk is the one the catalogue recorded at this position."""
-        if ref.crcs is None:
-            return
-        if chunk >= len(ref.crcs):
-            raise CorruptionError(f"{what}: the catalogue records {len(ref.crcs)} chunk "
-                                  f"checksums, none for chunk {chunk}")
-        recorded = ref.crcs[chunk]
-        crc = crc32c.crc32c(decoded)
-        if crc == recorded:
-            return
-        # the last chunk of a master, replaced by an append (committed or not): its
-        # committed blocks, zero padded, are what was recorded
-        keep = ref.chunk_rows(chunk) * ref.spec.block_nbytes
-        if keep < ref.spec.chunk_nbytes:
-            crc = crc32c.crc32c(bytes(ref.spec.chunk_nbytes - keep),
-                                crc32c.crc32c(memoryview(decoded)[:keep]))
-            if crc == recorded:
-                return
-        raise CorruptionError(
-            f"{what}: chunk file {name} holds other data than the catalogue recorded at "
-            f"chunk {chunk} of array {ref.path} (a chunk swapped or copied from elsewhere)")
-
     def _load_chunk(self, dirfd: int, ref: ArrayRef, chunk: int, what: str) -> memoryview:
         """The decoded bytes of one chunk, every check applied (checksum, binding)."""
         spec = ref.spec
         name = spec.chunk_key(chunk)
-        lo = spec.chunk_nbytes + CRC_BYTES if spec.compressor is None else CRC_BYTES + 1
-        fd = self._open_file(dirfd, name, what, (lo, spec.max_file_bytes))
+        fd = self._open_file(dirfd, name, what, chunk_size_range(spec))
         try:
             size = os.fstat(fd).st_size
             data = bytearray(size)
             _read_exact(fd, memoryview(data), 0, what, name)
         finally:
             os.close(fd)
-        body = memoryview(data)[:-CRC_BYTES]
-        stored = int.from_bytes(data[-CRC_BYTES:], "little")
-        if crc32c.crc32c(body) != stored:
-            raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
-        if spec.compressor is None:
-            decoded = body
-        else:
-            try:
-                decoded = memoryview(_codec(spec).decode(body)).cast("B")
-            except Exception as exc:  # numcodecs raises plain errors for bad input
-                raise CorruptionError(f"{what}: chunk file {name} cannot be decoded "
-                                      f"({exc})") from None
-            if len(decoded) != spec.chunk_nbytes:
-                raise CorruptionError(f"{what}: chunk file {name} decodes to "
-                                      f"{len(decoded)} bytes, expected {spec.chunk_nbytes}")
-        self._verify_binding(ref, chunk, decoded, what, name)
-        return decoded
+        return decode_chunk(ref, chunk, data, what, name)
 
     def read(self, ref: ArrayRef, start: int, stop: int, out: np.ndarray,
              label: str = "", unit: str = "block") -> None:
@@ -654,8 +727,7 @@ class LocalArrayStore:
             _read_exact(fd, memoryview(trailer), spec.chunk_nbytes, what, name)
         finally:
             os.close(fd)
-        if ref.crcs is not None and (chunk >= len(ref.crcs)
-                                     or int.from_bytes(trailer, "little") != ref.crcs[chunk]):
+        if not trailer_matches(ref, chunk, int.from_bytes(trailer, "little")):
             # not the chunk recorded here, or a master's last chunk replaced by an
             # append: decide on the whole chunk (checksum and binding)
             data = self._load_chunk(dirfd, ref, chunk, what)
@@ -689,7 +761,7 @@ class LocalArrayStore:
             finally:
                 os.close(fd)
             trailer = int.from_bytes(mm[spec.chunk_nbytes:], "little")
-            if ref.crcs is not None and (chunk >= len(ref.crcs) or trailer != ref.crcs[chunk]):
+            if not trailer_matches(ref, chunk, trailer):
                 mm.close()
                 out = np.empty(shape, spec.dtype)
                 data = self._load_chunk(dirfd, ref, chunk, what)
@@ -726,16 +798,61 @@ class LocalArrayStore:
 
     # ------------------------------------------------------------------ housekeeping
 
-    def extra_entries(self, path: str, spec: ArraySpec, rows: int) -> list[Path]:
-        """Entries of an array directory that no committed block uses: chunk files past
-        ``rows``, temporary files, anything foreign."""
+    def extra_entries(self, path: str, spec: ArraySpec, rows: int) -> list[str]:
+        """Entries of an array directory that no committed block uses (relative to
+        ``data/``): chunk files past ``rows``, temporary files, anything foreign."""
         full = self._inside(check_array_path(path))
         keep = {"zarr.json"} | {spec.chunk_key(c) for c in spec.chunks_of(0, rows)}
         try:
             with os.scandir(full) as it:
-                return [Path(e.path) for e in it if e.name not in keep]
+                return [f"{path}/{e.name}" for e in it if e.name not in keep]
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def kind(self, rel: str) -> str | None:
+        """What ``data/<rel>`` is: "dir", "file", "other" (symlink, FIFO...) or None."""
+        try:
+            st = os.lstat(self._inside(rel) if rel else self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except CorruptionError:
+            return "other"  # a directory on the way is a symlink
+        if stat.S_ISDIR(st.st_mode):
+            return "dir"
+        return "file" if stat.S_ISREG(st.st_mode) else "other"
+
+    def children(self, rel: str) -> list[Entry]:
+        """The entries of the directory ``data/<rel>`` ("" the root), sorted by name;
+        none if it is missing or not a directory of the store."""
+        if self.kind(rel) != "dir":
+            return []
+        out = []
+        with os.scandir(self._inside(rel) if rel else self.root) as it:
+            for e in it:
+                kind = ("dir" if e.is_dir(follow_symlinks=False) else
+                        "file" if e.is_file(follow_symlinks=False) else "other")
+                out.append(Entry(f"{rel}/{e.name}" if rel else e.name, kind))
+        return sorted(out, key=lambda e: e.rel)
+
+    def entry_nbytes(self, rel: str) -> int:
+        """Bytes of the regular files at or below ``data/<rel>`` (no link followed)."""
+        try:
+            return entry_nbytes(self._inside(rel) if rel else self.root)
+        except CorruptionError:
+            return 0
+
+    def read_object(self, rel: str, max_bytes: int) -> bytes:
+        """The bytes of the regular file ``data/<rel>`` (at most ``max_bytes``)."""
+        parent, _, name = rel.rpartition("/")
+        with self._dir(parent) as dirfd:
+            fd = self._open_file(dirfd, name, f"data/{rel}", (0, max_bytes))
+            try:
+                return os.pread(fd, max_bytes, 0)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        pass
 
     def _inside(self, rel: str) -> Path:
         """``data/<rel>``, after checking that no directory on the way below ``data/``
