@@ -8,7 +8,7 @@ Each class is a thin, typed face over ``tdstore.ops``: a ``Store`` wraps a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack, overload
 
@@ -81,6 +81,9 @@ class OpenOptions(TypedDict, total=False):
     max_bytes: int | None
     create: bool
     upgrade: bool
+    storage_options: Mapping[str, Any] | None
+    cache_dir: str | os.PathLike[str] | None
+    cache_max_bytes: int | None
 
 
 class Store(ClosingContext):
@@ -93,7 +96,8 @@ class Store(ClosingContext):
     def __init__(self, path: str | os.PathLike[str], **options: Unpack[OpenOptions]):
         self._ctx = StoreContext(path, **options)
 
-    path: _Forward[Path] = _Forward("_ctx", "The store directory (absolute).")
+    path: _Forward[Path | str] = _Forward(
+        "_ctx", "The store directory (absolute), or the object-store URL.")
     readonly: _Forward[bool] = _Forward("_ctx", "Whether the store was opened read-only.")
     catalog: _Forward[Catalog] = _Forward(
         "_ctx", "The catalogue (storage layer), for tools that inspect a store directly.")
@@ -400,9 +404,15 @@ class BlockView:
 
 
 def open(path: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> Store:
-    """Open (creating if missing) the store at directory ``path``.
+    """Open (creating if missing) the store at ``path``: a directory, or an object-store
+    location such as ``s3://bucket/prefix`` (also ``gs://``, ``az://``).
 
-    ``url`` replaces the local SQLite catalogue with any SQLAlchemy URL; ``readonly``
+    ``url`` replaces the local SQLite catalogue with any SQLAlchemy URL; an object-store
+    location needs a PostgreSQL one (default: ``$TDSTORE_URL``). ``storage_options``
+    configures the object store (obstore keys such as ``endpoint``, ``access_key_id``,
+    ``region``, ``allow_http``; default: the ``AWS_*`` environment variables);
+    ``cache_dir`` / ``cache_max_bytes`` place and bound this host's chunk cache
+    (default ``$TDSTORE_CACHE_DIR`` or ``~/.cache/tdstore``, 4 GiB; 0 turns it off). ``readonly``
     opens without writing anything (also on a directory the process cannot write);
     ``verify_reads`` checks every chunk's crc32c on read; ``max_bytes`` sets (and
     persists) a size budget for the data, kept by evicting least-recently-used agents;

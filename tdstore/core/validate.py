@@ -168,8 +168,11 @@ def check_kv_layout(layout: Any) -> dict[str, Any]:
     return {**layout, "axes": list(axes)}
 
 
-def check_max_bytes(value: object) -> int:
-    """A size budget: a positive int of bytes."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"max_bytes must be a positive int, got {value!r}")
+def check_max_bytes(value: object, name: str = "max_bytes", *, allow_zero: bool = False
+                    ) -> int:
+    """A size budget: a positive int of bytes (or 0, where ``allow_zero``: none)."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < 0
+            or (value == 0 and not allow_zero)):
+        expected = "a non-negative" if allow_zero else "a positive"
+        raise InvalidInputError(f"{name} must be {expected} int of bytes, got {value!r}")
     return value

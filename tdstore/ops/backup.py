@@ -122,7 +122,7 @@ def backup(source_path: str | os.PathLike[str], dest_path: str | os.PathLike[str
     _check_source(src)
     source = StoreContext(src, readonly=True, create=False)
     try:
-        created = _prepare_dest(source.path, dest)
+        created = _prepare_dest(src, dest)
         try:
             report = _Backup(source, dest, progress).run()
             _verify_copy(dest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -43,6 +44,7 @@ from tdstore.storage.catalog import (
 )
 from tdstore.storage.dblocks import AdvisoryLocks
 from tdstore.storage.locks import FileLocks, Locks, deferred_signals
+from tdstore.storage.objects import is_object_url
 
 CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
@@ -50,6 +52,8 @@ LOCK_DIR = "locks"
 DEFAULT_DIFF_THRESHOLD = 0.0
 # set by a downgrade (`tdstore migrate --to REV`): opening then refuses to upgrade
 PINNED_KEY = "pinned_revision"
+# the object-store location whose data a catalogue describes (none: a local directory)
+LOCATION_KEY = "data_location"
 
 
 class StoreContext:
@@ -59,6 +63,8 @@ class StoreContext:
     catalog: Catalog
     arrays: ArrayStore
     locks: Locks
+    path: Path | str  # the store directory, or the object-store URL
+    location: str  # the same, for messages
 
     def __init__(
         self,
@@ -70,46 +76,36 @@ class StoreContext:
         max_bytes: int | None = None,
         create: bool = True,
         upgrade: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
     ):
         if max_bytes is not None:
             check_max_bytes(max_bytes)
-        self.path = Path(path).absolute()
+        if cache_max_bytes is not None:
+            check_max_bytes(cache_max_bytes, "cache_max_bytes", allow_zero=True)
         self.readonly = readonly
-        self.url_given = url is not None
-        catalog_file = self.path / CATALOG_FILE
-        unwritable = None
-        try:
-            if not create and not self.url_given:
-                self._require_store()
-            self._prepare_directory()
-            if url is None:
-                _refuse_empty_catalog(self.path)
-                # SQLite needs to write its -shm file even to read a WAL database; in a
-                # directory we cannot write, Catalog reads it immutable or through the
-                # writer's -shm file, whichever is exact at the time (see Catalog)
-                if readonly and not _writable(self.path):
-                    unwritable = catalog_file
-                url = sqlite_url(catalog_file, readonly=readonly)
-        except TdStoreError:
-            raise
-        except OSError as exc:  # a name too long, a path through a file, no permission
-            raise InvalidInputError(
-                f"store {str(self.path)[:200]}: the path cannot be used as a store directory "
-                f"({exc.strerror or exc})") from None
-        self.catalog = Catalog(url, readonly=readonly, unwritable_file=unwritable)
-        # with a catalogue on a database server, processes take turns there, on any host
-        self.locks = AdvisoryLocks(self.catalog.engine) if self.catalog.dialect == \
-            "postgresql" else FileLocks(self.path / LOCK_DIR)
-        self.arrays = LocalArrayStore(self.path / DATA_DIR, verify_reads=verify_reads)
+        if is_object_url(path):
+            url = url or os.environ.get("TDSTORE_URL") or None
+            self.url_given = url is not None
+            self._open_object(str(path), url, verify_reads, storage_options, cache_dir,
+                              cache_max_bytes)
+        else:
+            if storage_options:
+                raise InvalidInputError(f"store {path}: storage_options are for object-store "
+                                        "locations (s3://...), not a directory")
+            self.url_given = url is not None
+            self._open_local(path, url, verify_reads, create)
         try:
             with self.catalog.errors():
                 if not create and self.url_given and not schema_status(self.catalog)[0]:
-                    raise NotFoundError(f"store {self.path}: the catalogue at "
+                    raise NotFoundError(f"store {self.location}: the catalogue at "
                                         f"{self.catalog.where} holds no store")
                 if upgrade:
                     self._open_schema()
                 else:
-                    check_not_newer(self.catalog, str(self.path))
+                    check_not_newer(self.catalog, self.location)
+                self._check_location()
             if not readonly:
                 self.arrays.ensure_root()
             if max_bytes is not None and max_bytes != budget.get_max_bytes(self):
@@ -118,33 +114,125 @@ class StoreContext:
             self.catalog.close()
             raise
 
+    def _open_local(self, path: str | os.PathLike[str], url: str | None, verify_reads: bool,
+                    create: bool) -> None:
+        self.path = local = Path(path).absolute()
+        self.location = str(local)
+        catalog_file = local / CATALOG_FILE
+        unwritable = None
+        try:
+            if not create and not self.url_given:
+                self._require_store()
+            self._prepare_directory()
+            if url is None:
+                _refuse_empty_catalog(local)
+                # SQLite needs to write its -shm file even to read a WAL database; in a
+                # directory we cannot write, Catalog reads it immutable or through the
+                # writer's -shm file, whichever is exact at the time (see Catalog)
+                if self.readonly and not _writable(local):
+                    unwritable = catalog_file
+                url = sqlite_url(catalog_file, readonly=self.readonly)
+        except TdStoreError:
+            raise
+        except OSError as exc:  # a name too long, a path through a file, no permission
+            raise InvalidInputError(
+                f"store {str(local)[:200]}: the path cannot be used as a store directory "
+                f"({exc.strerror or exc})") from None
+        self.catalog = Catalog(url, readonly=self.readonly, unwritable_file=unwritable)
+        # with a catalogue on a database server, processes take turns there, on any host
+        self.locks = AdvisoryLocks(self.catalog.engine) if self.catalog.dialect == \
+            "postgresql" else FileLocks(local / LOCK_DIR)
+        self.arrays = LocalArrayStore(local / DATA_DIR, verify_reads=verify_reads)
+
+    def _open_object(self, location: str, url: str | None, verify_reads: bool,
+                     storage_options: Mapping[str, Any] | None,
+                     cache_dir: str | os.PathLike[str] | None,
+                     cache_max_bytes: int | None) -> None:
+        """An object-store location: its catalogue must be one every host reaches and
+        takes turns in (PostgreSQL); a SQLite file is refused."""
+        from tdstore.storage.objects import ObjectArrayStore, normalize_url
+
+        self.path = self.location = normalize_url(location)
+        if url is None:
+            raise InvalidInputError(
+                f"store {self.location}: an object-store location needs a catalogue every "
+                "host reaches; pass url='postgresql+psycopg://USER@HOST/DB' (command line: "
+                "--url or TDSTORE_URL)")
+        self.catalog = Catalog(url, readonly=self.readonly)
+        if self.catalog.dialect != "postgresql":
+            where = self.catalog.where
+            self.catalog.close()
+            raise InvalidInputError(
+                f"store {self.location}: the catalogue {where} is {self.catalog.dialect}, "
+                "which other hosts can neither reach nor take turns in; an object-store "
+                "location needs PostgreSQL (postgresql+psycopg://...)")
+        self.locks = AdvisoryLocks(self.catalog.engine)
+        try:
+            arrays = ObjectArrayStore(self.location, storage_options=storage_options,
+                                      verify_reads=verify_reads, cache_dir=cache_dir,
+                                      cache_max_bytes=cache_max_bytes)
+            arrays.probe()
+        except BaseException:
+            self.catalog.close()
+            raise
+        self.arrays = arrays
+
+    def _check_location(self) -> None:
+        """A catalogue serves the data of one location: refuse another one's."""
+        if not schema_status(self.catalog)[0]:
+            return
+        recorded = self.catalog.get_meta(LOCATION_KEY)
+        mine = self.location if self.arrays.shared else None
+        if recorded == mine:
+            return
+        if recorded is None and mine is not None:
+            with self.catalog.read() as s:
+                holds = s.scalars(select(GroupRow.id)).first() is not None
+            if holds:
+                raise InvalidInputError(
+                    f"store {self.location}: the catalogue at {self.catalog.where} holds the "
+                    "groups of a store in a local directory, not of this location")
+            if not self.readonly:
+                with self.catalog.write() as s:
+                    s.merge(MetaRow(key=LOCATION_KEY, value=mine))
+            return
+        raise InvalidInputError(
+            f"store {self.location}: the catalogue at {self.catalog.where} belongs to the "
+            f"store at {recorded or 'a local directory'}; refusing to mix their data")
+
+    @property
+    def _dir(self) -> Path:
+        """The store directory (a local store's)."""
+        assert isinstance(self.path, Path)
+        return self.path
+
     def _require_store(self) -> None:
-        if not (self.path / CATALOG_FILE).exists():
-            raise NotFoundError(f"store {self.path}: no {CATALOG_FILE}; not a tdstore store")
+        if not (self._dir / CATALOG_FILE).exists():
+            raise NotFoundError(f"store {self.location}: no {CATALOG_FILE}; not a tdstore store")
 
     def _prepare_directory(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise InvalidInputError(f"store {self.path}: exists and is not a directory")
-        if not self.readonly and self.path.exists() and not _writable(self.path):
+        if self._dir.exists() and not self._dir.is_dir():
+            raise InvalidInputError(f"store {self.location}: exists and is not a directory")
+        if not self.readonly and self._dir.exists() and not _writable(self._dir):
             raise ReadOnlyError(
-                f"store {self.path}: the directory is not writable by this process; "
+                f"store {self.location}: the directory is not writable by this process; "
                 "open it with readonly=True")
         if self.readonly:
             if not self.url_given:
                 self._require_store()
             return
-        if self.path.exists() and not (self.path / CATALOG_FILE).exists():
-            foreign = [p.name for p in self.path.iterdir() if p.name not in (DATA_DIR, LOCK_DIR)]
+        if self._dir.exists() and not (self._dir / CATALOG_FILE).exists():
+            foreign = [p.name for p in self._dir.iterdir() if p.name not in (DATA_DIR, LOCK_DIR)]
             if foreign:
                 raise InvalidInputError(
-                    f"store {self.path}: directory is not empty and holds no {CATALOG_FILE}; "
+                    f"store {self.location}: directory is not empty and holds no {CATALOG_FILE}; "
                     "refusing to turn it into a store"
                 )
-        (self.path / LOCK_DIR).mkdir(parents=True, exist_ok=True)
-        (self.path / DATA_DIR).mkdir(exist_ok=True)
+        (self._dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+        (self._dir / DATA_DIR).mkdir(exist_ok=True)
 
     def _open_schema(self) -> None:
-        current, heads = check_not_newer(self.catalog, str(self.path))
+        current, heads = check_not_newer(self.catalog, self.location)
         if set(current) == set(heads):
             return
         if not current:
@@ -152,22 +240,24 @@ class StoreContext:
         pinned = self.catalog.get_meta(PINNED_KEY) if current else None
         if pinned is not None:
             raise SchemaError(
-                f"store {self.path}: schema revision {', '.join(current)} was chosen by "
+                f"store {self.location}: schema revision {', '.join(current)} was chosen by "
                 f"`tdstore migrate --to {pinned}`; this tdstore needs {', '.join(heads)}: "
                 "run `tdstore migrate` to upgrade it")
         if self.readonly:
             raise SchemaError(
-                f"store {self.path}: catalogue schema {current or 'empty'} needs an upgrade to "
+                f"store {self.location}: catalogue schema {current or 'empty'} needs an upgrade to "
                 f"{', '.join(heads)}; open it once without readonly=True or run `tdstore migrate`"
             )
         with self.locks.hold("store"):
-            current, heads = check_not_newer(self.catalog, str(self.path))
+            current, heads = check_not_newer(self.catalog, self.location)
             if set(current) != set(heads):
                 created = not current
                 upgrade(self.catalog, "head")
                 with self.catalog.write() as s:
                     if created:
                         s.merge(MetaRow(key="created_by", value=__version__))
+                        if self.arrays.shared:
+                            s.merge(MetaRow(key=LOCATION_KEY, value=self.location))
                     s.merge(MetaRow(key="tdstore_version", value=__version__))
                 if not created:  # rows of an older schema get their checksums recorded
                     maintenance.backfill_checksums(self)
@@ -175,24 +265,24 @@ class StoreContext:
     def _refuse_schema_over_data(self) -> None:
         """An empty or replaced catalogue beside existing data: initialising it would
         orphan every array (and gc would then delete them)."""
-        held = _group_dirs(self.path)
+        held = [e for e in self.arrays.children("") if e.name != "zarr.json"]
         if held:
             raise CorruptionError(
-                f"store {self.path}: the catalogue holds no schema but data/ holds "
+                f"store {self.location}: the catalogue holds no schema but data/ holds "
                 f"{len(held)} group directories; refusing to initialise it over them "
-                "(restore catalog.sqlite from a backup)")
+                "(restore the catalogue from a backup)")
 
     # ------------------------------------------------------------------ plumbing
 
     def check_writable(self) -> None:
         if self.readonly:
-            raise ReadOnlyError(f"store {self.path} is open read-only")
+            raise ReadOnlyError(f"store {self.location} is open read-only")
 
     def group_row(self, session: Session, name: str) -> GroupRow:
         check_name("group", name)
         row = session.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
         if row is None:
-            raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
+            raise NotFoundError(f"group {name!r} does not exist in store {self.location}")
         return row
 
     # ------------------------------------------------------------------ groups
@@ -203,7 +293,7 @@ class StoreContext:
             row = s.scalars(select(GroupRow).where(GroupRow.name == name)).one_or_none()
         if row is None:
             if not create or self.readonly:
-                raise NotFoundError(f"group {name!r} does not exist in store {self.path}")
+                raise NotFoundError(f"group {name!r} does not exist in store {self.location}")
             self._create_group(name, settings)
         else:
             self._update_group(row, settings)
@@ -311,15 +401,15 @@ class StoreContext:
         known = known_revisions(self.catalog)
         if revision == "base":
             raise InvalidInputError(
-                f"store {self.path}: downgrading to 'base' would drop every table of the "
+                f"store {self.location}: downgrading to 'base' would drop every table of the "
                 "catalogue (all groups and agents); refused: remove the store directory "
                 "to discard a store")
         if revision != "head" and revision not in known:
             raise InvalidInputError(
-                f"store {self.path}: schema revision {revision!r} is unknown; expected "
+                f"store {self.location}: schema revision {revision!r} is unknown; expected "
                 f"'head' or one of {', '.join(sorted(known))}")
         with self.locks.hold("store"):
-            if not check_not_newer(self.catalog, str(self.path))[0]:
+            if not check_not_newer(self.catalog, self.location)[0]:
                 self._refuse_schema_over_data()
             upgrade(self.catalog, revision)
             current, heads = schema_status(self.catalog)

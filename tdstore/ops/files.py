@@ -26,9 +26,9 @@ def export_agent(group: GroupOps, agent: str, file: str | os.PathLike[str]) -> d
         raise InvalidInputError(f"export file {path}: expected a .npy or .safetensors name")
     if not path.parent.is_dir():
         raise InvalidInputError(f"export file {path}: directory {path.parent} does not exist")
-    store_dir = group.ctx.path.resolve()
     target = path.absolute().parent.resolve() / path.name
-    if target == store_dir or store_dir in target.parents:
+    if isinstance(group.ctx.path, Path) and (
+            target == (store_dir := group.ctx.path.resolve()) or store_dir in target.parents):
         raise InvalidInputError(f"export file {path}: it lies inside the store directory "
                                 f"{store_dir}; write it elsewhere")
     full = group.reconstruct(agent)

@@ -71,36 +71,37 @@ GROUP_METADATA = '{\n  "attributes": {},\n  "zarr_format": 3,\n  "node_type": "g
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
-def _io_pool() -> ThreadPoolExecutor:
-    global _pool
+def _io_pool(threads: int) -> ThreadPoolExecutor:
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tdstore-io")
-        return _pool
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix=f"tdstore-io{threads}")
+        return pool
 
 
-def _forget_pool() -> None:  # a forked child has the pool object but not its threads
-    global _pool
-    _pool = None
+def _forget_pools() -> None:  # a forked child has the pool objects but not their threads
+    _pools.clear()
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_forget_pools)
 
 
-def run_all(jobs: Sequence[Callable[[], object]]) -> list:
-    """Run the callables in ``jobs`` on the I/O pool; returns their results in order.
+def run_all(jobs: Sequence[Callable[[], object]], threads: int = IO_THREADS) -> list:
+    """Run the callables in ``jobs`` on an I/O pool of ``threads`` threads; returns their
+    results in order.
 
     Every job has finished when this returns or raises (the first error is raised), so
     a caller that cleans up after an error never races its own jobs. One job, or a call
-    from a pool thread (which must never wait on the pool), runs inline.
+    from a pool thread (which must never wait on a pool), runs inline.
     """
     if len(jobs) <= 1 or threading.current_thread().name.startswith("tdstore-io"):
         return [job() for job in jobs]
-    futures = [_io_pool().submit(job) for job in jobs]
+    futures = [_io_pool(threads).submit(job) for job in jobs]
     try:
         return [f.result() for f in futures]
     finally:
