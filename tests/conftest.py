@@ -116,6 +116,80 @@ class Backend:
     def open(self, name: str = "store", **kw):
         return tdstore.open(self.location(name), url=self.url(name), **kw)
 
+    # -- the stored data itself, read and damaged directly (not through tdstore) --------
+
+    def _raw(self):
+        return self.s3.raw_store(self.bucket)
+
+    def _key(self, name: str, rel: str) -> str:
+        return f"{name}/data/{rel}"
+
+    def files(self, name: str = "store") -> dict[str, int]:
+        """Every file (object) under the store's data/, relative to data/: its size."""
+        if self.kind != "s3":
+            root = self.tmp / name / "data"
+            return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+                    if p.is_file() and not p.is_symlink()}
+        import obstore
+
+        prefix = f"{name}/data/"
+        return {o["path"][len(prefix):]: o["size"] for batch in obstore.list(self._raw(), prefix)
+                for o in batch}
+
+    def data_bytes(self, name: str = "store") -> int:
+        return sum(self.files(name).values())
+
+    def read(self, rel: str, name: str = "store") -> bytes:
+        if self.kind != "s3":
+            return (self.tmp / name / "data" / rel).read_bytes()
+        import obstore
+
+        return bytes(obstore.get(self._raw(), self._key(name, rel)).bytes())
+
+    def write(self, rel: str, data: bytes, name: str = "store") -> None:
+        if self.kind != "s3":
+            p = self.tmp / name / "data" / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+            return
+        import obstore
+
+        obstore.put(self._raw(), self._key(name, rel), data)
+
+    def delete(self, rel: str, name: str = "store") -> None:
+        if self.kind != "s3":
+            (self.tmp / name / "data" / rel).unlink()
+            return
+        import obstore
+
+        obstore.delete(self._raw(), self._key(name, rel))
+
+    def exists(self, rel: str, name: str = "store") -> bool:
+        """Whether the file, or any file below the directory, ``data/<rel>`` exists."""
+        return any(k == rel or k.startswith(rel + "/") for k in self.files(name))
+
+    @staticmethod
+    def array_of(store, group: str, agent: str) -> str:
+        """The array path (relative to data/) of an agent, from the catalogue."""
+        from sqlalchemy import text
+
+        with store.catalog.read() as s:
+            return s.execute(text(
+                "SELECT a.array FROM agents a JOIN groups g ON a.group_id = g.id "
+                "WHERE g.name = :g AND a.name = :a"), {"g": group, "a": agent}).scalar_one()
+
+    def sql(self, statement: str, name: str = "store", **params) -> None:
+        """Run one SQL statement on the store's catalogue directly (tests that damage it)."""
+        from sqlalchemy import create_engine, text
+
+        from tdstore.storage.catalog import sqlite_url
+
+        url = self.url(name) or sqlite_url(self.tmp / name / "catalog.sqlite")
+        engine = create_engine(url)
+        with engine.begin() as con:
+            con.execute(text(statement), params)
+        engine.dispose()
+
     def env(self, name: str = "store") -> dict[str, str]:
         """Environment for a subprocess (the command line or a script) on this store."""
         import os

@@ -10,11 +10,11 @@ from __future__ import annotations
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
-from tdstore.api.store import ClosingContext, Group, Store
+from tdstore.api.store import ClosingContext, Group, OpenOptions, Store
 from tdstore.core.errors import NoMasterError, NotFoundError
 from tdstore.core.sparse import SparseKVDiff
 
@@ -69,12 +69,12 @@ class TokenDanceStorage(ClosingContext):
     """Master-mirror diff storage for multi-agent KV caches (the seed's API, persistent)."""
 
     def __init__(self, diff_threshold: float = 1e-4, *, path: str | None = None,
-                 group: str = "default"):
+                 group: str = "default", **options: Unpack[OpenOptions]):
         self._tmp = None
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tdstore-")
             path = self._tmp.name
-        self._store = Store(path)
+        self._store = Store(path, **options)
         self._finalizer = weakref.finalize(self, self._store.close)
         self._group = self._store.group(group, diff_threshold=diff_threshold)
         self.master_cache: Mapping[str, np.ndarray] = _MasterCache(self._group)
