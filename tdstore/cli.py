@@ -181,7 +181,21 @@ def _progress(label: str) -> Iterator[Any]:
         yield update
 
 
-path_arg = click.argument("path", type=click.Path(path_type=Path))
+class _Location(click.ParamType):
+    """A store location: a directory (a Path) or an object-store URL (kept a str)."""
+
+    name = "location"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Path | str:
+        from tdstore.core.location import is_object_url
+
+        if isinstance(value, Path) or is_object_url(value) or "://" in str(value):
+            return value  # a URL of another scheme is refused by the store, in one line
+        return Path(value)
+
+
+path_arg = click.argument("path", type=_Location())
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -31,7 +31,24 @@ class _Relay:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._trip: tuple[bytes, int] | None = None  # cut once this many requests passed
+        self._stall: threading.Event | None = None
         self.restore()
+
+    def cut_after(self, pattern: bytes, n: int) -> None:
+        """Cut (as ``cut()``) as soon as the ``n``-th request whose request line holds
+        ``pattern`` (e.g. ``b"PUT /"``) has been forwarded: a service that goes down in
+        the middle of a write, at a point that does not depend on timing."""
+        self._trip = (pattern, n)
+        self._stall = None
+
+    def stall_after(self, pattern: bytes, n: int) -> threading.Event:
+        """Hold back the ``n``-th request matching ``pattern`` (and all after it on that
+        connection) until the returned event is set: a writer stopped in the middle of
+        a write, with what it put before still stored."""
+        self._trip = (pattern, n)
+        self._stall = threading.Event()
+        return self._stall
 
     def restore(self) -> None:
         if self._listener is not None:
@@ -46,6 +63,10 @@ class _Relay:
     def cut(self) -> None:
         ls, self._listener = self._listener, None
         if ls is not None:
+            try:
+                ls.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
             ls.close()
         with self._lock:
             for c in list(self._conns):
@@ -69,15 +90,29 @@ class _Relay:
                 continue
             with self._lock:
                 self._conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
+                trip = self._trip
+                if upstream and trip is not None:
+                    hits = sum(1 for line in data.split(b"\r\n")
+                               if line.startswith((b"PUT ", b"GET ", b"POST ", b"DELETE ",
+                                                   b"HEAD ")) and trip[0] in line)
+                    if hits:
+                        with self._lock:
+                            left = trip[1] - hits
+                            self._trip = (trip[0], left) if left > 0 else None
+                        if left <= 0:
+                            if self._stall is None:
+                                self.cut()
+                                break
+                            self._stall.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -116,6 +151,10 @@ class S3Server:
                 time.sleep(0.1)
         self.relay = _Relay(self.port)
         return self
+
+    def new_relay(self) -> _Relay:
+        """Another way in to the same server (a host of its own, to cut or stall)."""
+        return _Relay(self.port)
 
     @property
     def endpoint(self) -> str:

@@ -8,9 +8,9 @@ import sys
 import textwrap
 
 WRITER = textwrap.dedent("""
-    import sys, numpy as np, ml_dtypes, tdstore
-    path = sys.argv[1]
-    with tdstore.open(path) as store:
+    import os, sys, numpy as np, ml_dtypes, tdstore
+    path, expected = sys.argv[1], sys.argv[2]
+    with tdstore.open(path, url=os.environ.get("TDSTORE_URL")) as store:
         for dtype in ("float16", "bfloat16", "float32"):
             g = store.group(dtype, diff_threshold=0.0)
             rng = np.random.default_rng(5)
@@ -22,18 +22,18 @@ WRITER = textwrap.dedent("""
                 kv[0, 0, 0, 0, i] = -0.0 if i == 0 else kv[0, 0, 0, 0, i]
                 g.register_mirror(name, kv)
             g.collective_reuse_step(["retriever", "critic"], master[:3])
-            np.save(f"{path}-{dtype}-expected.npy", np.stack(
+            np.save(f"{expected}-{dtype}-expected.npy", np.stack(
                 [g.reconstruct(a).view(np.uint8) for a in g.agents()]))
 """)
 
 READER = textwrap.dedent("""
-    import json, sys, numpy as np, tdstore
-    path = sys.argv[1]
+    import json, os, sys, numpy as np, tdstore
+    path, expected_at = sys.argv[1], sys.argv[2]
     out = {}
-    with tdstore.open(path, readonly=True) as store:
+    with tdstore.open(path, url=os.environ.get("TDSTORE_URL"), readonly=True) as store:
         for dtype in store.groups():
             g = store.group(dtype, create=False)
-            expected = np.load(f"{path}-{dtype}-expected.npy")
+            expected = np.load(f"{expected_at}-{dtype}-expected.npy")
             got = np.stack([g.reconstruct(a).view(np.uint8) for a in g.agents()])
             out[dtype] = {"agents": g.agents(), "exact": bool(np.array_equal(got, expected)),
                           "dtype": str(g.dtype), "n_blocks": g.n_blocks,
@@ -42,15 +42,17 @@ READER = textwrap.dedent("""
 """)
 
 
-def run(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          check=True, timeout=120)
+def run(code: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    return p
 
 
-def test_a_new_process_sees_every_agent_bit_exact(tmp_path):
-    path = str(tmp_path / "store")
-    run(WRITER, path)
-    result = json.loads(run(READER, path).stdout)
+def test_a_new_process_sees_every_agent_bit_exact(backend, tmp_path):
+    path, expected = backend.location("store"), str(tmp_path / "expected")
+    run(WRITER, path, expected, env=backend.env("store"))
+    result = json.loads(run(READER, path, expected, env=backend.env("store")).stdout)
     assert set(result) == {"float16", "bfloat16", "float32"}
     for dtype, r in result.items():
         assert r["exact"], dtype
@@ -59,34 +61,32 @@ def test_a_new_process_sees_every_agent_bit_exact(tmp_path):
         assert r["stats"] == 1 + 2 + 3 + 1  # reranker's -0.0 block 0 counts as differing
 
 
-def test_a_concurrent_reader_sees_committed_state(tmp_path):
+def test_a_concurrent_reader_sees_committed_state(backend, tmp_path):
     """A reader process opened before the writes sees them without reopening."""
-    path = str(tmp_path / "store")
+    path, env = backend.location("store"), backend.env("store")
     reader = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
-            import sys, json, tdstore
-            store = tdstore.open(sys.argv[1])
+            import os, sys, json, tdstore
+            store = tdstore.open(sys.argv[1], url=os.environ.get("TDSTORE_URL"))
             g = store.group("float16")
             sys.stdout.write("ready\\n"); sys.stdout.flush()
             sys.stdin.readline()
             print(json.dumps([g.agents(), g.n_blocks]))
         """), path],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )
     assert reader.stdout.readline().strip() == "ready"
-    run(WRITER, path)
+    run(WRITER, path, str(tmp_path / "expected"), env=env)
     out, _ = reader.communicate("go\n", timeout=60)
     assert json.loads(out) == [["retriever", "reranker", "critic", "responder"], 67]
 
 
-def test_a_forked_child_uses_its_own_connections(tmp_path):
+def test_a_forked_child_uses_its_own_connections(backend):
     import multiprocessing
 
     import numpy as np
 
-    import tdstore
-
-    with tdstore.open(tmp_path / "s") as store:
+    with backend.open("s") as store:
         g = store.group("g")
         g.register_master("m", np.zeros((4, 8), np.float32))
         ctx = multiprocessing.get_context("fork")

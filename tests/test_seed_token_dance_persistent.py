@@ -1,4 +1,5 @@
-"""The seed's tests again, each TokenDanceStorage backed by a store directory on disk."""
+"""The seed's tests again, each TokenDanceStorage backed by a persistent store on every
+backend (local+SQLite, local+PostgreSQL, S3+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -18,20 +19,23 @@ import tdstore
 
 
 @pytest.fixture(autouse=True)
-def persistent_storage(tmp_path, monkeypatch):
+def persistent_storage(backend, monkeypatch):
     counter = itertools.count()
     made = []
 
     def factory(*args, **kwargs):
-        s = tdstore.TokenDanceStorage(*args, path=str(tmp_path / f"s{next(counter)}"), **kwargs)
-        made.append(s)
+        name = f"s{next(counter)}"
+        s = tdstore.TokenDanceStorage(*args, path=backend.location(name),
+                                      url=backend.url(name), **kwargs)
+        made.append((name, s))
         return s
 
     monkeypatch.setattr(seed, "TokenDanceStorage", factory)
     yield
     assert made, "the seed test did not create a store"
-    for s in made:  # every store the test wrote opens again in the state it left
-        again = tdstore.TokenDanceStorage(s.diff_threshold, path=str(s.group.store.path))
+    for name, s in made:  # every store the test wrote opens again in the state it left
+        again = tdstore.TokenDanceStorage(s.diff_threshold, path=backend.location(name),
+                                          url=backend.url(name))
         assert again.stats() == s.stats()
         s.close()
         again.close()

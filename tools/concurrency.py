@@ -26,14 +26,18 @@ from tdstore.dev.harness import concurrency_test
               help="Operations per thread.")
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
               help="Where the store goes (default: a new temp dir).")
+@click.option("--location", default=None,
+              help="The store: an object-store URL such as s3://bucket/prefix (each process "
+                   "then plays a host of its own under DIR); default DIR/store.")
 @click.option("--url", envvar="TDSTORE_URL", default=None,
               help="Catalogue URL, e.g. postgresql+psycopg://... (default: the store's SQLite).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def main(processes: int, threads: int, ops: int, workdir: str | None, url: str | None,
+def main(processes: int, threads: int, ops: int, workdir: str | None,
+         location: str | None, url: str | None,
          as_json: bool) -> None:
     root = workdir or tempfile.mkdtemp(prefix="tdstore-concurrency-")
-    r = concurrency_test(f"{root}/store", processes=processes, threads=threads, ops=ops,
-                         url=url)
+    r = concurrency_test(location or f"{root}/store", processes=processes, threads=threads,
+                         ops=ops, url=url, workdir=root)
     click.echo(json.dumps(r, indent=2) if as_json
                else "\n".join(f"{k}: {v}" for k, v in r.items()))
     sys.exit(0 if not r["errors"] and not r["mismatches"] and r["verify_ok"] else 1)

@@ -30,10 +30,14 @@ def _signals(text: str) -> tuple[signal.Signals, ...]:
               help="Where the store goes (default: a new temp dir).")
 @click.option("--signals", "names", default="KILL", show_default=True,
               help="Comma-separated signals to stop the writer with (KILL, TERM, INT).")
+@click.option("--location", default=None,
+              help="The store: an object-store URL such as s3://bucket/prefix (each process "
+                   "then plays a host of its own under DIR); default DIR/store.")
 @click.option("--url", envvar="TDSTORE_URL", default=None,
               help="Catalogue URL, e.g. postgresql+psycopg://... (default: the store's SQLite).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def main(kills: int, seed: int, workdir: str | None, names: str, url: str | None,
+def main(kills: int, seed: int, workdir: str | None, names: str, location: str | None,
+         url: str | None,
          as_json: bool) -> None:
     sigs = _signals(names)
     root = workdir or tempfile.mkdtemp(prefix="tdstore-crash-")
@@ -42,8 +46,8 @@ def main(kills: int, seed: int, workdir: str | None, names: str, url: str | None
         if done % 25 == 0 or done == total:
             click.echo(f"{done}/{total} kills, {what}", err=True)
 
-    report = crash_test(f"{root}/store", kills, seed=seed, signals=sigs, progress=progress,
-                        url=url)
+    report = crash_test(location or f"{root}/store", kills, seed=seed, signals=sigs,
+                        progress=progress, url=url, workdir=root)
     data = report.to_dict()
     if as_json:
         click.echo(json.dumps(data, indent=2))

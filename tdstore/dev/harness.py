@@ -26,6 +26,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tdstore.api.store import open as open_store
+from tdstore.core.location import is_object_url
 from tdstore.ops.maintenance import Progress
 
 if TYPE_CHECKING:
@@ -190,12 +192,25 @@ def describe(model: Model) -> str:
 URL_ENV = "TDSTORE_HARNESS_URL"  # the catalogue URL handed to the harness's processes
 
 
-def _child_env(url: str | None) -> dict[str, str]:
+def _child_env(url: str | None, host_dir: Path | None = None) -> dict[str, str]:
+    """The environment of a harness process. With ``host_dir`` the process plays a host
+    of its own: that working directory and a chunk cache in it, sharing nothing with the
+    others but the object store and the catalogue's server."""
     env = dict(os.environ)
     env.pop(URL_ENV, None)
     if url:
         env[URL_ENV] = url
+    if host_dir is not None:
+        host_dir.mkdir(parents=True, exist_ok=True)
+        env["TDSTORE_CACHE_DIR"] = str(host_dir / "chunk-cache")
     return env
+
+
+def _host_dir(workdir: Path | None, path: str, n: int) -> Path | None:
+    """Process ``n``'s own directory, for a store on object storage."""
+    if not is_object_url(path):
+        return None
+    return (workdir or Path(tempfile.gettempdir())) / f"host{n}"
 
 
 def _child_url() -> str | None:
@@ -278,21 +293,25 @@ def _stopped_by(sig: int, returncode: int, err: str) -> bool:
 def crash_test(path: str | os.PathLike[str], kills: int, *, seed: int = 0,
                max_ops_before_kill: int = 6, max_delay_s: float = 0.05,
                signals: tuple[int, ...] = (signal.SIGKILL,),
-               progress: Progress | None = None, url: str | None = None) -> CrashReport:
+               progress: Progress | None = None, url: str | None = None,
+               workdir: str | os.PathLike[str] | None = None) -> CrashReport:
     """Run ``kills`` writer processes into ``path``, each stopped at a random moment by
     a signal drawn from ``signals`` (SIGKILL, SIGTERM, SIGINT). ``url``: the catalogue
-    (default: the store's own SQLite file)."""
+    (default: the store's own SQLite file). For a store on object storage each writer
+    runs as a host of its own under ``workdir`` (its working directory and chunk cache)."""
     path = str(path)
+    work = Path(workdir) if workdir is not None else None
     rng = random.Random(seed)
     report = CrashReport()
     model: Model = {}
     open_store(path, url=url).close()
-    env = _child_env(url)
     for k in range(kills):
+        host = _host_dir(work, path, k)
+        env = _child_env(url, host)
         proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from tdstore.dev.harness import writer_main; "
              "writer_main(sys.argv[1], int(sys.argv[2]))", path, str(rng.randrange(1 << 30))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=host)
         target = rng.randint(1, max_ops_before_kill)
         sig = signals[0]
         begun: dict[int, dict] = {}
@@ -485,7 +504,8 @@ def _worker(path: str, proc_id: int, threads: int, ops: int, out: str) -> None:
 
 
 def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, threads: int = 2,
-                     ops: int = 200, url: str | None = None) -> dict[str, Any]:
+                     ops: int = 200, url: str | None = None,
+                     workdir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the concurrency test (each thread runs ``ops`` operations); returns counts
     and every error seen.
 
@@ -497,18 +517,23 @@ def concurrency_test(path: str | os.PathLike[str], *, processes: int = 4, thread
     (or be absent after an acknowledged delete), and each agent of ``volatile`` one of
     its acknowledged versions.
     """
-    path = Path(path)
+    path = str(path)
+    work = Path(workdir) if workdir is not None else (
+        Path(tempfile.mkdtemp(prefix="tdstore-hosts-")) if is_object_url(path)
+        else Path(path).parent)
     with open_store(path, url=url) as store:
         for name, comp in SHARED.items():
             store.group(name, diff_threshold=0.0, compressor=comp).register_master(
                 "m", gen(7, 32))
         store.group(VOLATILE, diff_threshold=0.0).register_master("m", gen(7, 32))
-    outs = [path.parent / f"{path.name}-worker{p}.json" for p in range(processes)]
+    outs = [work / f"{Path(path).name}-worker{p}.json" for p in range(processes)]
+    hosts = [_host_dir(work, path, p) for p in range(processes)]
     procs = [subprocess.Popen(
         [sys.executable, "-c", "import sys; from tdstore.dev.harness import _worker; "
          "_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
-         "sys.argv[5])", str(path), str(p), str(threads), str(ops), str(outs[p])],
-        stderr=subprocess.PIPE, text=True, env=_child_env(url)) for p in range(processes)]
+         "sys.argv[5])", path, str(p), str(threads), str(ops), str(outs[p])],
+        stderr=subprocess.PIPE, text=True, env=_child_env(url, hosts[p]), cwd=hosts[p])
+        for p in range(processes)]
     errors = []
     started = time.monotonic()
     for p, proc in enumerate(procs):

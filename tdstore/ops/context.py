@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -25,6 +25,7 @@ from tdstore.core.errors import (
     TdStoreError,
 )
 from tdstore.core.kinds import JournalOp
+from tdstore.core.location import check_location, is_object_url
 from tdstore.core.validate import check_max_bytes, check_name
 from tdstore.core.version import __version__
 from tdstore.ops import budget, journal, maintenance
@@ -44,7 +45,6 @@ from tdstore.storage.catalog import (
 )
 from tdstore.storage.dblocks import AdvisoryLocks
 from tdstore.storage.locks import FileLocks, Locks, deferred_signals
-from tdstore.storage.objects import is_object_url
 
 CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
@@ -91,6 +91,7 @@ class StoreContext:
             self._open_object(str(path), url, verify_reads, storage_options, cache_dir,
                               cache_max_bytes)
         else:
+            check_location(str(path))
             if storage_options:
                 raise InvalidInputError(f"store {path}: storage_options are for object-store "
                                         "locations (s3://...), not a directory")
@@ -150,7 +151,8 @@ class StoreContext:
                      cache_max_bytes: int | None) -> None:
         """An object-store location: its catalogue must be one every host reaches and
         takes turns in (PostgreSQL); a SQLite file is refused."""
-        from tdstore.storage.objects import ObjectArrayStore, normalize_url
+        from tdstore.core.location import normalize_url
+        from tdstore.storage.objects import ObjectArrayStore
 
         self.path = self.location = normalize_url(location)
         if url is None:

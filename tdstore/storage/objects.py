@@ -32,6 +32,7 @@ import numpy as np
 from tdstore.core.errors import CorruptionError, InvalidInputError, StorageError
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
+from tdstore.core.location import normalize_url
 from tdstore.storage.arrays import (
     GROUP_METADATA,
     MAX_METADATA_BYTES,
@@ -48,7 +49,6 @@ from tdstore.storage.arrays import (
 )
 from tdstore.storage.chunkcache import ChunkCache
 
-SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss")
 # Chunks fetched or put at once by one call: object stores answer each request after a
 # round trip, so far more requests in flight than a local disk's queue pay off.
 OBJECT_IO_THREADS = 16
@@ -64,26 +64,6 @@ CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "connect_timeout",
                "default_content_type", "pool_idle_timeout", "pool_max_idle_per_host",
                "proxy_url", "proxy_ca_certificate", "proxy_excludes", "timeout",
                "user_agent", "read_timeout", "randomize_addresses"}
-
-
-def is_object_url(location: object) -> bool:
-    """Whether ``location`` names an object-store prefix rather than a directory."""
-    if not isinstance(location, str) or "://" not in location:
-        return False
-    return location.split("://", 1)[0].lower() in SCHEMES
-
-
-def normalize_url(location: str) -> str:
-    scheme, rest = location.split("://", 1)
-    rest = rest.strip("/")
-    bucket = rest.split("/", 1)[0]
-    if not bucket:
-        raise InvalidInputError(f"store {location}: no bucket in the location; expected "
-                                f"{scheme}://BUCKET[/PREFIX]")
-    if any(part in ("", ".", "..") for part in rest.split("/")):
-        raise InvalidInputError(f"store {location}: the prefix has an empty, '.' or '..' "
-                                "component")
-    return f"{scheme.lower()}://{rest}"
 
 
 def _first_line(exc: BaseException, limit: int = 240) -> str:
@@ -157,26 +137,25 @@ class ObjectArrayStore:
 
         try:
             yield
-        except FileNotFoundError as exc:
-            if "NoSuchBucket" in str(exc):
+        except (CorruptionError, InvalidInputError, StorageError):
+            raise
+        except Exception as exc:
+            full = str(exc)
+            if "NoSuchBucket" in full:
                 bucket = self.location.split("://", 1)[1].split("/", 1)[0]
                 raise StorageError(f"store {self.location}: bucket {bucket!r} does not "
                                    "exist") from None
-            raise
-        except (PermissionDeniedError, UnauthenticatedError, PermissionError) as exc:
-            raise StorageError(
-                f"store {self.location}: {what}: access denied ({_first_line(exc, 160)}); "
-                "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
-                "storage_options)") from None
-        except (CorruptionError, InvalidInputError, StorageError):
-            raise
-        except Exception as exc:  # connection refused, timeouts, 5xx after retries
+            if isinstance(exc, FileNotFoundError):
+                raise
             text = _first_line(exc)
-            if "InvalidAccessKeyId" in str(exc) or "SignatureDoesNotMatch" in str(exc):
+            if (isinstance(exc, (PermissionDeniedError, UnauthenticatedError, PermissionError))
+                    or "InvalidAccessKeyId" in full or "SignatureDoesNotMatch" in full
+                    or "AccessDenied" in full):
                 raise StorageError(
                     f"store {self.location}: {what}: the credentials are refused ({text}); "
                     "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options"
                 ) from None
+            # connection refused, timeouts, 5xx after the retries
             raise StorageError(f"store {self.location}: {what}: the object store cannot be "
                                f"reached or failed ({text})") from None
 
