@@ -849,10 +849,17 @@ def _shape(text: str) -> tuple[int, ...]:
               help="GiB reconstructed into an np.memmap in the memory test; 0 skips it.")
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
               help="Where the stores and baseline files go (default: the system temp dir).")
+@click.option("--location", default=None,
+              help="Benchmark an object-store location instead (s3://BUCKET/PREFIX, needs "
+                   "--url): tdstore vs one object per agent through the same client.")
+@url_opt
+@_count("--scale-agents", 1_000_000, "Agents in the large catalogue of the object-store "
+        "open-time test (0 skips it).", least=0)
 @json_opt
 def bench(agents: int, blocks: int, block_shape: str, dtype: str, diff_fraction: float,
           reps: int, scaling_mirrors: int, open_agents: int, big_gib: float,
-          workdir: str | None, as_json: bool) -> None:
+          workdir: str | None, location: str | None, scale_agents: int,
+          as_json: bool) -> None:
     """Benchmark tdstore against np.save/np.load, safetensors, diskcache and memcpy.
 
     Every figure is measured in the same run and reported as a ratio against those
@@ -874,6 +881,20 @@ def bench(agents: int, blocks: int, block_shape: str, dtype: str, diff_fraction:
     def log(message: str) -> None:
         click.echo(message, err=as_json)
 
+    if location is not None:
+        from tdstore.dev.bench import object_benchmark, print_object_report
+
+        url = _catalog_url()
+        if url is None:
+            raise InvalidInputError(f"bench --location {location}: needs the catalogue's "
+                                    "--url (PostgreSQL)")
+        objects = object_benchmark(location, url, w, scale_agents=scale_agents,
+                                   progress=log, workdir=workdir)
+        if as_json:
+            _emit_json(objects)
+        else:
+            print_object_report(objects, echo=click.echo)
+        return
     report = run_bench(w, workdir, progress=log)
     if as_json:
         _emit_json(report)

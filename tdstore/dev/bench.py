@@ -526,3 +526,230 @@ def nullstats_benchmark(gets: int = 5000, reps: int = 5) -> dict[str, Any]:
                 "diskcache_us": t_dc * 1e6, "hash_us": t_hash * 1e6, "ratio": t_ours / t_dc}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+def object_benchmark(location: str, url: str, w: Workload, *, scale_agents: int = 1_000_000,
+                     progress: Callable[[str], None] = print,
+                     workdir: str | None = None) -> dict[str, Any]:
+    """tdstore on an object-store ``location`` with the PostgreSQL catalogue ``url``
+    against what a user would write with the same client (obstore): one object per
+    agent, PUT and GET whole. Figures in one run, reported as ratios:
+
+    - reconstruct every agent with a cold chunk cache vs GETting each agent's object;
+    - reconstruct with a warm chunk cache vs the same reconstruct from a local-disk store;
+    - register_mirror vs PUT of the whole agent;
+    - bytes under the prefix vs the block-level ideal;
+    - open + reconstruct one agent with ``scale_agents`` agents in the catalogue vs 10
+      (the large catalogue is filled by one INSERT ... SELECT of valid mirror rows).
+    """
+    import obstore
+
+    from tdstore.core.location import normalize_url
+
+    location = normalize_url(location)
+    root = Path(tempfile.mkdtemp(prefix="tdstore-objbench-", dir=workdir))
+    r: dict[str, float] = {}
+    names = [f"agent{i}" for i in range(w.agents)]
+    try:
+        agents = make_agents(w)
+        progress(f"workload: {w.agents} agents x {w.agent_nbytes / MiB:.0f} MiB {w.dtype}, "
+                 f"{w.diff_blocks} differing blocks per mirror; best of {w.reps}; "
+                 f"at {location}")
+
+        def cache(tag: str) -> dict[str, Any]:
+            return {"cache_dir": root / f"cache-{tag}", "cache_max_bytes": 64 << 30}
+
+        with open_store(location, url=url, **cache("writer")) as store:
+            g = store.group(GROUP, diff_threshold=0.0)
+            g.register_master(names[0], agents[0])
+            for n, a in zip(names[1:], agents[1:], strict=True):
+                g.register_mirror(n, a)
+            r["register_mirror_s"] = best(lambda: g.register_mirror(names[1], agents[1]),
+                                          w.reps)
+            raw = store.arrays.client  # type: ignore[attr-defined]
+            stats = g.stats()
+            r["diff_blocks"] = stats["diff_blocks_total"]
+            r["bytes_ideal"] = (w.blocks + stats["diff_blocks_total"]) * (
+                w.agent_nbytes // w.blocks)
+        # baseline objects live beside the store's data/ (the same bucket and client)
+        base = [f"baseline/{n}.bin" for n in names]
+        flat: list[memoryview] = [a.reshape(-1).view(np.uint8).data for a in agents]
+        r["put_agent_s"] = best(lambda: obstore.put(raw, base[0], flat[0]), w.reps)
+        for key, view in zip(base[1:], flat[1:], strict=True):
+            obstore.put(raw, key, view)
+        flat.clear()
+
+        def get_all() -> None:
+            for key in base:
+                np.frombuffer(memoryview(obstore.get(raw, key).bytes()), w.dtype)
+
+        def get_all_parallel() -> None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(base)) as ex:
+                list(ex.map(lambda k: bytes(obstore.get(raw, k).bytes()), base))
+
+        r["get_all_s"] = best(get_all, w.reps)
+        r["get_all_parallel_s"] = best(get_all_parallel, w.reps)
+        stored = sum(int(o["size"]) for batch in obstore.list(raw, "data")
+                     for o in batch)
+        r["bytes_under_prefix"] = stored
+        progress("reconstruct, cold and warm chunk cache ...")
+        cold = []
+        for rep in range(w.reps):
+            with open_store(location, url=url, **cache(f"cold{rep}")) as s2:
+                g2 = s2.group(GROUP, create=False)
+                t0 = time.perf_counter()
+                for n in names:
+                    g2.reconstruct(n)
+                cold.append(time.perf_counter() - t0)
+                if rep == w.reps - 1:
+                    def read_all(g2: Any = g2) -> None:
+                        for n in names:
+                            g2.reconstruct(n)
+
+                    r["reconstruct_all_warm_s"] = best(read_all, w.reps)
+        r["reconstruct_all_cold_s"] = min(cold)
+        with open_store(root / "local") as local:
+            lg = local.group(GROUP, diff_threshold=0.0)
+            lg.register_master(names[0], agents[0])
+            for n, a in zip(names[1:], agents[1:], strict=True):
+                lg.register_mirror(n, a)
+            r["local_reconstruct_all_warm_s"] = best(
+                lambda: [lg.reconstruct(n) for n in names], w.reps)
+        agents.clear()
+        if scale_agents:
+            progress(f"catalogue of {scale_agents} agents ...")
+            r.update(_catalogue_scale(location, url, scale_agents, w.reps, root))
+        obstore.delete(raw, base)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"location": location, "workload": asdict(w), "results": r,
+            "ratios": object_ratios(r, scale_agents)}
+
+
+def _catalogue_scale(location: str, url: str, n_agents: int, reps: int, root: Path
+                     ) -> dict[str, float]:
+    """open + reconstruct of one agent: a group of 10 agents vs one of ``n_agents``, in
+    catalogues of their own (databases ``<db>_scale10`` and ``<db>_scaleN``, created
+    beside the given one on the same server)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    out: dict[str, float] = {}
+    base = make_url(url)
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        for n in (10, n_agents):
+            db = f"{base.database}_scale{n}"
+            with admin.connect() as con:
+                con.execute(text(f'DROP DATABASE IF EXISTS "{db}"'))
+                con.execute(text(f'CREATE DATABASE "{db}"'))
+            db_url = base.set(database=db).render_as_string(hide_password=False)
+            loc = f"{location}-scale{n}"
+            with open_store(loc, url=db_url, cache_dir=root / f"scale{n}") as store:
+                g = store.group("g")
+                g.register_master("master", np.zeros((4, 8), np.float32))
+                probe = np.zeros((4, 8), np.float32)
+                probe[1] = 1
+                g.register_mirror("a0", probe)
+            # the other agents: copies of a0's valid rows (its agent row and its one
+            # diff-index row), each named a<i>, inserted in bulk by PostgreSQL itself
+            eng = create_engine(db_url)
+            with eng.begin() as con:
+                cols = [c[0] for c in con.execute(text(
+                    "SELECT column_name FROM information_schema.columns WHERE "
+                    "table_name = 'agents' AND column_name NOT IN ('id', 'name')"))]
+                qcols = ", ".join(f'"{c}"' for c in cols)
+                con.execute(text(
+                    f'INSERT INTO agents (name, {qcols}) SELECT \'a\' || i, {qcols} '
+                    "FROM agents, generate_series(1, :n) AS i WHERE name = 'a0'"),
+                    {"n": n - 3})
+                dcols = [c[0] for c in con.execute(text(
+                    "SELECT column_name FROM information_schema.columns WHERE "
+                    "table_name = 'diff_blocks' AND column_name NOT IN ('id', 'agent_id')"))]
+                qd = ", ".join(f'"{c}"' for c in dcols)
+                con.execute(text(
+                    f"INSERT INTO diff_blocks (agent_id, {qd}) SELECT a.id, {qd} FROM "
+                    "agents a, diff_blocks d JOIN agents a0 ON d.agent_id = a0.id "
+                    "WHERE a0.name = 'a0' AND a.name <> 'a0' AND a.role = 'mirror'"))
+                con.execute(text("ANALYZE"))
+            eng.dispose()
+            probe_name = f"a{max(1, n // 2)}" if n > 10 else "a1"
+
+            def open_and_read(db_url: str = db_url, loc: str = loc, name: str = probe_name,
+                              cache: Path = root / f"scale{n}") -> None:
+                with open_store(loc, url=db_url, cache_dir=cache) as s:
+                    s.group("g").reconstruct(name)
+
+            open_and_read()
+            out[f"scale_open_{n}_s"] = best(open_and_read, reps)
+            out[f"scale_agents_{n}"] = n
+    finally:
+        admin.dispose()
+    return out
+
+
+def object_ratios(r: dict[str, float], scale_agents: int) -> dict[str, Target]:
+    def target(num: str, den: str, goal: float, higher: bool = True) -> Target:
+        value = r[num] / r[den] if num in r and den in r and r[den] else None
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        return {"value": value, "target": goal, "met": met,
+                "direction": ">=" if higher else "<="}
+
+    out = {
+        "cold-cache reconstruct all vs GET each agent's object": target(
+            "get_all_s", "reconstruct_all_cold_s", 3.0),
+        "cold-cache reconstruct all vs GET each agent's object, all GETs at once": target(
+            "get_all_parallel_s", "reconstruct_all_cold_s", 1.0),
+        "warm-cache reconstruct all vs the local-disk store": target(
+            "local_reconstruct_all_warm_s", "reconstruct_all_warm_s", 0.8),
+        "register_mirror vs PUT of the whole agent": target(
+            "put_agent_s", "register_mirror_s", 5.0),
+        "bytes under the prefix / block-level ideal": target(
+            "bytes_under_prefix", "bytes_ideal", 1.02, higher=False),
+    }
+    if scale_agents:
+        out[f"open+reconstruct, {scale_agents} vs 10 agents (time ratio)"] = target(
+            f"scale_open_{scale_agents}_s", "scale_open_10_s", 2.0, higher=False)
+    return out
+
+
+def print_object_report(report: dict, echo: Callable[[str], None] = print) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r = report["results"]
+    w = report["workload"]
+    n = w["agents"]
+    console = Console(width=110)
+    table = Table(title=f"Object storage at {report['location']} (best of repetitions)")
+    for col in ("operation", "time"):
+        table.add_column(col, justify="left" if col == "operation" else "right")
+    rows = [("tdstore reconstruct all agents, cold chunk cache", "reconstruct_all_cold_s"),
+            ("tdstore reconstruct all agents, warm chunk cache", "reconstruct_all_warm_s"),
+            ("local-disk store reconstruct all agents, warm", "local_reconstruct_all_warm_s"),
+            (f"GET each of the {n} agents' objects", "get_all_s"),
+            (f"GET the {n} agents' objects at once", "get_all_parallel_s"),
+            ("tdstore register_mirror", "register_mirror_s"),
+            ("PUT of one whole agent", "put_agent_s")]
+    for label, key in rows:
+        if key in r:
+            table.add_row(label, f"{r[key] * 1e3:.1f} ms")
+    for key in sorted(k for k in r if k.startswith("scale_open_")):
+        table.add_row(f"open + reconstruct, {key.split('_')[2]} agents", f"{r[key] * 1e3:.1f} ms")
+    console.print(table)
+    targets = Table(title="Targets (ratios measured in this run)")
+    for col in ("target", "measured", "goal", "met"):
+        targets.add_column(col, justify="left" if col == "target" else "right")
+    for name, t in report["ratios"].items():
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        targets.add_row(name, value, f"{t['direction']} {t['target']:g}", met)
+    console.print(targets)
+    echo(f"bytes under the prefix {r['bytes_under_prefix'] / MiB:.1f} MiB, block-level "
+         f"ideal {r['bytes_ideal'] / MiB:.1f} MiB, one object per agent "
+         f"{n * w['blocks'] * r['bytes_ideal'] / (w['blocks'] + r['diff_blocks']) / MiB:.1f} MiB")
