@@ -257,3 +257,28 @@ def test_the_command_line_works_on_an_object_store_location(s3_env, pg_url, tmp_
     with tdstore.open(loc, url=pg_url) as store:
         assert "m0" not in store.group("rag").agents()
         assert store.verify().ok
+
+
+@pytest.mark.slow
+def test_several_hosts_write_and_read_the_same_groups_at_once(s3_env, pg_url, tmp_path):
+    from tdstore.dev.harness import concurrency_test
+
+    r = concurrency_test(_loc(s3_env), processes=3, threads=2, ops=40, url=pg_url,
+                         workdir=tmp_path / "hosts")
+    assert r["errors"] == [] and r["mismatches"] == 0 and r["verify_ok"], r
+    assert r["ops"]["writes"] > 0 and r["ops"]["reads"] > 0
+    # each process had a chunk cache of its own, and used it
+    caches = sorted((tmp_path / "hosts").glob("host*/chunk-cache"))
+    assert len(caches) == 3 and all(any(c.rglob("c.*")) for c in caches)
+
+
+@pytest.mark.slow
+def test_writers_killed_on_several_hosts_lose_nothing_acknowledged(s3_env, pg_url, tmp_path):
+    import signal
+
+    from tdstore.dev.harness import crash_test
+
+    report = crash_test(_loc(s3_env), 12, seed=3, url=pg_url, workdir=tmp_path / "hosts",
+                        signals=(signal.SIGKILL, signal.SIGTERM, signal.SIGINT))
+    assert report.failures == [] and report.lost == 0, report.failures
+    assert report.kills == 12 and report.ops_committed > 0
