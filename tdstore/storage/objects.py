@@ -49,9 +49,11 @@ from tdstore.storage.arrays import (
 )
 from tdstore.storage.chunkcache import ChunkCache
 
-# Chunks fetched or put at once by one call: object stores answer each request after a
-# round trip, so far more requests in flight than a local disk's queue pay off.
-OBJECT_IO_THREADS = 16
+# Chunks fetched or put at once by one call. Measured against moto on loopback (8 agents
+# of 64 MiB, cold chunk cache): 2 threads 646 ms, 4 threads 532 ms, 8 threads 655 ms,
+# 16 threads 945 ms (the server's own threads contend). A service farther away answers
+# each request after a longer round trip and wants more in flight.
+OBJECT_IO_THREADS = 4
 DATA = "data"
 # client settings tdstore chooses unless storage_options says otherwise: a service that
 # is down is reported within seconds, not after object_store's default of 3 minutes
@@ -362,6 +364,35 @@ class ObjectArrayStore:
             cache.put(rel, recorded, [raw])
         return decoded
 
+    def _cached_into(self, ref: ArrayRef, chunk: int, target: memoryview, offset: int
+                     ) -> bool:
+        """Read an uncompressed chunk's blocks from the cache straight into ``target``
+        (as a local store reads its chunk files: the entry's own checksum must be the one
+        the catalogue records); False when that cannot be done (the caller fetches)."""
+        cache, spec = self.cache, ref.spec
+        if (cache is None or spec.compressor is not None or self.verify_reads
+                or ref.crcs is None or chunk >= len(ref.crcs)):
+            return False
+        rel = f"{ref.path}/{spec.chunk_key(chunk)}"
+        size = spec.chunk_nbytes + CRC_BYTES
+        fd = cache.open(rel, ref.crcs[chunk], (size, size))
+        if fd is None:
+            return False
+        try:
+            view, pos = target, offset
+            while view:
+                n = os.preadv(fd, [view], pos)
+                if n == 0:
+                    break
+                view, pos = view[n:], pos + n
+            trailer = os.pread(fd, CRC_BYTES, spec.chunk_nbytes)
+        finally:
+            os.close(fd)
+        if not view and trailer_matches(ref, chunk, int.from_bytes(trailer, "little")):
+            return True
+        cache.discard(rel, ref.crcs[chunk])  # damaged, or another version: fetch it
+        return False
+
     def _from_cache(self, cache: ChunkCache, ref: ArrayRef, chunk: int, rel: str,
                     recorded: int, what: str) -> memoryview | None:
         from tdstore.storage.arrays import chunk_size_range
@@ -410,9 +441,12 @@ class ObjectArrayStore:
         # each chunk's checksums; verify checks the document (one request per array)
 
         def job(c: int, lo: int, hi: int) -> None:
-            data = self._chunk(ref, c, f"{what} {block_range(lo, hi, unit)}")
+            target = dst[(lo - start) * bn : (hi - start) * bn]
             offset = (lo - c * ref.spec.chunk_blocks) * bn
-            dst[(lo - start) * bn : (hi - start) * bn] = data[offset : offset + (hi - lo) * bn]
+            if self._cached_into(ref, c, target, offset):
+                return
+            data = self._chunk(ref, c, f"{what} {block_range(lo, hi, unit)}")
+            target[:] = data[offset : offset + (hi - lo) * bn]
 
         run_all([functools.partial(job, c, lo, hi)
                  for c, lo, hi in ref.spec.windows(start, stop)], OBJECT_IO_THREADS)
