@@ -98,7 +98,11 @@ class ObjectArrayStore:
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None,
                  verify_reads: bool = False, cache_dir: str | os.PathLike[str] | None = None,
                  cache_max_bytes: int | None = None):
-        from obstore.store import from_url as _from_url
+        try:
+            from obstore.store import from_url as _from_url
+        except ImportError:
+            raise InvalidInputError(f"store {url}: object-store locations need obstore: "
+                                    "pip install 'tdstore[s3]'") from None
 
         from_url: Any = _from_url  # its overloads type each service's keys; ours are any
         self.location = normalize_url(url)
