@@ -483,15 +483,14 @@ def migrate(path: Path, revision: str) -> None:
 
 @store_command("@dest")
 def backup(path: Path, dest: Path, as_json: bool) -> None:
-    """Copy the store at PATH to DEST (new or empty) consistently, while it is in use."""
+    """Copy the store at PATH to DEST (new or empty) consistently, while it is in use.
+
+    The copy is a local store with its own catalog.sqlite, whatever PATH is (a directory,
+    a catalogue on PostgreSQL, an object-store location)."""
     from tdstore.ops.backup import backup as backup_store
 
-    if _catalog_url():
-        raise InvalidInputError(
-            f"store {path}: backup copies a catalog.sqlite; for a catalogue on a database "
-            "server, back the database up with its own tools (pg_dump) and copy data/")
     with _progress("backup") as progress:
-        report = backup_store(path, dest, progress=progress)
+        report = backup_store(path, dest, progress=progress, url=_catalog_url())
     if as_json:
         _emit_json(report)
         return

@@ -282,3 +282,24 @@ def test_writers_killed_on_several_hosts_lose_nothing_acknowledged(s3_env, pg_ur
                         signals=(signal.SIGKILL, signal.SIGTERM, signal.SIGINT))
     assert report.failures == [] and report.lost == 0, report.failures
     assert report.kills == 12 and report.ops_committed > 0
+
+
+def test_backup_of_an_object_store_location_is_a_local_store(s3_env, pg_url, tmp_path):
+    loc = _loc(s3_env)
+    with tdstore.open(loc, url=pg_url) as store:
+        written = _fill(store)
+        g = store.group("rag")
+        g.collective_reuse_step(["retriever", "m1"], kv(3, seed=4))
+        g.register_mirror("m0", kv(43, seed=8))  # replaces m0's array: garbage till gc
+        expected = {a: g.reconstruct(a) for a in g.agents()}
+    env = {**os.environ, "TDSTORE_URL": pg_url, "TDSTORE_CACHE_DIR": str(tmp_path / "c")}
+    out = _cli("backup", loc, str(tmp_path / "copy"), env=env)
+    assert out.returncode == 0, out.stderr
+    with tdstore.open(tmp_path / "copy") as copy:
+        cg = copy.group("rag", create=False)
+        assert sorted(cg.agents()) == sorted(expected)
+        for a, v in expected.items():
+            assert np.array_equal(bits(cg.reconstruct(a)), bits(v))
+        assert copy.verify().ok and copy.gc(dry_run=True).removed == []
+        assert copy.catalog.get_meta("data_location") is None
+    assert set(written) <= set(expected)

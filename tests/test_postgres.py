@@ -174,7 +174,13 @@ def test_maintenance_and_null_stats_on_postgresql(tmp_path, pg_url):
     with tdstore.open(path, url=pg_url) as store:
         assert NullStatsCache(store).get({"model": "x"}) == stats
         assert store.gc(dry_run=True).removed == []
-    one_line_error(runner.invoke(cli, ["backup", str(path), str(tmp_path / "b")]), "pg_dump")
+    result = runner.invoke(cli, ["backup", str(path), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    with tdstore.open(tmp_path / "b") as copy:  # a local store with its own catalog.sqlite
+        assert (copy.group("g").reconstruct("n") == kv(8, seed=1)).all()
+        assert NullStatsCache(copy).get({"model": "x"}) == stats
+        assert copy.verify().ok
+    assert (tmp_path / "b" / "catalog.sqlite").is_file()
 
 
 def test_an_unreachable_server_is_one_clear_line(tmp_path):

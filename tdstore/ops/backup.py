@@ -40,6 +40,7 @@ from typing import Any
 
 from tdstore.core.errors import CorruptionError, InvalidInputError, StorageError
 from tdstore.core.ids import ARRAY_RE, GID_RE
+from tdstore.core.location import is_object_url
 from tdstore.ops import maintenance
 from tdstore.ops.context import CATALOG_FILE, DATA_DIR, LOCK_DIR, StoreContext
 from tdstore.storage.arrays import fsync_dir, fsync_file
@@ -51,6 +52,7 @@ MAX_ROUNDS = 20
 ARRAY_PATH = ARRAY_RE
 GROUP_ID = GID_RE
 COPY_BLOCK = 1 << 20
+MAX_OBJECT_BYTES = 1 << 32  # no chunk object of any layout is larger
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -100,9 +102,15 @@ class _Snapshot:
 
 
 def backup(source_path: str | os.PathLike[str], dest_path: str | os.PathLike[str], *,
-           progress: Progress | None = None) -> dict[str, Any]:
+           progress: Progress | None = None, url: str | None = None,
+           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy the store at ``source_path`` to the new directory ``dest_path``, consistently,
     while other processes may be writing to the source.
+
+    The source may be any store: a directory with its SQLite catalogue, or with the
+    catalogue at ``url`` (PostgreSQL), or an object-store location (``s3://...``) with
+    its PostgreSQL catalogue. The copy is always a self-contained local store (a
+    directory with ``catalog.sqlite``), opened by ``tdstore.open(dest_path)``.
 
     The copy holds exactly one catalogue snapshot of the source and the data it
     references; it is fsynced and verified (``verify()`` finds no damage) before this
@@ -117,10 +125,15 @@ def backup(source_path: str | os.PathLike[str], dest_path: str | os.PathLike[str
     On failure, the destination directory this call created is removed again.
     """
     t0 = time.monotonic()
-    src = Path(source_path).absolute()
     dest = Path(dest_path).absolute()
-    _check_source(src)
-    source = StoreContext(src, readonly=True, create=False)
+    src: Path | str
+    if is_object_url(source_path):
+        src = str(source_path)
+    else:
+        src = Path(source_path).absolute()
+        _check_source(src)
+    source = StoreContext(src, readonly=True, create=False, url=url,
+                          storage_options=storage_options)
     try:
         created = _prepare_dest(src, dest)
         try:
@@ -153,10 +166,11 @@ def _check_source(src: Path) -> None:
                                   "refusing to back it up")
 
 
-def _prepare_dest(src: Path, dest: Path) -> bool:
+def _prepare_dest(src: Path | str, dest: Path) -> bool:
     """Check the destination; create it if missing. Returns whether it was created."""
-    real_src, real_dest = src.resolve(), dest.resolve()
-    if real_dest == real_src or real_src in real_dest.parents:
+    real_dest = dest.resolve()
+    if isinstance(src, Path) and (real_dest == (real_src := src.resolve())
+                                  or real_src in real_dest.parents):
         raise InvalidInputError(f"backup destination {dest} is inside the source store "
                                 f"{src}; choose a directory outside it")
     if os.path.lexists(dest):
@@ -248,6 +262,8 @@ class _Backup:
     def _snapshot_catalog(self, tmp: Path) -> _Snapshot:
         """Copy the catalogue into ``tmp`` (one consistent snapshot) and read from the
         copy every array it references."""
+        if self.source.catalog.dialect != "sqlite":
+            return self._snapshot_server_catalog(tmp)
         raw = self.source.catalog.engine.raw_connection()
         try:
             target = sqlite3.connect(tmp)
@@ -272,6 +288,38 @@ class _Backup:
                 target.close()
         finally:
             raw.close()
+        fsync_file(tmp)
+        return snap
+
+    def _snapshot_server_catalog(self, tmp: Path) -> _Snapshot:
+        """A catalogue on a database server: every table's rows read in one snapshot
+        (REPEATABLE READ) and written into a new SQLite catalogue of the same schema.
+        The journal and the object-store location are not carried over (the copy holds
+        only referenced data, in a directory)."""
+        from sqlalchemy import delete, insert, select
+
+        from tdstore.ops.context import LOCATION_KEY
+        from tdstore.storage.catalog import Base, Catalog, MetaRow, sqlite_url, upgrade
+
+        copy = Catalog(sqlite_url(tmp))
+        try:
+            upgrade(copy, "head")
+            tables = [t for t in Base.metadata.sorted_tables if t.name != "pending"]
+            with self.source.catalog.errors(), self.source.catalog.read() as s:
+                rows = {t.name: [dict(r._mapping) for r in s.execute(select(t))]
+                        for t in tables}
+            with copy.engine.begin() as con:
+                for t in tables:
+                    for i in range(0, len(rows[t.name]), 10_000):
+                        con.execute(insert(t), rows[t.name][i : i + 10_000])
+                con.execute(delete(MetaRow).where(MetaRow.key == LOCATION_KEY))
+        finally:
+            copy.close()
+        target = sqlite3.connect(tmp)
+        try:
+            snap = _read_snapshot(target, self.src)
+        finally:
+            target.close()
         fsync_file(tmp)
         return snap
 
@@ -305,6 +353,8 @@ class _Backup:
         todo = [a for a in snap.arrays.values()
                 if a.path not in self.copied or self.copied[a.path] < a.rows]
         vanished: dict[str, str] = {}
+        if self.source.arrays.shared:
+            return self._copy_objects(snap, todo, round_no)
         src_root = os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             src_data = _open_dir(DATA_DIR, src_root, f"store {self.src}: {DATA_DIR}")
@@ -336,8 +386,79 @@ class _Backup:
                 os.close(src_data)
         return vanished
 
+    # an object-store source: the same files, fetched through its array store
+
+    def _copy_objects(self, snap: _Snapshot, todo: list[_ArrayRef], round_no: int
+                      ) -> dict[str, str]:
+        vanished: dict[str, str] = {}
+        data = self.dest / DATA_DIR
+        for i, ref in enumerate(sorted(todo, key=lambda a: a.path)):
+            if self.progress is not None:
+                self.progress(i, len(todo), f"data/{ref.path}"
+                              + (f" (snapshot {round_no})" if round_no > 1 else ""))
+            try:
+                self._copy_object_group(ref.gid)
+                target = data / ref.path
+                have = self.copied.get(ref.path)
+                if have is None:
+                    target.mkdir()
+                for n in [META_FILE, *ref.chunk_names(have or 0)]:
+                    self._copy_object(f"{ref.path}/{n}", target / n, replace=have is not None)
+                fsync_dir(target)
+                if have is None:
+                    fsync_dir(data / ref.gid)
+                self.copied[ref.path] = ref.rows
+            except _Vanished as exc:
+                vanished[ref.path] = exc.what
+                shutil.rmtree(data / ref.path, ignore_errors=True)
+                self.copied.pop(ref.path, None)
+        for gid in sorted(snap.gids - self.groups_copied):
+            with contextlib.suppress(_Vanished):
+                self._copy_object_group(gid)
+        if self.progress is not None:
+            self.progress(len(todo), len(todo), "done")
+        return vanished
+
+    def _copy_object_group(self, gid: str) -> None:
+        if gid in self.groups_copied:
+            return
+        gdir = self.dest / DATA_DIR / gid
+        gdir.mkdir(exist_ok=True)
+        try:
+            self._copy_object(f"{gid}/{META_FILE}", gdir / META_FILE)
+        except BaseException:
+            shutil.rmtree(gdir, ignore_errors=True)
+            raise
+        self.groups_copied.add(gid)
+
+    def _copy_object(self, rel: str, target: Path, *, replace: bool = False) -> None:
+        try:
+            body = self.source.arrays.read_object(rel, MAX_OBJECT_BYTES)
+        except FileNotFoundError:
+            raise _Vanished(f"store {self.src}: data/{rel}") from None
+        out_path = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}") \
+            if replace else target
+        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(out, view):]
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            out_path.unlink(missing_ok=True)
+            raise
+        os.close(out)
+        if replace:
+            os.replace(out_path, target)
+
     def _copy_root_meta(self, data: Path) -> None:
         """``data/zarr.json`` (the hierarchy's root), when the source has one."""
+        if self.source.arrays.shared:
+            with contextlib.suppress(_Vanished):
+                self._copy_object(META_FILE, data / META_FILE)
+            return
         src_root = os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             src_data = _open_dir(DATA_DIR, src_root, f"store {self.src}: {DATA_DIR}")
