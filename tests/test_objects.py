@@ -303,3 +303,45 @@ def test_backup_of_an_object_store_location_is_a_local_store(s3_env, pg_url, tmp
         assert copy.verify().ok and copy.gc(dry_run=True).removed == []
         assert copy.catalog.get_meta("data_location") is None
     assert set(written) <= set(expected)
+
+
+def test_a_postgresql_restart_during_a_write_commits_nothing(s3_env, pg_server, s3_server):
+    import time
+
+    url = pg_server.new_database()
+    loc = _loc(s3_env)
+    with tdstore.open(loc, url=url) as store:
+        written = _fill(store, n_mirrors=1)
+    relay = s3_server.new_relay()
+    store = tdstore.open(loc, url=url, cache_max_bytes=0,
+                         storage_options={"endpoint": f"http://127.0.0.1:{relay.port}"})
+    try:
+        g = store.group("rag")
+        before = len(s3_server.objects(s3_env))
+        release = relay.stall_after(b"PUT /", 3)
+        result: dict = {}
+
+        def write() -> None:
+            try:
+                g.register_master("retriever", kv(40, seed=77))
+            except Exception as exc:  # what the write raised is checked below
+                result["error"] = exc
+
+        t = threading.Thread(target=write)
+        t.start()
+        deadline = time.monotonic() + 120
+        while len(s3_server.objects(s3_env)) < before + 2:  # it has put objects down
+            assert t.is_alive() and time.monotonic() < deadline, result
+            time.sleep(0.05)
+        pg_server.restart()  # the writer's lock session ends with the old server
+        release.set()
+        t.join(300)
+        assert isinstance(result.get("error"), tdstore.StorageError), result
+        for a, v in written.items():  # nothing committed; the same Store works
+            assert np.array_equal(bits(g.reconstruct(a)), bits(v))
+        g.register_mirror("after", kv(40, seed=5))
+        assert np.array_equal(bits(g.reconstruct("after")), bits(kv(40, seed=5)))
+        assert not store.verify().damage
+    finally:
+        store.close()
+        relay.cut()

@@ -379,6 +379,7 @@ class StoreContext:
                     delete_agents(s, [r.id for r in rows])
                     s.delete(g)
                     journal.schedule_removals(s, gid, [(gid, nbytes)], JournalOp.REMOVE_GROUP)
+                    self.locks.confirm(s)
                 journal.collect(self, gid)
             self.locks.forget(gid)
             return

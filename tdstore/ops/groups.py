@@ -843,6 +843,7 @@ class _Write:
                     raise StateError(f"group {self.name!r} was deleted during the write; "
                                      "nothing was committed")
                 yield s, row
+                self.ctx.locks.confirm(s)  # still this writer's turn (see AdvisoryLocks)
                 journal.settle(s, self.ids)
                 removals = journal.schedule_removals(s, self.g.gid, self.obsolete)
             self.ids = []

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tdstore.core.ids import check_gid
 
@@ -118,6 +118,10 @@ class Locks(Protocol):
 
     def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]: ...
 
+    def confirm(self, session: Any) -> None:
+        """Called inside a commit's transaction: raise if a lock this thread holds was
+        lost meanwhile (then the commit rolls back)."""
+
     def forget(self, name: str) -> None:
         """Drop what the lock of a deleted group left behind (a group id is never
         reused, so no later writer needs it)."""
@@ -138,6 +142,9 @@ class FileLocks:
 
     def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]:
         return file_lock(self.path(name), wait=wait)
+
+    def confirm(self, session: Any) -> None:
+        """An flock is held until its descriptor closes: it cannot be lost."""
 
     def forget(self, name: str) -> None:
         # a process still waiting on the old file finds the group gone once it holds it
