@@ -190,6 +190,26 @@ class Backend:
             con.execute(text(statement), params)
         engine.dispose()
 
+    def fingerprint(self, name: str = "store") -> tuple[dict, dict]:
+        """Every catalogue row and every stored file's content hash (as ``fingerprint``)."""
+        if self.kind == "local":
+            return fingerprint(self.tmp / name)
+        from sqlalchemy import MetaData, create_engine, select
+
+        engine = create_engine(self.url(name))
+        rows: dict = {}
+        try:
+            meta = MetaData()
+            meta.reflect(engine)
+            with engine.connect() as con:
+                for t in meta.sorted_tables:
+                    rows[t.name] = sorted(map(repr, con.execute(select(t))))
+        finally:
+            engine.dispose()
+        files = {rel: hashlib.sha256(self.read(rel, name)).hexdigest()
+                 for rel in sorted(self.files(name))}
+        return rows, files
+
     def env(self, name: str = "store") -> dict[str, str]:
         """Environment for a subprocess (the command line or a script) on this store."""
         import os
