@@ -68,6 +68,34 @@ CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "connect_timeout",
                "user_agent", "read_timeout", "randomize_addresses"}
 
 
+# obstore's runtime threads do not survive fork(): in a child forked from a process that
+# used it, every request (even through a store made in the child) hangs. Measured with
+# obstore 0.12.1; see the test of a forked child in tests/test_restart.py.
+_used_in: int | None = None  # the pid of the process whose obstore runtime is live
+_unusable = False  # this process was forked after its parent used obstore
+
+
+def _after_fork_in_child() -> None:
+    global _unusable
+    if _used_in is not None:
+        _unusable = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_usable(location: str) -> None:
+    global _used_in
+    if _unusable:
+        raise StorageError(
+            f"store {location}: this process was forked from one that used object "
+            "storage, and the object-store client does not survive fork(); start such "
+            "processes with multiprocessing's 'spawn' or 'forkserver' method (or "
+            "subprocess)")
+    if _used_in is None:
+        _used_in = os.getpid()
+
+
 def _first_line(exc: BaseException, limit: int = 240) -> str:
     text = " ".join(str(exc).split())
     for marker in ("<?xml", "Error performing"):
@@ -106,6 +134,7 @@ class ObjectArrayStore:
 
         from_url: Any = _from_url  # its overloads type each service's keys; ours are any
         self.location = normalize_url(url)
+        _check_usable(self.location)
         self.verify_reads = verify_reads
         options = dict(storage_options or {})
         client = {**CLIENT_DEFAULTS, **{k: options.pop(k) for k in list(options)
@@ -147,6 +176,7 @@ class ObjectArrayStore:
         caller knows what it means); the rest is one StorageError line."""
         from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 
+        _check_usable(self.location)
         try:
             yield
         except (CorruptionError, InvalidInputError, StorageError):
