@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 
+import conftest
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import fingerprint, kv
+from conftest import kv
 
 import tdstore
 
 
 @pytest.fixture
-def group_path(tmp_path):
-    """A store with group 'rag': a master of 16 blocks (chunks of 4) and three mirrors."""
-    path = tmp_path / "s"
-    with tdstore.open(path) as store:
+def rag(backend):
+    """A store 's' with group 'rag': a master of 16 blocks (chunks of 4) and three
+    mirrors; returns the backend it is on."""
+    with backend.open("s") as store:
         g = store.group("rag", chunk_blocks=4)
         master = kv(16)
         g.register_master("retriever", master)
@@ -24,85 +25,110 @@ def group_path(tmp_path):
             x = master.copy()
             x[-(i + 2):] = kv(i + 2, seed=10 + i)
             g.register_mirror(name, x)
-    return path
+    return backend
 
 
-def _array_of(store, group, agent):
-    import sqlite3
+def fingerprint(backend, name: str = "s") -> tuple[dict, dict]:
+    """Everything a store holds, read directly (not through tdstore): every catalogue
+    row and every data file's (object's) content hash."""
+    if backend.kind == "local":
+        return conftest.fingerprint(backend.tmp / name)
+    from sqlalchemy import create_engine, inspect, text
 
-    con = sqlite3.connect(store.path / "catalog.sqlite")
-    (p,) = con.execute("SELECT a.array FROM agents a JOIN groups g ON a.group_id=g.id "
-                       "WHERE g.name=? AND a.name=?", (group, agent)).fetchone()
-    con.close()
-    return store.path / "data" / p
+    engine = create_engine(backend.url(name))
+    try:
+        with engine.connect() as con:
+            rows = {t: sorted(map(repr, con.execute(text(f'SELECT * FROM "{t}"'))))
+                    for t in inspect(con).get_table_names()}
+    finally:
+        engine.dispose()
+    files = {rel: hashlib.sha256(backend.read(rel, name)).hexdigest()
+             for rel in sorted(backend.files(name))}
+    return rows, files
 
 
-def test_a_clean_store_verifies_clean(group_path):
-    with tdstore.open(group_path) as store:
+def test_a_clean_store_verifies_clean(rag):
+    with rag.open("s") as store:
         report = store.verify()
     assert report.ok and report.agents_checked == 4 and report.chunks_checked == 4 + 3
 
 
-def test_verify_reports_a_flipped_byte_with_group_agent_and_blocks(group_path):
-    with tdstore.open(group_path) as store:
-        chunk = _array_of(store, "rag", "retriever") / "c.2.0.0"
-        data = bytearray(chunk.read_bytes())
+def test_verify_reports_a_flipped_byte_with_group_agent_and_blocks(rag):
+    with rag.open("s") as store:
+        chunk = f"{rag.array_of(store, 'rag', 'retriever')}/c.2.0.0"
+        data = bytearray(rag.read(chunk, "s"))
         data[3] ^= 0x40
-        chunk.write_bytes(bytes(data))
+        rag.write(chunk, bytes(data), "s")
         (f,) = store.verify().findings
     assert (f.kind, f.group, f.agent, f.blocks) == ("checksum", "rag", "retriever", "blocks 8-11")
-    assert "crc32c" in f.detail and f.path.endswith("c.2.0.0")
+    assert "crc32c" in f.detail and f.path == f"data/{chunk}"
 
 
-def test_verify_reports_a_truncated_chunk(group_path):
-    with tdstore.open(group_path) as store:
-        chunk = _array_of(store, "rag", "critic") / "c.0.0.0"
-        chunk.write_bytes(chunk.read_bytes()[:100])
+def test_verify_reports_a_truncated_chunk(rag):
+    with rag.open("s") as store:
+        chunk = f"{rag.array_of(store, 'rag', 'critic')}/c.0.0.0"
+        rag.write(chunk, rag.read(chunk, "s")[:100], "s")
         (f,) = store.verify().findings
     assert (f.kind, f.group, f.agent) == ("truncated-chunk", "rag", "critic")
-    assert "has 100 bytes, expected" in f.detail
+    assert "has 100 bytes, expected" in f.detail and f.path == f"data/{chunk}"
 
 
-def test_verify_reports_a_deleted_chunk(group_path):
-    with tdstore.open(group_path) as store:
-        (_array_of(store, "rag", "retriever") / "c.3.0.0").unlink()
+def test_verify_reports_a_deleted_chunk(rag):
+    with rag.open("s") as store:
+        chunk = f"{rag.array_of(store, 'rag', 'retriever')}/c.3.0.0"
+        rag.delete(chunk, "s")
         (f,) = store.verify().findings
     assert (f.kind, f.agent, f.blocks) == ("missing-chunk", "retriever", "blocks 12-15")
+    assert f.path == f"data/{chunk}"
 
 
-def test_verify_reports_an_orphaned_array_and_gc_removes_it(group_path):
-    with tdstore.open(group_path) as store:
-        src = _array_of(store, "rag", "critic")
-        shutil.copytree(src, src.with_name("d-0123456789abcdef"))
+def test_verify_reports_an_orphaned_array_and_gc_removes_it(rag):
+    with rag.open("s") as store:
+        src = rag.array_of(store, "rag", "critic")
+        copy = f"{src.rsplit('/', 1)[0]}/d-0123456789abcdef"
+        files = [rel for rel in rag.files("s") if rel.startswith(src + "/")]
+        assert files
+        for rel in files:  # a copy of every file (object) of the array, at a new path
+            rag.write(copy + rel[len(src):], rag.read(rel, "s"), "s")
         (f,) = store.verify().findings
-        assert (f.kind, f.group) == ("orphan-array", "rag") and f.nbytes > 0
+        assert (f.kind, f.group, f.path) == ("orphan-array", "rag", f"data/{copy}")
+        assert f.nbytes == sum(rag.files("s")[rel] for rel in files)
         assert store.info()["reclaimable_bytes"] == f.nbytes
         dry = store.gc(dry_run=True)
-        assert dry.removed == [f.path] and src.with_name("d-0123456789abcdef").exists()
+        assert dry.removed == [f.path] and rag.exists(copy, "s")
         done = store.gc()
-        assert done.freed_bytes == f.nbytes and not src.with_name("d-0123456789abcdef").exists()
+        assert done.freed_bytes == f.nbytes and not rag.exists(copy, "s")
+        assert rag.exists(src, "s")
         assert store.verify().ok
 
 
-def test_gc_removes_what_interrupted_writes_leave(group_path):
-    with tdstore.open(group_path) as store:
-        arr = _array_of(store, "rag", "retriever")
-        (arr / "c.0.0.0.tmp-deadbeef").write_bytes(b"half a chunk")
-        (arr / "c.9.0.0").write_bytes(b"a chunk past the committed length")
-        (store.path / "data" / "00ff00ff00ff00ff" / "m-1").mkdir(parents=True)
+def test_gc_removes_what_interrupted_writes_leave(rag):
+    with rag.open("s") as store:
+        arr = rag.array_of(store, "rag", "retriever")
+        rag.write(f"{arr}/c.0.0.0.tmp-deadbeef", b"half a chunk", "s")
+        rag.write(f"{arr}/c.9.0.0", b"a chunk past the committed length", "s")
+        if rag.kind == "s3":  # an object store has no empty directories: a stray object
+            rag.write("00ff00ff00ff00ff/m-1/c.0.0.0", b"a chunk of no group", "s")
+        else:
+            (rag.tmp / "s" / "data" / "00ff00ff00ff00ff" / "m-1").mkdir(parents=True)
         kinds = sorted(f.kind for f in store.verify().findings)
         assert kinds == ["orphan-file", "orphan-file", "orphan-group"]
         assert len(store.gc().removed) == 3
         assert store.verify().ok
+        assert not rag.exists("00ff00ff00ff00ff", "s")
+        if rag.kind != "s3":
+            assert not (rag.tmp / "s" / "data" / "00ff00ff00ff00ff").exists()
+        assert not rag.exists(f"{arr}/c.9.0.0", "s")
+        assert not rag.exists(f"{arr}/c.0.0.0.tmp-deadbeef", "s")
         assert np.array_equal(store.group("rag").reconstruct("retriever"), kv(16))
 
 
-def test_repair_quarantines_only_the_damaged_agent(group_path):
-    with tdstore.open(group_path) as store:
+def test_repair_quarantines_only_the_damaged_agent(rag):
+    with rag.open("s") as store:
         g = store.group("rag")
         healthy = {a: g.reconstruct(a) for a in ("reranker", "responder", "retriever")}
-        chunk = _array_of(store, "rag", "critic") / "c.0.0.0"
-        chunk.write_bytes(b"\0" + chunk.read_bytes()[1:])
+        chunk = f"{rag.array_of(store, 'rag', 'critic')}/c.0.0.0"
+        rag.write(chunk, b"\0" + rag.read(chunk, "s")[1:], "s")
         report = store.verify(repair=True)
         assert report.repaired == ["quarantined group 'rag' agent 'critic'"]
         with pytest.raises(tdstore.CorruptionError, match="agent 'critic' is quarantined"):
@@ -116,11 +142,11 @@ def test_repair_quarantines_only_the_damaged_agent(group_path):
         assert store.verify().ok
 
 
-def test_a_quarantined_master_is_restored_by_re_registering_it(group_path):
-    with tdstore.open(group_path) as store:
+def test_a_quarantined_master_is_restored_by_re_registering_it(rag):
+    with rag.open("s") as store:
         g = store.group("rag")
         critic = g.reconstruct("critic")
-        (_array_of(store, "rag", "retriever") / "c.1.0.0").unlink()
+        rag.delete(f"{rag.array_of(store, 'rag', 'retriever')}/c.1.0.0", "s")
         store.verify(repair=True)
         with pytest.raises(tdstore.CorruptionError, match="'retriever' is quarantined"):
             g.reconstruct("critic")  # a mirror needs its master
@@ -129,21 +155,16 @@ def test_a_quarantined_master_is_restored_by_re_registering_it(group_path):
         assert store.verify().ok
 
 
-def test_verify_reports_index_rows_out_of_range(group_path):
-    import sqlite3
-
-    con = sqlite3.connect(group_path / "catalog.sqlite")
-    con.execute("UPDATE diff_blocks SET block_index = 99 WHERE slot = 0 AND agent_id = "
-                "(SELECT id FROM agents WHERE name = 'critic')")
-    con.commit()
-    con.close()
-    with tdstore.open(group_path) as store:
+def test_verify_reports_index_rows_out_of_range(rag):
+    rag.sql("UPDATE diff_blocks SET block_index = 99 WHERE slot = 0 AND agent_id = "
+            "(SELECT id FROM agents WHERE name = 'critic')", "s")
+    with rag.open("s") as store:
         (f,) = store.verify().findings
     assert (f.kind, f.agent) == ("bad-index", "critic") and "outside 0..15" in f.detail
 
 
-def test_compact_removes_append_padding_and_keeps_every_agent(tmp_path):
-    with tdstore.open(tmp_path / "s") as store:
+def test_compact_removes_append_padding_and_keeps_every_agent(backend):
+    with backend.open("s") as store:
         g = store.group("g")
         g.register_master("m", kv(64, (64, 64)))
         g.register_mirror("a", kv(64, (64, 64), seed=1))
@@ -157,8 +178,8 @@ def test_compact_removes_append_padding_and_keeps_every_agent(tmp_path):
         assert store.verify().ok
 
 
-def test_rebase_auto_picks_the_agent_that_minimises_the_diff(tmp_path):
-    with tdstore.open(tmp_path / "s") as store:
+def test_rebase_auto_picks_the_agent_that_minimises_the_diff(backend):
+    with backend.open("s") as store:
         g = store.group("g", diff_threshold=0.0)
         common = kv(20)
         outlier = common.copy()
@@ -184,8 +205,8 @@ def test_rebase_auto_picks_the_agent_that_minimises_the_diff(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_export_and_import_round_trip(tmp_path, suffix, dtype):
-    with tdstore.open(tmp_path / "s") as store:
+def test_export_and_import_round_trip(backend, tmp_path, suffix, dtype):
+    with backend.open("s") as store:
         g = store.group("g")
         master = kv(8, dtype=dtype)
         mirror = master.copy()
@@ -207,13 +228,13 @@ def test_export_and_import_round_trip(tmp_path, suffix, dtype):
                           "diff_blocks": 1, "removed": []}
 
 
-def test_import_of_a_bad_file_is_refused_and_store_unchanged(tmp_path):
-    with tdstore.open(tmp_path / "s") as store:
+def test_import_of_a_bad_file_is_refused_and_store_unchanged(backend, tmp_path):
+    with backend.open("s") as store:
         store.group("g").register_master("m", kv(4))
-    before = fingerprint(tmp_path / "s")
+    before = fingerprint(backend)
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     (tmp_path / "x.txt").write_text("hello")
-    with tdstore.open(tmp_path / "s") as store:
+    with backend.open("s") as store:
         g = store.group("g")
         with pytest.raises(tdstore.InvalidInputError, match="junk.npy cannot be read"):
             g.import_file("a", tmp_path / "junk.npy")
@@ -223,4 +244,4 @@ def test_import_of_a_bad_file_is_refused_and_store_unchanged(tmp_path):
             g.import_file("a", tmp_path / "missing.npy")
         with pytest.raises(tdstore.InvalidInputError, match="expected a .npy or .safetensors"):
             g.export("m", tmp_path / "out.csv")
-    assert fingerprint(tmp_path / "s") == before
+    assert fingerprint(backend) == before

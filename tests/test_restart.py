@@ -7,6 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+import tdstore
+
 WRITER = textwrap.dedent("""
     import os, sys, numpy as np, ml_dtypes, tdstore
     path, expected = sys.argv[1], sys.argv[2]
@@ -82,6 +86,9 @@ def test_a_concurrent_reader_sees_committed_state(backend, tmp_path):
 
 
 def test_a_forked_child_uses_its_own_connections(backend):
+    """A forked child writes through the store it inherited (its catalogue connections
+    are its own). On object storage the client cannot survive fork(): the child gets a
+    clear StorageError at once, never a hang, and the parent's store keeps working."""
     import multiprocessing
 
     import numpy as np
@@ -90,14 +97,29 @@ def test_a_forked_child_uses_its_own_connections(backend):
         g = store.group("g")
         g.register_master("m", np.zeros((4, 8), np.float32))
         ctx = multiprocessing.get_context("fork")
+        errors = ctx.Queue()
 
         def child() -> None:  # writes through the store object it inherited
-            g.register_mirror("from-child", np.ones((4, 8), np.float32))
+            try:
+                g.register_mirror("from-child", np.ones((4, 8), np.float32))
+            except tdstore.StorageError as exc:
+                errors.put(str(exc))
+                raise
 
         p = ctx.Process(target=child)
         p.start()
         p.join(60)
-        assert p.exitcode == 0
+        if p.exitcode is None:  # hung: kill it, so the test fails instead of pytest's exit
+            p.kill()
+            p.join()
+            pytest.fail("the forked child did not finish its write within 60 s")
+        if backend.kind == "s3":
+            assert p.exitcode == 1
+            assert "does not survive fork()" in errors.get(timeout=10)
+            expected = ["m", "from-parent"]
+        else:
+            assert p.exitcode == 0
+            expected = ["m", "from-child", "from-parent"]
         g.register_mirror("from-parent", np.full((4, 8), 2, np.float32))
-        assert g.agents() == ["m", "from-child", "from-parent"]
+        assert g.agents() == expected
         assert store.verify().ok
