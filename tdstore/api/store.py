@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, Self, TypedDict, TypeVar, Unpack, overload
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from tdstore.ops.maintenance import GcReport, Progress, VerifyReport
 from tdstore.storage.arrays import ArrayStore
 from tdstore.storage.catalog import Catalog
 from tdstore.storage.reads import AgentSnapshot
+
+if TYPE_CHECKING:
+    from tdstore.api.chunks import Chunks
 
 T = TypeVar("T")
 
@@ -103,6 +106,13 @@ class Store(ClosingContext):
         "_ctx", "The catalogue (storage layer), for tools that inspect a store directly.")
     arrays: _Forward[ArrayStore] = _Forward(
         "_ctx", "The array store (storage layer), for tools that inspect a store directly.")
+
+    def chunks(self, namespace: str = "chunk") -> Chunks:
+        """Arrays stored and found by a string key (see :class:`tdstore.api.chunks.Chunks`),
+        each kept as a group ``<namespace>:<key>``."""
+        from tdstore.api.chunks import Chunks
+
+        return Chunks(self, namespace)
 
     def group(
         self,

@@ -1,0 +1,94 @@
+"""Keyed chunks (Store.chunks): arrays stored, found and removed by a string key, with
+every guarantee agents have, on every backend."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import tdstore
+
+KEYS = ["model@1@0@-520fcff2946d4d52@half", "model@1@0@3f1a@half", "model@1@0@77@half"]
+
+
+def chunk(seed: int, tokens: int = 256, dtype=ml_dtypes.bfloat16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((2, 4, tokens, 64), np.float32).astype(dtype)
+
+
+def test_chunks_round_trip_bit_exact_with_their_metadata(backend):
+    with backend.open() as store:
+        c = store.chunks("lmcache")
+        assert c.put(KEYS[0], chunk(0), fmt="KV_2LTD")
+        assert not c.put(KEYS[0], chunk(0), fmt="KV_2LTD")  # a key names its content
+        c.put(KEYS[1], chunk(1, tokens=232), fmt="KV_2LTD")  # a last, partial chunk
+        c.put(KEYS[2], chunk(2, dtype=np.float16))
+    with backend.open() as store:  # a new open: found, bit-exact
+        c = store.chunks("lmcache")
+        assert sorted(c.keys()) == sorted(KEYS)
+        for i, k in enumerate(KEYS):
+            got, meta = c.get(k)
+            want = chunk(i, tokens=232 if i == 1 else 256,
+                         dtype=np.float16 if i == 2 else ml_dtypes.bfloat16)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert got.tobytes() == want.tobytes()
+        assert meta["fmt"] is None and c.meta(KEYS[0])["fmt"] == "KV_2LTD"
+        assert c.count_present(KEYS) == 3
+        assert c.count_present([KEYS[0], "model@1@0@missing@half", KEYS[1]]) == 1
+        assert c.remove(KEYS[1]) and not c.remove(KEYS[1])
+        assert not c.contains(KEYS[1]) and c.count_present(KEYS) == 1
+        with pytest.raises(tdstore.NotFoundError, match="chunk 'model@1@0@3f1a@half'"):
+            c.get(KEYS[1])
+        assert store.verify().ok
+        assert f"lmcache:{KEYS[0]}" in store.groups()
+
+
+def test_a_damaged_chunk_is_an_error_never_wrong_bytes(backend):
+    with backend.open() as store:
+        c = store.chunks()
+        c.put(KEYS[0], chunk(0))
+        rel = backend.array_of(store, f"chunk:{KEYS[0]}", "chunk")
+    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
+    data = bytearray(backend.read(name))
+    data[100] ^= 0x01
+    backend.write(name, bytes(data))
+    # (on object storage the host's chunk cache still holds the intact copy, and would
+    # rightly serve it: read past it, from the damaged object)
+    no_cache = {"cache_max_bytes": 0} if backend.kind == "s3" else {}
+    with backend.open(verify_reads=True, **no_cache) as store:
+        with pytest.raises(tdstore.CorruptionError):
+            store.chunks().get(KEYS[0])
+        assert not store.verify().ok
+
+
+def test_the_budget_evicts_old_chunks_whole_and_never_the_new_one(backend):
+    one = chunk(0).nbytes
+    budget = int(3.5 * one)
+    with backend.open(max_bytes=budget) as store:
+        c = store.chunks()
+        for i in range(8):
+            c.put(f"k{i}", chunk(i))
+            assert c.contains(f"k{i}")  # the chunk just written survives its own write
+            assert store.accounted_bytes() <= budget and backend.data_bytes() <= budget
+        kept = c.keys()
+        assert 1 <= len(kept) <= 3 and "k7" in kept
+        for k in kept:  # what is left reads back exactly; what went, went whole
+            assert c.get(k)[0].tobytes() == chunk(int(k[1:])).tobytes()
+        leading = next((i for i in range(8) if f"k{i}" not in kept), 8)
+        assert c.count_present([f"k{i}" for i in range(8)]) == leading
+        assert store.verify().ok
+
+
+def test_bad_keys_and_arrays_are_refused(store):
+    c = store.chunks()
+    for bad in ("", "a/b", "\0", 5):
+        with pytest.raises(tdstore.InvalidInputError):
+            c.put(bad, chunk(0))
+    with pytest.raises(tdstore.InvalidInputError, match="expected a numpy.ndarray"):
+        c.put("k", [1, 2, 3])
+    with pytest.raises(tdstore.InvalidInputError):
+        c.put("k", np.zeros((2, 3), np.int64))
+    with pytest.raises(tdstore.InvalidInputError, match="':'"):
+        store.chunks("a:b")
+    assert store.groups() == []
