@@ -62,7 +62,7 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     if q_positions is None:
         if q.shape[0] > n:
             raise InvalidInputError(f"attention: {q.shape[0]} queries but only {n} keys")
-        pos = np.arange(n - q.shape[0], n, dtype=np.int64)
+        pos: np.ndarray = np.arange(n - q.shape[0], n, dtype=np.int64)
     else:
         pos = np.asarray(q_positions, dtype=np.int64)
         if pos.shape != (q.shape[0],) or (pos.size and (pos.min() < 0 or pos.max() >= n)):
@@ -365,7 +365,8 @@ def _extra_keys(pattern: SparsePattern, p: np.ndarray, n: int) -> tuple[np.ndarr
         masks.append(ok)
     if pattern.log_stride:
         first = max(0, int(np.ceil(np.log2(w)))) if w > 1 else 0
-        offs = 2 ** np.arange(first, max(first, int(n).bit_length()), dtype=np.int64)
+        offs: np.ndarray = 2 ** np.arange(first, max(first, int(n).bit_length()),
+                                          dtype=np.int64)
         offs = offs[offs >= w]
         s = p[:, None] - offs[None, :]
         cols.append(s)

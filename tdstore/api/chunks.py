@@ -32,22 +32,23 @@ if TYPE_CHECKING:
     from tdstore.api.store import Store
 
 AGENT = "chunk"
-# blocks of at most this many bytes (whole rows of the last axis): small enough for the
-# diff index to find shared runs of tokens, large enough to keep its rows few
+# blocks of at most this many rows (tokens, for an LMCache chunk) and bytes: small enough
+# for the diff index to find shared runs of tokens, large enough to keep its rows few
+BLOCK_ROWS = 16
 BLOCK_BYTES = 64 << 10
 
 
 def block_layout(shape: Sequence[int], itemsize: int) -> tuple[int, int]:
     """``(n_blocks, block_bytes)`` for an array of ``shape``: each block holds whole rows
-    of the last axis, as many consecutive rows of the axis before it as fit in
-    ``BLOCK_BYTES`` (and divide it evenly)."""
+    of the last axis, as many consecutive rows of the axis before it (at most
+    ``BLOCK_ROWS`` and ``BLOCK_BYTES``) as divide it evenly."""
     if not shape or any(d < 1 for d in shape):
         raise InvalidInputError(f"chunk shape {tuple(shape)}: expected at least one "
                                 "dimension, each >= 1")
     row = shape[-1] * itemsize
     rows_axis = shape[-2] if len(shape) >= 2 else 1
     per = 1
-    for d in range(1, rows_axis + 1):
+    for d in range(1, min(rows_axis, BLOCK_ROWS) + 1):
         if rows_axis % d == 0 and d * row <= BLOCK_BYTES:
             per = d
     nbytes = math.prod(shape) * itemsize

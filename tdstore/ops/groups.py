@@ -164,7 +164,7 @@ class GroupOps:
                         f"{self.where(agent)}: agent {r.name!r} is {r.status}: its data is "
                         "damaged; re-register it or delete it"
                     )
-            idx = np.zeros(0, dtype=np.int64)
+            idx: np.ndarray = np.zeros(0, dtype=np.int64)
             if row.role == Role.MIRROR and row.n_diff:
                 idx = np.fromiter(
                     s.scalars(select(DiffBlockRow.block_index)

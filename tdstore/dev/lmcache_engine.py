@@ -1,0 +1,126 @@
+"""LMCache's standalone engine on the CPU, with tdstore or LMCache's own disk backend:
+what the tests and the benchmark drive (no vLLM, no GPU).
+
+The engine moves KV between its chunk buffers and the model's KV through a "GPU
+connector"; LMCache's own CPU stand-in copies nothing, so :class:`CPUConnector` copies
+between the buffers and a plain tensor ``[2, layers, tokens, heads * head_size]`` (the
+``KV_2LTD`` layout of LMCache's chunks).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")  # no usage reports to LMCache's server
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lmcache.utils import mock_up_broadcast_fn, mock_up_broadcast_object_fn
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
+from lmcache.v1.metadata import LMCacheMetadata
+from lmcache.v1.standalone.manager import StandaloneLMCacheManager
+
+LAYERS, HEADS, HEAD_SIZE = 4, 2, 16
+DTYPE = torch.float16
+CHUNK = 256
+
+
+class CPUConnector(GPUConnectorInterface):
+    """Copies chunk buffers from and to ``kv_buffer[:, :, start:end, :]``."""
+
+    def __init__(self, kv_shape: tuple[int, ...]):
+        self.kv_shape = kv_shape
+        self.num_layers = kv_shape[0]
+        self.kvcaches = None
+
+    def get_shape(self, num_tokens: int) -> torch.Size:
+        layers, kv, _, heads, size = self.kv_shape
+        return torch.Size([kv, layers, num_tokens, heads * size])
+
+    def from_gpu(self, memory_obj: Any, start: int, end: int, **kwargs: Any) -> None:
+        memory_obj.tensor.copy_(kwargs["kv_buffer"][:, :, start:end, :])
+
+    def to_gpu(self, memory_obj: Any, start: int, end: int, **kwargs: Any) -> None:
+        kwargs["kv_buffer"][:, :, start:end, :].copy_(memory_obj.tensor)
+
+    def batched_from_gpu(self, memory_objs: Any, starts: list[int], ends: list[int],
+                         **kwargs: Any) -> None:
+        for m, s, e in zip(memory_objs, starts, ends, strict=True):
+            self.from_gpu(m, s, e, **kwargs)
+
+    def batched_to_gpu(self, memory_objs: Any = None, starts: Any = None, ends: Any = None,
+                       **kwargs: Any) -> None:
+        for m, s, e in zip(memory_objs, starts, ends, strict=True):
+            self.to_gpu(m, s, e, **kwargs)
+
+
+def tdstore_config(location: str, *, url: str | None = None, max_bytes: int | None = None,
+                   cpu_gb: float = 0.2, **extra: Any) -> dict[str, Any]:
+    """LMCache's configuration with tdstore as its storage backend (what a user writes
+    in LMCache's YAML file, as a dict)."""
+    cfg: dict[str, Any] = {
+        "chunk_size": CHUNK, "local_cpu": False, "max_local_cpu_size": cpu_gb,
+        "save_unfull_chunk": True, "storage_plugins": ["tdstore"],
+        "extra_config": {
+            "storage_plugin.tdstore.module_path": "tdstore.integrations.lmcache",
+            "storage_plugin.tdstore.class_name": "TdStoreBackend",
+            "tdstore.location": location,
+            **({"tdstore.url": url} if url else {}),
+            **({"tdstore.max_bytes": max_bytes} if max_bytes else {}),
+            **{f"tdstore.{k}": v for k, v in extra.items()},
+        },
+    }
+    return cfg
+
+
+def disk_config(path: str, *, max_gb: float = 5.0, cpu_gb: float = 0.2) -> dict[str, Any]:
+    """The same engine with LMCache's own LocalDiskBackend instead."""
+    return {"chunk_size": CHUNK, "local_cpu": False, "max_local_cpu_size": cpu_gb,
+            "save_unfull_chunk": True, "local_disk": f"file://{path.rstrip('/')}/",
+            "max_local_disk_size": max_gb}
+
+
+@contextmanager
+def engine(config: dict[str, Any], *, layers: int = LAYERS) -> Any:
+    """A started standalone engine (stopped, and its backends closed, on exit)."""
+    cfg = LMCacheEngineConfig.from_dict(config)
+    cfg.validate()
+    meta = LMCacheMetadata(model_name="tdstore-test", world_size=1, local_world_size=1,
+                           worker_id=0, local_worker_id=0, kv_dtype=DTYPE,
+                           kv_shape=(layers, 2, CHUNK, HEADS, HEAD_SIZE), use_mla=False,
+                           role="worker", chunk_size=CHUNK)
+    manager = StandaloneLMCacheManager(config=cfg, metadata=meta,
+                                       gpu_connector=CPUConnector(meta.kv_shape),
+                                       broadcast_fn=mock_up_broadcast_fn,
+                                       broadcast_object_fn=mock_up_broadcast_object_fn)
+    manager.post_init()
+    try:
+        eng = manager.lmcache_engine
+        if eng is None or eng.storage_manager is None:
+            raise RuntimeError("LMCache's engine did not start (see its log)")
+        if "storage_plugins" in config and "tdstore" not in eng.storage_manager.storage_backends:
+            raise RuntimeError("LMCache did not load the tdstore backend (see its log)")
+        yield eng
+    finally:
+        manager.stop_services()
+
+
+def backend_of(eng: Any) -> Any:
+    """The tdstore backend LMCache created."""
+    return eng.storage_manager.storage_backends["tdstore"]
+
+
+def sequence(n_tokens: int, seed: int = 0, *, layers: int = LAYERS
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and their (random) KV ``[2, layers, n_tokens, heads * head_size]``."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 32000, (n_tokens,), generator=g, dtype=torch.long)
+    kv = torch.randn((2, layers, n_tokens, HEADS * HEAD_SIZE), generator=g).to(DTYPE)
+    return tokens, kv
+
+
+def keys_of(eng: Any, tokens: torch.Tensor) -> list[str]:
+    return [k.to_string() for _, _, k in eng.token_database.process_tokens(tokens=tokens)]

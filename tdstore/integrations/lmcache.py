@@ -1,0 +1,268 @@
+"""tdstore as an LMCache storage backend: ``TdStoreBackend``, an LMCache storage plugin.
+
+LMCache loads it from its own configuration (no code of ours in vLLM)::
+
+    chunk_size: 256
+    local_cpu: false
+    max_local_cpu_size: 5          # GB: LMCache's buffers, also for chunks read back
+    save_unfull_chunk: true
+    storage_plugins: ["tdstore"]
+    extra_config:
+      storage_plugin.tdstore.module_path: tdstore.integrations.lmcache
+      storage_plugin.tdstore.class_name: TdStoreBackend
+      tdstore.location: /var/cache/kv            # or s3://bucket/prefix
+      tdstore.url: postgresql+psycopg://...      # optional (required for s3://)
+      tdstore.max_bytes: 200000000000            # optional size budget (LRU eviction)
+
+Each LMCache chunk is a keyed chunk of the store (:class:`tdstore.api.chunks.Chunks`,
+namespace ``lmcache``) under ``CacheEngineKey.to_string()``, with the shapes, dtypes and
+memory format LMCache gave it. Writes are behind, like LMCache's own disk backend: a put
+copies the chunk and returns, a writer thread commits it; ``contains`` and lookups count
+only chunks whose commit is done, so LMCache is never told of a chunk a crash could
+lose. Reads fill buffers LMCache allocates. A damaged chunk is a miss, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+from lmcache.v1.memory_management import MemoryFormat
+from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
+
+from tdstore.api.store import Store
+from tdstore.api.store import open as open_store
+from tdstore.core.errors import CorruptionError, NotFoundError, TdStoreError
+
+log = logging.getLogger("tdstore.lmcache")
+
+NAMESPACE = "lmcache"
+SETTINGS = ("location", "url", "max_bytes", "cache_dir", "cache_max_bytes", "verify_reads")
+
+
+def settings_from(extra: dict[str, Any]) -> dict[str, Any]:
+    """tdstore's settings from LMCache's ``extra_config`` (keys ``tdstore.<name>``)."""
+    out: dict[str, Any] = {}
+    for name in SETTINGS:
+        value = extra.get(f"tdstore.{name}")
+        if value is None or value == "":
+            continue
+        if name in ("max_bytes", "cache_max_bytes"):
+            value = int(float(value))
+        elif name == "verify_reads":
+            value = str(value).lower() in ("1", "true", "yes", "on")
+        out[name] = value
+    out.setdefault("verify_reads", True)  # a damaged chunk must be a miss, never bytes
+    if "location" not in out:
+        raise ValueError("tdstore LMCache backend: extra_config needs tdstore.location "
+                         "(a directory, or s3://bucket/prefix with tdstore.url)")
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptionError(f"chunk records dtype {name!r}, not a torch dtype")
+    return dtype
+
+
+class _Put:
+    __slots__ = ("callback", "data", "fmt", "key", "name", "shapes", "dtypes")
+
+    def __init__(self, key: Any, name: str, data: np.ndarray, shapes: list, dtypes: list,
+                 fmt: str, callback: Callable[[Any], None] | None):
+        self.key, self.name, self.data = key, name, data
+        self.shapes, self.dtypes, self.fmt, self.callback = shapes, dtypes, fmt, callback
+
+
+class TdStoreBackend(StoragePluginInterface):
+    """LMCache's storage plugin interface, kept in a tdstore store."""
+
+    def __init__(self, dst_device: str = "cpu", config: Any = None, metadata: Any = None,
+                 local_cpu_backend: Any = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        super().__init__(dst_device=dst_device, config=config, metadata=metadata,
+                         local_cpu_backend=local_cpu_backend, loop=loop)
+        if local_cpu_backend is None:
+            raise ValueError("tdstore LMCache backend: needs LMCache's local CPU backend "
+                             "(max_local_cpu_size > 0) to allocate the chunks it reads")
+        extra = dict(getattr(config, "extra_config", None) or {})
+        opts = settings_from(extra)
+        location = opts.pop("location")
+        self.store: Store = open_store(location, **opts)
+        self.chunks = self.store.chunks(NAMESPACE)
+        self._pending: dict[str, _Put] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Put | None] = queue.Queue()
+        self._idle = threading.Condition(self._lock)
+        self.failed = 0  # puts that did not commit (logged)
+        self._writer = threading.Thread(target=self._write_loop, name="tdstore-lmcache-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def __str__(self) -> str:
+        return f"TdStoreBackend({self.store.path})"
+
+    @staticmethod
+    def _name(key: Any) -> str:
+        return str(key.to_string())
+
+    # ------------------------------------------------------------------ lookups
+
+    def contains(self, key: Any, pin: bool = False) -> bool:
+        return self.chunks.contains(self._name(key))
+
+    def batched_contains(self, keys: list[Any], pin: bool = False) -> int:
+        """How many of ``keys``, from the first, are committed (one catalogue query)."""
+        return self.chunks.count_present([self._name(k) for k in keys])
+
+    async def batched_async_contains(self, lookup_id: str, keys: list[Any],
+                                     pin: bool = False) -> int:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.batched_contains, keys, pin)
+
+    def exists_in_put_tasks(self, key: Any) -> bool:
+        with self._lock:
+            return self._name(key) in self._pending
+
+    # ------------------------------------------------------------------ writes
+
+    def batched_submit_put_task(self, keys: Sequence[Any], objs: list[Any],
+                                transfer_spec: Any = None,
+                                on_complete_callback: Callable[[Any], None] | None = None
+                                ) -> list[Future] | None:
+        """Copy each chunk and queue it for the writer thread; returns at once. LMCache
+        releases ``objs`` when this returns, so the bytes are copied here."""
+        for key, obj in zip(keys, objs, strict=True):
+            name = self._name(key)
+            with self._lock:
+                if name in self._pending:
+                    continue
+            meta = obj.metadata
+            shapes = [list(s) for s in (meta.shapes or [meta.shape])]
+            dtypes = [_dtype_name(d) for d in (meta.dtypes or [meta.dtype])]
+            size = obj.get_size()
+            data = np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8,
+                                 count=size).copy()
+            if len(shapes) == 1 and shapes[0] and int(np.prod(shapes[0])) and \
+                    size % int(np.prod(shapes[0][:-1])) == 0:
+                # rows of the last axis (runs of tokens of one layer for KV_2LTD): blocks
+                # that agents sharing a prompt share
+                data = data.reshape(*shapes[0][:-1], -1)
+            item = _Put(key, name, data, shapes, dtypes, meta.fmt.name, on_complete_callback)
+            with self._lock:
+                self._pending[name] = item
+            self._queue.put(item)
+        return None
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.chunks.put(item.name, item.data, fmt=item.fmt,
+                                attrs={"shapes": item.shapes, "dtypes": item.dtypes})
+            except Exception as exc:  # not committed: LMCache will not find it
+                self.failed += 1
+                log.warning("tdstore: chunk %s was not stored (%s)", item.name, exc)
+            else:
+                if item.callback is not None:
+                    try:
+                        item.callback(item.key)
+                    except Exception as exc:
+                        log.warning("tdstore: on_complete_callback failed: %s", exc)
+            finally:
+                with self._lock:
+                    self._pending.pop(item.name, None)
+                    if not self._pending:
+                        self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued chunk is committed (or failed); returns whether the
+        queue drained within ``timeout``."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_blocking(self, key: Any) -> Any:
+        """The chunk in a buffer LMCache allocates, or None (missing, damaged, or no
+        buffer free)."""
+        name = self._name(key)
+        try:
+            meta = self.chunks.meta(name)
+            shapes = [torch.Size(s) for s in meta["shapes"]]
+            dtypes = [_torch_dtype(d) for d in meta["dtypes"]]
+            fmt = MemoryFormat[meta["fmt"]]
+        except NotFoundError:
+            return None
+        except (CorruptionError, KeyError, TypeError, ValueError) as exc:
+            log.warning("tdstore: chunk %s has unusable metadata (%s): a miss", name, exc)
+            return None
+        obj = self.local_cpu_backend.allocate(shapes if len(shapes) > 1 else shapes[0],
+                                              dtypes if len(dtypes) > 1 else dtypes[0],
+                                              fmt, busy_loop=False)
+        if obj is None:
+            log.warning("tdstore: no LMCache buffer free for chunk %s", name)
+            return None
+        try:
+            n = int(np.prod(meta["shape"]))
+            buf = np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8, count=n)
+            self.chunks.read_into(name, buf, meta)
+        except TdStoreError as exc:  # damaged or gone meanwhile: a miss, never bytes
+            log.warning("tdstore: chunk %s cannot be read (%s): a miss", name, exc)
+            obj.ref_count_down()
+            return None
+        return obj
+
+    def batched_get_blocking(self, keys: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for key in keys:
+            obj = self.get_blocking(key)
+            out.append(obj)
+            if obj is None:
+                break
+        return out + [None] * (len(keys) - len(out))
+
+    async def batched_get_non_blocking(self, lookup_id: str, keys: list[Any],
+                                       transfer_spec: Any = None) -> list[Any]:
+        got = await asyncio.get_running_loop().run_in_executor(
+            None, self.batched_get_blocking, keys)
+        return [o for o in got if o is not None]
+
+    def get_non_blocking(self, key: Any) -> Future | None:
+        future: Future = Future()
+        future.set_result(self.get_blocking(key))
+        return future
+
+    # ------------------------------------------------------------------ the rest
+
+    def pin(self, key: Any) -> bool:
+        return self.contains(key)
+
+    def unpin(self, key: Any) -> bool:
+        return True
+
+    def remove(self, key: Any, force: bool = True) -> bool:
+        return self.chunks.remove(self._name(key))
+
+    def get_allocator_backend(self) -> Any:
+        return self.local_cpu_backend
+
+    def close(self) -> None:
+        """Commit what is queued, then release the store."""
+        self._queue.put(None)
+        self._writer.join()
+        self.store.close()

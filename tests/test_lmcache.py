@@ -1,0 +1,125 @@
+"""tdstore as LMCache's storage backend, driven through LMCache's standalone engine on
+the CPU (no vLLM, no GPU): every process a fresh engine loaded from configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tdstore
+
+CHILD = textwrap.dedent("""
+    import json, os, sys, torch
+    from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of, keys_of
+    args = json.loads(sys.argv[1])
+    cfg = tdstore_config(args["location"], url=args.get("url"), max_bytes=args.get("max_bytes"))
+    out = {}
+    with engine(cfg) as eng:
+        for seed, n in args.get("store", []):
+            tokens, kv = sequence(n, seed)
+            eng.store(tokens, kv_buffer=kv)
+        backend_of(eng).flush(300)
+        out["failed"] = backend_of(eng).failed
+        out["found"], out["exact"], out["keys"] = [], [], []
+        for seed, n in args.get("check", []):
+            tokens, kv = sequence(n, seed)
+            out["keys"].append(keys_of(eng, tokens))
+            out["found"].append(eng.lookup(tokens=tokens))
+            got = torch.zeros_like(kv)
+            mask = eng.retrieve(tokens, kv_buffer=got)
+            k = int(mask.sum())
+            # what came back is exactly what was stored; what did not is untouched
+            out["exact"].append([k, bool(torch.equal(got[:, :, :k], kv[:, :, :k]))
+                                 and not bool(got[:, :, k:].any())])
+    print(json.dumps(out))
+""")
+
+
+def run(args: dict, env: dict | None = None, check: bool = True) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    if request.param == "local":
+        return {"location": str(tmp_path / "kv")}
+    bucket = request.getfixturevalue("s3_env")
+    return {"location": f"s3://{bucket}/kv", "url": request.getfixturevalue("pg_url")}
+
+
+def test_a_new_process_finds_and_retrieves_every_chunk_bit_exact(where):
+    wrote = run({**where, "store": [[1, 1000], [2, 600]]})
+    assert wrote["failed"] == 0
+    got = run({**where, "check": [[1, 1000], [2, 600], [3, 300]]})
+    assert got["found"] == [1000, 600, 0]
+    assert got["exact"] == [[1000, True], [600, True], [0, True]]
+
+
+def test_two_processes_store_and_retrieve_at_once(where):
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(
+        {**where, "store": [[seed, 900], [10, 700]], "check": [[seed, 900], [10, 700]]})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (4, 5)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["failed"] == 0 and r["found"] == [900, 700]
+        assert r["exact"] == [[900, True], [700, True]]
+    final = run({**where, "check": [[4, 900], [5, 900], [10, 700]]})
+    assert final["exact"] == [[900, True], [900, True], [700, True]]
+
+
+def test_the_budget_evicts_and_the_newest_sequence_stays(tmp_path):
+    loc = str(tmp_path / "kv")
+    chunk = 2 * 4 * 256 * 32 * 2  # bytes of one full chunk of the test model
+    budget = 10 * chunk
+    r = run({"location": loc, "max_bytes": budget,
+             "store": [[s, 1024] for s in range(6)], "check": [[5, 1024], [0, 1024]]})
+    assert r["failed"] == 0
+    assert r["exact"][0] == [1024, True]  # the newest sequence is whole
+    assert r["exact"][1][1] and r["exact"][1][0] < 1024  # the oldest went (a prefix may stay)
+    with tdstore.open(loc) as store:
+        assert store.accounted_bytes() <= budget and store.verify().ok
+
+
+def test_a_damaged_chunk_file_is_a_miss_never_wrong_bytes(tmp_path):
+    loc = str(tmp_path / "kv")
+    run({"location": loc, "store": [[1, 1000]]})
+    with tdstore.open(loc) as store:
+        c = store.chunks("lmcache")
+        keys = run({"location": loc, "check": [[1, 1000]]})["keys"][0]
+        second = f"lmcache:{keys[1]}"
+        from sqlalchemy import text
+
+        with store.catalog.read() as s:
+            path = s.execute(text('SELECT a."array" FROM agents a JOIN groups g ON '
+                                  "a.group_id = g.id WHERE g.name = :n"), {"n": second}
+                             ).scalar_one()
+        assert c.contains(keys[1])
+    chunk_file = next((tmp_path / "kv" / "data" / path).glob("c.*"))
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, in the middle of the KV
+    chunk_file.write_bytes(bytes(data))
+    r = run({"location": loc, "check": [[1, 1000]]})
+    assert r["exact"] == [[256, True]]  # the first chunk; the damaged second is a miss
+
+
+@pytest.mark.parametrize("seeds", [("0", "12345")])
+def test_keys_and_hits_do_not_depend_on_pythonhashseed(tmp_path, seeds):
+    """LMCache's default ``pre_caching_hash_algorithm: builtin`` hashes tuples of ints,
+    which Python does not salt (only str/bytes are): keys agree across seeds."""
+    loc = str(tmp_path / "kv")
+    a = run({"location": loc, "store": [[7, 800]], "check": [[7, 800]]},
+            env={**os.environ, "PYTHONHASHSEED": seeds[0]})
+    b = run({"location": loc, "check": [[7, 800]]},
+            env={**os.environ, "PYTHONHASHSEED": seeds[1]})
+    assert a["keys"] == b["keys"] and len(a["keys"][0]) == 4
+    assert b["exact"] == [[800, True]]
