@@ -92,3 +92,28 @@ def test_bad_keys_and_arrays_are_refused(store):
     with pytest.raises(tdstore.InvalidInputError, match="':'"):
         store.chunks("a:b")
     assert store.groups() == []
+
+
+def test_chunks_shared_by_position_store_only_what_differs(backend):
+    base = chunk(0)
+    with backend.open() as store:
+        c = store.chunks("lmcache")
+        c.put("a@0", base, share=("rag", 0))  # the first becomes the position's master
+        same = base.copy()
+        c.put("b@0", same, share=("rag", 0))  # identical: no block stored
+        diverged = base.copy()
+        diverged[:, :, 200:] = chunk(9)[:, :, 200:]  # the last 56 tokens differ
+        c.put("c@0", diverged, share=("rag", 0))
+        c.put("a@1", chunk(1), share=("rag", 1))  # another position: its own master
+        for k, want in (("a@0", base), ("b@0", same), ("c@0", diverged), ("a@1", chunk(1))):
+            assert c.get(k)[0].tobytes() == want.tobytes()
+        assert c.count_present(["a@0", "b@0", "c@0", "a@1"]) == 4
+        g = store.group("lmcache-shared:rag:0:2x4x256x64:bfloat16", create=False)
+        st = g.stats()
+        assert st["n_mirrors"] == 2
+        # 16-token blocks: tokens 200-255 fall in 4 blocks per (k/v, layer) row
+        assert st["diff_blocks_total"] == 0 + 2 * 4 * 4
+        assert c.remove("b@0") and c.get("c@0")[0].tobytes() == diverged.tobytes()
+        assert c.remove("a@0")  # the master: its position's chunks go with it
+        assert c.count_present(["c@0"]) == 0 and c.contains("a@1")
+        assert store.verify().ok

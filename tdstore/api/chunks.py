@@ -12,18 +12,25 @@ directory, or object storage with a PostgreSQL catalogue); ``tdstore ls``/``info
 The bytes are stored as raw ``uint8`` blocks of whole rows of the last axis (for an
 LMCache ``KV_2LTD`` chunk ``[2, layers, tokens, hidden]``: runs of tokens of one layer),
 so a chunk comes back bit-exact in any dtype.
+
+Chunks that agents of one pipeline store at the same position of their sequences can
+share storage: ``put(..., share=(group, position))`` files the chunk in the group
+``<namespace>-shared:<group>:<position>:<shape>`` as an agent named by its key. The
+first chunk there is the master; every later one is a mirror holding only the blocks
+that differ from it (exactly: ``diff_threshold`` 0), so a prefix the agents share is
+stored once however their keys differ.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
 
-from tdstore.core.errors import InvalidInputError, NotFoundError
+from tdstore.core.errors import InvalidInputError, NotFoundError, StateError
 from tdstore.core.kinds import Role, Status
 from tdstore.core.validate import check_name
 from tdstore.storage.catalog import AgentRow, GroupRow
@@ -70,12 +77,54 @@ class Chunks:
         check_name("chunk key", key)
         return f"{self.namespace}:{key}"
 
+    def shared_group_name(self, group: str, position: int, shape: Sequence[int],
+                          dtype: str) -> str:
+        check_name("sharing group", group)
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise InvalidInputError(f"chunk position {position!r}: expected an int >= 0")
+        return (f"{self.namespace}-shared:{group}:{position}:"
+                f"{'x'.join(str(int(d)) for d in shape)}:{dtype}")
+
+    def _locate(self, keys: Sequence[str]) -> dict[str, tuple[str, str, dict[str, Any]]]:
+        """``key -> (group, agent, attributes)`` for the committed, readable chunks among
+        ``keys``: two catalogue queries for any number of keys."""
+        names = {self.group_name(k): k for k in keys}
+        shared_prefix = f"{self.namespace}-shared:"
+        found: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        keys = list(keys)
+        with self.store.catalog.read() as s:
+            for i in range(0, len(keys), 500):
+                part = keys[i : i + 500]
+                for gname, attrs in s.execute(
+                        select(GroupRow.name, AgentRow.attrs)
+                        .join(AgentRow, AgentRow.group_id == GroupRow.id)
+                        .where(GroupRow.name.in_([self.group_name(k) for k in part]),
+                               AgentRow.role == Role.MASTER, AgentRow.status == Status.OK)):
+                    found[names[gname]] = (gname, AGENT, dict(attrs or {}))
+                for gname, aname, attrs in s.execute(
+                        select(GroupRow.name, AgentRow.name, AgentRow.attrs)
+                        .join(AgentRow, AgentRow.group_id == GroupRow.id)
+                        .where(AgentRow.name.in_(part), AgentRow.status == Status.OK,
+                               GroupRow.name.startswith(shared_prefix, autoescape=True))):
+                    found.setdefault(aname, (gname, aname, dict(attrs or {})))
+        return found
+
+    def _where(self, key: str) -> tuple[str, str, dict[str, Any]]:
+        check_name("chunk key", key)
+        at = self._locate([key]).get(key)
+        if at is None:
+            raise NotFoundError(f"chunk {key!r} is not in store {self.store.path}")
+        return at
+
     # ------------------------------------------------------------------ writing
 
     def put(self, key: str, array: np.ndarray, *, fmt: str | None = None,
-            attrs: dict[str, Any] | None = None) -> bool:
+            attrs: dict[str, Any] | None = None,
+            share: tuple[str, int] | None = None) -> bool:
         """Store ``array`` under ``key`` (durable and visible on return); returns False
         when the key was already stored (the existing chunk is kept: keys name content).
+        With ``share=(group, position)`` it is stored against the chunk other agents of
+        ``group`` stored at ``position`` (see the module's documentation).
         """
         if not isinstance(array, np.ndarray):
             raise InvalidInputError(f"chunk {key!r}: expected a numpy.ndarray, got "
@@ -84,20 +133,36 @@ class Chunks:
 
         name = self.group_name(key)
         dtype = logical_name(array.dtype, f"chunk {key!r}")
-        if name in self.store and self.contains(key):
+        if self.contains(key):
             return False
         a = np.ascontiguousarray(array)
         n_blocks, block = block_layout(a.shape, a.dtype.itemsize)
         blocks = a.reshape(-1).view(np.uint8).reshape(n_blocks, block)
         meta = {"shape": list(a.shape), "dtype": dtype, "fmt": fmt, **(attrs or {})}
-        g = self.store.group(name, diff_threshold=0.0)
-        g.register_master(AGENT, blocks, attrs=meta)
+        if share is None:
+            g = self.store.group(name, diff_threshold=0.0)
+            g.register_master(AGENT, blocks, attrs=meta)
+            return True
+        g = self.store.group(self.shared_group_name(share[0], share[1], a.shape, dtype),
+                             diff_threshold=0.0)
+        if g.master_id is None:
+            try:
+                g.register_master(key, blocks, attrs=meta, first=True)
+                return True
+            except StateError:  # another process put down the master meanwhile
+                pass
+        g.register_mirror(key, blocks, attrs=meta)
         return True
 
     def remove(self, key: str) -> bool:
-        """Remove the chunk; returns whether it was there."""
+        """Remove the chunk; returns whether it was there. A shared chunk that other
+        chunks are stored against takes them with it (they become misses)."""
         try:
-            self.store.delete_group(self.group_name(key))
+            gname, agent, _ = self._where(key)
+            if agent == AGENT or agent == self.store.group(gname, create=False).master_id:
+                self.store.delete_group(gname)
+            else:
+                self.store.group(gname, create=False).delete(agent)
         except NotFoundError:
             return False
         return True
@@ -106,10 +171,7 @@ class Chunks:
 
     def meta(self, key: str) -> dict[str, Any]:
         """The chunk's shape, dtype, format tag and other attributes."""
-        try:
-            return self.store.group(self.group_name(key), create=False).attrs(AGENT)
-        except NotFoundError:
-            raise NotFoundError(f"chunk {key!r} is not in store {self.store.path}") from None
+        return self._where(key)[2]
 
     def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The chunk's array (its dtype and shape) and its attributes."""
@@ -125,17 +187,64 @@ class Chunks:
                   ) -> dict[str, Any]:
         """Read the chunk's bytes into ``buf`` (a writable uint8 array of its size, e.g.
         over a buffer someone else allocated); returns its attributes."""
-        from tdstore.core.dtypes import numpy_dtype
 
-        meta = self.meta(key) if meta is None else meta
-        dtype = numpy_dtype(meta["dtype"])
-        n_blocks, block = block_layout(meta["shape"], dtype.itemsize)
+        gname, agent, meta = self._where(key)
+        self._read(key, gname, agent, meta, buf, touch=True)
+        return meta
+
+    def _read(self, key: str, gname: str, agent: str, meta: dict[str, Any], buf: np.ndarray,
+              *, touch: bool) -> dict[int, float]:
+        from tdstore.core.dtypes import numpy_dtype
+        from tdstore.storage.reads import check_out, reconstruct_into
+
+        n_blocks, block = block_layout(meta["shape"], numpy_dtype(meta["dtype"]).itemsize)
         if buf.dtype != np.uint8 or buf.size != n_blocks * block:
             raise InvalidInputError(f"chunk {key!r}: the buffer holds {buf.size} "
                                     f"{buf.dtype} items, expected {n_blocks * block} uint8")
-        g = self.store.group(self.group_name(key), create=False)
-        g.reconstruct(AGENT, out=buf.reshape(n_blocks, block))
-        return meta
+        ops = self.store.group_ops(gname)
+        out = buf.reshape(n_blocks, block)
+        accessed: dict[int, float] = {}
+
+        def fill(snap: Any) -> None:
+            check_out(snap, out)
+            reconstruct_into(self.store.arrays, snap, out)
+            accessed.update(snap.accessed)
+
+        ops.read(agent, fill, touch=touch)
+        return accessed
+
+    def read_many(self, keys: Sequence[str],
+                  buffer: Callable[[int, dict[str, Any]], np.ndarray | None]) -> int:
+        """Read the chunks of ``keys`` in order until one is missing (or unreadable, or
+        ``buffer`` gives none): ``buffer(i, attributes)`` returns the uint8 array the
+        i-th chunk's bytes go into. Returns how many were read. One lookup for all
+        keys and one access record for all chunks read."""
+        from tdstore.core.errors import TdStoreError
+
+        for k in keys:
+            check_name("chunk key", k)
+        where = self._locate(keys)
+        accessed: dict[int, float] = {}
+        n = 0
+        try:
+            for i, k in enumerate(keys):
+                at = where.get(k)
+                if at is None:
+                    break
+                buf = buffer(i, at[2])
+                if buf is None:
+                    break
+                try:
+                    accessed.update(self._read(k, at[0], at[1], at[2], buf, touch=False))
+                except (TdStoreError, KeyError, TypeError, ValueError):
+                    break
+                n += 1
+        finally:
+            if accessed and not self.store.readonly:
+                from tdstore.ops.groups import ACCESS_RESOLUTION_S
+
+                self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)
+        return n
 
     def contains(self, key: str) -> bool:
         return self.count_present([key]) == 1
@@ -145,33 +254,27 @@ class Chunks:
         one catalogue query for all of them."""
         if not keys:
             return 0
-        names = [self.group_name(k) for k in keys]
-        present = self._present(names)
+        for k in keys:
+            check_name("chunk key", k)
+        present = self._locate(keys)
         n = 0
-        for name in names:
-            if name not in present:
+        for k in keys:
+            if k not in present:
                 break
             n += 1
         return n
 
-    def _present(self, names: Iterable[str]) -> set[str]:
-        catalog = self.store.catalog
-        names = list(names)
-        found: set[str] = set()
-        with catalog.read() as s:
-            for i in range(0, len(names), 500):
-                found.update(s.scalars(
-                    select(GroupRow.name).join(AgentRow, AgentRow.group_id == GroupRow.id)
-                    .where(GroupRow.name.in_(names[i : i + 500]), AgentRow.role == Role.MASTER,
-                           AgentRow.status == Status.OK)))
-        return found
-
     def keys(self) -> list[str]:
         """Every stored key of this namespace."""
-        prefix = f"{self.namespace}:"
+        prefix, shared = f"{self.namespace}:", f"{self.namespace}-shared:"
         with self.store.catalog.read() as s:
             names = s.scalars(select(GroupRow.name)
                               .join(AgentRow, AgentRow.group_id == GroupRow.id)
                               .where(GroupRow.name.startswith(prefix, autoescape=True),
                                      AgentRow.role == Role.MASTER).order_by(GroupRow.id))
-            return [n[len(prefix):] for n in names]
+            out = [n[len(prefix):] for n in names]
+            out += list(s.scalars(select(AgentRow.name)
+                                  .join(GroupRow, AgentRow.group_id == GroupRow.id)
+                                  .where(GroupRow.name.startswith(shared, autoescape=True))
+                                  .order_by(AgentRow.id)))
+            return out

@@ -107,6 +107,11 @@ class Store(ClosingContext):
     arrays: _Forward[ArrayStore] = _Forward(
         "_ctx", "The array store (storage layer), for tools that inspect a store directly.")
 
+    def group_ops(self, name: str) -> GroupOps:
+        """The operations layer's view of group ``name`` (for the facade's own modules,
+        such as :class:`tdstore.api.chunks.Chunks`)."""
+        return GroupOps(self._ctx, name)
+
     def chunks(self, namespace: str = "chunk") -> Chunks:
         """Arrays stored and found by a string key (see :class:`tdstore.api.chunks.Chunks`),
         each kept as a group ``<namespace>:<key>``."""
@@ -272,7 +277,7 @@ class Group:
     # ------------------------------------------------------------------ writes
 
     def register_master(self, agent_id: str, kv_blocks: object, *,
-                        attrs: dict[str, Any] | None = None) -> None:
+                        attrs: dict[str, Any] | None = None, first: bool = False) -> None:
         """Store ``kv_blocks`` (``(n_blocks, ...)``, an ndarray or torch tensor) as the
         group's master.
 
@@ -283,9 +288,12 @@ class Group:
         its mirrors' stored blocks.
 
         ``attrs`` (a JSON-able dict) is stored with the agent in the same transaction.
+        With ``first=True`` the master is registered only if the group has none yet
+        (decided under the group's writer lock), else StateError: several processes can
+        race to put down a group's first master and exactly one wins.
         Raises InvalidInputError for bad arrays or names (nothing is written).
         """
-        self._ops.register_master(agent_id, kv_blocks, attrs=attrs)
+        self._ops.register_master(agent_id, kv_blocks, attrs=attrs, first=first)
 
     def register_mirror(self, agent_id: str, kv_blocks: object, *,
                         attrs: dict[str, Any] | None = None) -> SparseKVDiff:

@@ -24,6 +24,7 @@ from lmcache.v1.metadata import LMCacheMetadata
 from lmcache.v1.standalone.manager import StandaloneLMCacheManager
 
 LAYERS, HEADS, HEAD_SIZE = 4, 2, 16
+HIDDEN = HEADS * HEAD_SIZE
 DTYPE = torch.float16
 CHUNK = 256
 
@@ -84,13 +85,14 @@ def disk_config(path: str, *, max_gb: float = 5.0, cpu_gb: float = 0.2) -> dict[
 
 
 @contextmanager
-def engine(config: dict[str, Any], *, layers: int = LAYERS) -> Any:
+def engine(config: dict[str, Any], *, layers: int = LAYERS, hidden: int = HIDDEN) -> Any:
     """A started standalone engine (stopped, and its backends closed, on exit)."""
     cfg = LMCacheEngineConfig.from_dict(config)
     cfg.validate()
     meta = LMCacheMetadata(model_name="tdstore-test", world_size=1, local_world_size=1,
                            worker_id=0, local_worker_id=0, kv_dtype=DTYPE,
-                           kv_shape=(layers, 2, CHUNK, HEADS, HEAD_SIZE), use_mla=False,
+                           kv_shape=(layers, 2, CHUNK, hidden // HEAD_SIZE, HEAD_SIZE),
+                           use_mla=False,
                            role="worker", chunk_size=CHUNK)
     manager = StandaloneLMCacheManager(config=cfg, metadata=meta,
                                        gpu_connector=CPUConnector(meta.kv_shape),
@@ -113,12 +115,13 @@ def backend_of(eng: Any) -> Any:
     return eng.storage_manager.storage_backends["tdstore"]
 
 
-def sequence(n_tokens: int, seed: int = 0, *, layers: int = LAYERS
+def sequence(n_tokens: int, seed: int = 0, *, layers: int = LAYERS, hidden: int = HIDDEN
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens and their (random) KV ``[2, layers, n_tokens, heads * head_size]``."""
+    """Random tokens and their (random) KV ``[2, layers, n_tokens, hidden]`` (hidden: kv
+    heads x head size, a multiple of 16)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 32000, (n_tokens,), generator=g, dtype=torch.long)
-    kv = torch.randn((2, layers, n_tokens, HEADS * HEAD_SIZE), generator=g).to(DTYPE)
+    kv = torch.randn((2, layers, n_tokens, hidden), generator=g).to(DTYPE)
     return tokens, kv
 
 

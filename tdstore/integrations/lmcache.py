@@ -39,7 +39,7 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from tdstore.api.store import Store
 from tdstore.api.store import open as open_store
-from tdstore.core.errors import CorruptionError, NotFoundError, TdStoreError
+from tdstore.core.errors import CorruptionError, TdStoreError
 
 log = logging.getLogger("tdstore.lmcache")
 
@@ -77,13 +77,19 @@ def _torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+# the LMCache request tag that names a tdstore group of agents sharing storage
+GROUP_TAG = "tdstore_group"
+
+
 class _Put:
-    __slots__ = ("callback", "data", "fmt", "key", "name", "shapes", "dtypes")
+    __slots__ = ("callback", "data", "dtypes", "fmt", "key", "name", "shapes", "share")
 
     def __init__(self, key: Any, name: str, data: np.ndarray, shapes: list, dtypes: list,
-                 fmt: str, callback: Callable[[Any], None] | None):
+                 fmt: str, callback: Callable[[Any], None] | None,
+                 share: tuple[str, int] | None):
         self.key, self.name, self.data = key, name, data
         self.shapes, self.dtypes, self.fmt, self.callback = shapes, dtypes, fmt, callback
+        self.share = share
 
 
 class TdStoreBackend(StoragePluginInterface):
@@ -143,8 +149,12 @@ class TdStoreBackend(StoragePluginInterface):
                                 on_complete_callback: Callable[[Any], None] | None = None
                                 ) -> list[Future] | None:
         """Copy each chunk and queue it for the writer thread; returns at once. LMCache
-        releases ``objs`` when this returns, so the bytes are copied here."""
-        for key, obj in zip(keys, objs, strict=True):
+        releases ``objs`` when this returns, so the bytes are copied here.
+
+        A request tagged ``lmcache.tag.tdstore_group: G`` has its chunks stored against
+        group G's chunks at the same positions (LMCache passes a request's chunks in
+        order, from its first)."""
+        for position, (key, obj) in enumerate(zip(keys, objs, strict=True)):
             name = self._name(key)
             with self._lock:
                 if name in self._pending:
@@ -160,7 +170,10 @@ class TdStoreBackend(StoragePluginInterface):
                 # rows of the last axis (runs of tokens of one layer for KV_2LTD): blocks
                 # that agents sharing a prompt share
                 data = data.reshape(*shapes[0][:-1], -1)
-            item = _Put(key, name, data, shapes, dtypes, meta.fmt.name, on_complete_callback)
+            tags = dict(getattr(key, "tags", None) or ())
+            share = (str(tags[GROUP_TAG]), position) if tags.get(GROUP_TAG) else None
+            item = _Put(key, name, data, shapes, dtypes, meta.fmt.name, on_complete_callback,
+                        share)
             with self._lock:
                 self._pending[name] = item
             self._queue.put(item)
@@ -172,7 +185,7 @@ class TdStoreBackend(StoragePluginInterface):
             if item is None:
                 return
             try:
-                self.chunks.put(item.name, item.data, fmt=item.fmt,
+                self.chunks.put(item.name, item.data, fmt=item.fmt, share=item.share,
                                 attrs={"shapes": item.shapes, "dtypes": item.dtypes})
             except Exception as exc:  # not committed: LMCache will not find it
                 self.failed += 1
@@ -200,14 +213,13 @@ class TdStoreBackend(StoragePluginInterface):
     def get_blocking(self, key: Any) -> Any:
         """The chunk in a buffer LMCache allocates, or None (missing, damaged, or no
         buffer free)."""
-        name = self._name(key)
+        return self.batched_get_blocking([key])[0]
+
+    def _allocate(self, name: str, meta: dict[str, Any]) -> Any:
         try:
-            meta = self.chunks.meta(name)
             shapes = [torch.Size(s) for s in meta["shapes"]]
             dtypes = [_torch_dtype(d) for d in meta["dtypes"]]
             fmt = MemoryFormat[meta["fmt"]]
-        except NotFoundError:
-            return None
         except (CorruptionError, KeyError, TypeError, ValueError) as exc:
             log.warning("tdstore: chunk %s has unusable metadata (%s): a miss", name, exc)
             return None
@@ -216,25 +228,30 @@ class TdStoreBackend(StoragePluginInterface):
                                               fmt, busy_loop=False)
         if obj is None:
             log.warning("tdstore: no LMCache buffer free for chunk %s", name)
-            return None
-        try:
-            n = int(np.prod(meta["shape"]))
-            buf = np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8, count=n)
-            self.chunks.read_into(name, buf, meta)
-        except TdStoreError as exc:  # damaged or gone meanwhile: a miss, never bytes
-            log.warning("tdstore: chunk %s cannot be read (%s): a miss", name, exc)
-            obj.ref_count_down()
-            return None
         return obj
 
     def batched_get_blocking(self, keys: list[Any]) -> list[Any]:
-        out: list[Any] = []
-        for key in keys:
-            obj = self.get_blocking(key)
-            out.append(obj)
+        """The chunks of ``keys`` from the first, each in a buffer LMCache allocates,
+        until one is missing, damaged (a miss, never bytes) or finds no buffer."""
+        names = [self._name(k) for k in keys]
+        objs: list[Any] = []
+
+        def buffer(i: int, meta: dict[str, Any]) -> np.ndarray | None:
+            obj = self._allocate(names[i], meta)
             if obj is None:
-                break
-        return out + [None] * (len(keys) - len(out))
+                return None
+            objs.append(obj)
+            n = int(np.prod(meta["shape"]))
+            return np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8, count=n)
+
+        try:
+            got = self.chunks.read_many(names, buffer)
+        except TdStoreError as exc:
+            log.warning("tdstore: chunks cannot be read (%s): misses", exc)
+            got = 0
+        for obj in objs[got:]:  # allocated for a chunk that then failed to read
+            obj.ref_count_down()
+        return objs[:got] + [None] * (len(keys) - got)
 
     async def batched_get_non_blocking(self, lookup_id: str, keys: list[Any],
                                        transfer_spec: Any = None) -> list[Any]:

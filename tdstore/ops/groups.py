@@ -351,8 +351,9 @@ class GroupOps:
         return where, check_attrs(attrs, where)
 
     def register_master(self, agent_id: str, kv_blocks: object, *,
-                        attrs: dict[str, Any] | None = None) -> None:
-        """Store ``kv_blocks`` as the group's master.
+                        attrs: dict[str, Any] | None = None, first: bool = False) -> None:
+        """Store ``kv_blocks`` as the group's master (with ``first``: only if the group
+        has none yet, decided under the group's lock; else StateError).
 
         Documented on ``tdstore.Group.register_master``.
         """
@@ -368,6 +369,8 @@ class GroupOps:
             with self.ctx.catalog.read() as s:
                 agents = self.agents_of(s, g)
             master = next((a for a in agents if a.role == Role.MASTER), None)
+            if first and master is not None:
+                raise StateError(f"{where}: the group has a master already ({master.name!r})")
             mirrors = [a for a in agents if a.role == Role.MIRROR]
             same_master = master is not None and master.name == agent_id
             shape_kept = (g.block_shape is not None and tuple(g.block_shape) == kv.shape[1:]

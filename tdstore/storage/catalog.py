@@ -98,6 +98,7 @@ class AgentRow(Base):
             sqlite_where=text("role = 'master'"),
             postgresql_where=text("role = 'master'"),
         ),
+        Index("ix_agents_name", "name"),  # keyed chunks are found by name (migration 0006)
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), index=True)

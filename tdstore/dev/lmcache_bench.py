@@ -1,0 +1,208 @@
+"""tdstore's LMCache backend against LMCache's own LocalDiskBackend, through the same
+standalone engine on the same chunks (``tools/bench_lmcache.py`` prints the report).
+
+- store: ``engine.store`` of every sequence (both write behind): the time until the
+  calls return, and until every chunk is retrievable (tdstore: committed; LocalDisk:
+  its writes done);
+- retrieve, warm (files in the page cache) and cold (dropped from it), same process;
+- what a new process finds (the restart a serving node goes through);
+- bytes on disk against the chunks' bytes;
+- agents that share a long prompt and diverge, tagged as one tdstore group.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdstore.dev.bench import drop_page_cache, du
+from tdstore.dev.lmcache_engine import (
+    CHUNK,
+    backend_of,
+    disk_config,
+    engine,
+    sequence,
+    tdstore_config,
+)
+
+_LOOKUP_CHILD = textwrap.dedent("""
+    import json, sys
+    from tdstore.dev.lmcache_engine import engine, sequence
+    cfg, seqs, layers, hidden = json.loads(sys.argv[1])
+    with engine(cfg, layers=layers, hidden=hidden) as eng:
+        print(json.dumps([eng.lookup(tokens=sequence(n, s, layers=layers, hidden=hidden)[0])
+                          for s, n in seqs]))
+""")
+
+
+def _wait_disk(eng: Any, n_chunks: int, timeout: float = 600) -> None:
+    disk = eng.storage_manager.storage_backends["LocalDiskBackend"]
+    deadline = time.monotonic() + timeout
+    while len(disk.dict) < n_chunks or disk.disk_worker.put_tasks:
+        if time.monotonic() > deadline:
+            raise RuntimeError("LocalDiskBackend did not finish its writes")
+        time.sleep(0.005)
+
+
+def _measure(kind: str, cfg: dict[str, Any], root: Path, seqs: list[tuple[int, int]],
+             data: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: int, hidden: int,
+             chunks: int) -> dict[str, float]:
+    r: dict[str, float] = {}
+    path = root / kind
+    with engine(cfg, layers=layers, hidden=hidden) as eng:
+        t0 = time.perf_counter()
+        for s, _ in seqs:
+            tokens, kv = data[s]
+            eng.store(tokens, kv_buffer=kv)
+        r["store_return_s"] = time.perf_counter() - t0
+        if kind == "tdstore":
+            backend_of(eng).flush()
+        else:
+            _wait_disk(eng, chunks)
+        r["store_durable_s"] = time.perf_counter() - t0
+
+        def retrieve_all() -> int:
+            got = 0
+            for s, _ in seqs:
+                tokens, kv = data[s]
+                out = torch.empty_like(kv)
+                got += int(eng.retrieve(tokens, kv_buffer=out).sum())
+            return got
+
+        retrieve_all()  # warm
+        t0 = time.perf_counter()
+        r["retrieved_warm_tokens"] = retrieve_all()
+        r["retrieve_warm_s"] = time.perf_counter() - t0
+        cold = []
+        for _ in range(2):
+            drop_page_cache(path)
+            t0 = time.perf_counter()
+            r["retrieved_cold_tokens"] = retrieve_all()
+            cold.append(time.perf_counter() - t0)
+        r["retrieve_cold_s"] = min(cold)
+    r["bytes_on_disk"] = du(path)
+    proc = subprocess.run([sys.executable, "-c", _LOOKUP_CHILD,
+                           json.dumps([cfg, seqs, layers, hidden])], capture_output=True,
+                          text=True,
+                          timeout=600, check=True)
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["found_after_restart_tokens"] = sum(found)
+    return r
+
+
+def _sharing(root: Path, agents: int, shared: int, own: int, layers: int, hidden: int,
+             cpu_gb: float) -> dict[str, float]:
+    """Bytes on disk for agents sharing a ``shared``-token prompt, each with ``own``
+    tokens of its own after it: tagged per agent (keys differ, nothing shared), tagged
+    per agent and as one tdstore group (shared by position), untagged (LMCache's own
+    prefix dedup: identical prefixes have identical keys)."""
+    prompt_tokens, prompt_kv = sequence(shared, 100, layers=layers, hidden=hidden)
+    seqs = []
+    for a in range(agents):
+        t, kv = sequence(own, 200 + a, layers=layers, hidden=hidden)
+        seqs.append((torch.cat([prompt_tokens, t]), torch.cat([prompt_kv, kv], dim=2)))
+    out: dict[str, float] = {}
+    for label, tags in (("agents_tagged", lambda a: {"lmcache.tag.agent": f"a{a}"}),
+                        ("agents_tagged_group", lambda a: {
+                            "lmcache.tag.agent": f"a{a}",
+                            "lmcache.tag.tdstore_group": "pipeline"}),
+                        ("untagged", lambda a: None)):
+        path = root / f"share-{label}"
+        with engine(tdstore_config(str(path), cpu_gb=cpu_gb), layers=layers,
+                    hidden=hidden) as eng:
+            for a, (tokens, kv) in enumerate(seqs):
+                configs = tags(a)
+                if configs is None:
+                    eng.store(tokens, kv_buffer=kv)
+                else:
+                    eng.store(tokens, kv_buffer=kv, request_configs=configs)
+            backend_of(eng).flush()
+            exact = True
+            for a, (tokens, kv) in enumerate(seqs):
+                got = torch.empty_like(kv)
+                configs = tags(a)
+                kwargs = {} if configs is None else {"request_configs": configs}
+                n = int(eng.retrieve(tokens, kv_buffer=got, **kwargs).sum())
+                exact &= n == tokens.numel() and bool(torch.equal(got, kv))
+        out[f"{label}_bytes"] = du(path / "data")
+        out[f"{label}_exact"] = float(exact)
+    out["chunk_bytes_all_agents"] = float(sum(kv.numel() * kv.element_size() for _, kv in seqs))
+    return out
+
+
+def run(*, sequences: int = 8, tokens: int = 2048, layers: int = 32, hidden: int = 256,
+        agents: int = 4, shared_tokens: int = 1536, own_tokens: int = 512,
+        workdir: str | None = None) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="tdstore-lmcbench-", dir=workdir))
+    try:
+        seqs = [(s, tokens) for s in range(sequences)]
+        data = {s: sequence(n, s, layers=layers, hidden=hidden) for s, n in seqs}
+        chunk_bytes = sum(kv.numel() * kv.element_size() for _, kv in data.values())
+        chunks = sequences * -(-tokens // CHUNK)
+        per_chunk_gb = 2 * layers * CHUNK * hidden * 2 / 1e9
+        cpu_gb = max(0.2, 3 * -(-tokens // CHUNK) * per_chunk_gb)
+        results = {
+            "tdstore": _measure("tdstore", tdstore_config(str(root / "tdstore"),
+                                                          cpu_gb=cpu_gb),
+                                root, seqs, data, layers, hidden, chunks),
+            "LocalDiskBackend": _measure("LocalDiskBackend",
+                                         disk_config(str(root / "LocalDiskBackend"),
+                                                     max_gb=4 * chunk_bytes / 1e9 + 0.1,
+                                                     cpu_gb=cpu_gb),
+                                         root, seqs, data, layers, hidden, chunks),
+        }
+        sharing = _sharing(root, agents, shared_tokens, own_tokens, layers, hidden,
+                           max(cpu_gb, 3 * -(-(shared_tokens + own_tokens) // CHUNK)
+                               * per_chunk_gb))
+        total_tokens = sequences * tokens
+        return {"workload": {"sequences": sequences, "tokens": tokens, "layers": layers,
+                             "hidden": hidden,
+                             "chunk_tokens": CHUNK, "chunks": chunks,
+                             "chunk_bytes": chunk_bytes, "agents": agents,
+                             "shared_tokens": shared_tokens, "own_tokens": own_tokens},
+                "results": results, "sharing": sharing,
+                "ratios": ratios(results, sharing, chunk_bytes, total_tokens)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ratios(r: dict[str, dict[str, float]], sharing: dict[str, float], chunk_bytes: int,
+           total_tokens: int) -> dict[str, dict[str, Any]]:
+    t, d = r["tdstore"], r["LocalDiskBackend"]
+
+    def target(value: float, goal: float, higher: bool = True) -> dict[str, Any]:
+        return {"value": value, "target": goal, "direction": ">=" if higher else "<=",
+                "met": value >= goal if higher else value <= goal}
+
+    return {
+        "retrieve throughput, warm, vs LocalDiskBackend": target(
+            d["retrieve_warm_s"] / t["retrieve_warm_s"], 1.0),
+        "retrieve throughput, cold, vs LocalDiskBackend": target(
+            d["retrieve_cold_s"] / t["retrieve_cold_s"], 1.0),
+        "store throughput (calls return) vs LocalDiskBackend": target(
+            d["store_return_s"] / t["store_return_s"], 0.8),
+        "store throughput (until retrievable) vs LocalDiskBackend": target(
+            d["store_durable_s"] / t["store_durable_s"], 0.8),
+        "retrievable after a restart, tdstore (share of tokens)": target(
+            t["found_after_restart_tokens"] / total_tokens, 1.0),
+        "retrievable after a restart, LocalDiskBackend (share of tokens)": {
+            "value": d["found_after_restart_tokens"] / total_tokens, "target": None,
+            "direction": "", "met": None},
+        "bytes on disk / chunk bytes, unrelated chunks": target(
+            t["bytes_on_disk"] / chunk_bytes, 1.02, higher=False),
+        "bytes on disk / chunk bytes, LocalDiskBackend": {
+            "value": d["bytes_on_disk"] / chunk_bytes, "target": None, "direction": "",
+            "met": None},
+        "bytes, tagged agents of one group / tagged agents without it": target(
+            sharing["agents_tagged_group_bytes"] / sharing["agents_tagged_bytes"], 1.0,
+            higher=False),
+    }
