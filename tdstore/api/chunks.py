@@ -63,6 +63,19 @@ def block_layout(shape: Sequence[int], itemsize: int) -> tuple[int, int]:
     return nbytes // block, block
 
 
+class _Found:
+    """A located chunk: its group and agent rows (read in one transaction)."""
+
+    __slots__ = ("agent", "group")
+
+    def __init__(self, group: GroupRow, agent: AgentRow):
+        self.group, self.agent = group, agent
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.agent.attrs or {})
+
+
 class Chunks:
     """The keyed chunks of namespace ``namespace`` in ``store``."""
 
@@ -85,31 +98,31 @@ class Chunks:
         return (f"{self.namespace}-shared:{group}:{position}:"
                 f"{'x'.join(str(int(d)) for d in shape)}:{dtype}")
 
-    def _locate(self, keys: Sequence[str]) -> dict[str, tuple[str, str, dict[str, Any]]]:
-        """``key -> (group, agent, attributes)`` for the committed, readable chunks among
-        ``keys``: two catalogue queries for any number of keys."""
+    def _locate(self, keys: Sequence[str]) -> dict[str, _Found]:
+        """The committed, readable chunks among ``keys``: two catalogue queries for any
+        number of keys, in one transaction."""
         names = {self.group_name(k): k for k in keys}
         shared_prefix = f"{self.namespace}-shared:"
-        found: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        found: dict[str, _Found] = {}
         keys = list(keys)
         with self.store.catalog.read() as s:
             for i in range(0, len(keys), 500):
                 part = keys[i : i + 500]
-                for gname, attrs in s.execute(
-                        select(GroupRow.name, AgentRow.attrs)
+                for g, a in s.execute(
+                        select(GroupRow, AgentRow)
                         .join(AgentRow, AgentRow.group_id == GroupRow.id)
                         .where(GroupRow.name.in_([self.group_name(k) for k in part]),
                                AgentRow.role == Role.MASTER, AgentRow.status == Status.OK)):
-                    found[names[gname]] = (gname, AGENT, dict(attrs or {}))
-                for gname, aname, attrs in s.execute(
-                        select(GroupRow.name, AgentRow.name, AgentRow.attrs)
+                    found[names[g.name]] = _Found(g, a)
+                for g, a in s.execute(
+                        select(GroupRow, AgentRow)
                         .join(AgentRow, AgentRow.group_id == GroupRow.id)
                         .where(AgentRow.name.in_(part), AgentRow.status == Status.OK,
                                GroupRow.name.startswith(shared_prefix, autoescape=True))):
-                    found.setdefault(aname, (gname, aname, dict(attrs or {})))
+                    found.setdefault(a.name, _Found(g, a))
         return found
 
-    def _where(self, key: str) -> tuple[str, str, dict[str, Any]]:
+    def _where(self, key: str) -> _Found:
         check_name("chunk key", key)
         at = self._locate([key]).get(key)
         if at is None:
@@ -158,7 +171,8 @@ class Chunks:
         """Remove the chunk; returns whether it was there. A shared chunk that other
         chunks are stored against takes them with it (they become misses)."""
         try:
-            gname, agent, _ = self._where(key)
+            at = self._where(key)
+            gname, agent = at.group.name, at.agent.name
             if agent == AGENT or agent == self.store.group(gname, create=False).master_id:
                 self.store.delete_group(gname)
             else:
@@ -171,7 +185,7 @@ class Chunks:
 
     def meta(self, key: str) -> dict[str, Any]:
         """The chunk's shape, dtype, format tag and other attributes."""
-        return self._where(key)[2]
+        return self._where(key).attrs
 
     def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The chunk's array (its dtype and shape) and its attributes."""
@@ -188,20 +202,26 @@ class Chunks:
         """Read the chunk's bytes into ``buf`` (a writable uint8 array of its size, e.g.
         over a buffer someone else allocated); returns its attributes."""
 
-        gname, agent, meta = self._where(key)
-        self._read(key, gname, agent, meta, buf, touch=True)
-        return meta
+        at = self._where(key)
+        accessed = self._read(key, at, buf)
+        if not self.store.readonly:
+            from tdstore.ops.groups import ACCESS_RESOLUTION_S
 
-    def _read(self, key: str, gname: str, agent: str, meta: dict[str, Any], buf: np.ndarray,
-              *, touch: bool) -> dict[int, float]:
+            self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)
+        return at.attrs
+
+    def _read(self, key: str, at: _Found, buf: np.ndarray) -> dict[int, float]:
+        """Read one located chunk into ``buf``; returns the access to record. A chunk
+        filed as a master is read from the rows already located (no further query)."""
         from tdstore.core.dtypes import numpy_dtype
+        from tdstore.ops.groups import GroupOps
         from tdstore.storage.reads import check_out, reconstruct_into
 
+        meta = at.attrs
         n_blocks, block = block_layout(meta["shape"], numpy_dtype(meta["dtype"]).itemsize)
         if buf.dtype != np.uint8 or buf.size != n_blocks * block:
             raise InvalidInputError(f"chunk {key!r}: the buffer holds {buf.size} "
                                     f"{buf.dtype} items, expected {n_blocks * block} uint8")
-        ops = self.store.group_ops(gname)
         out = buf.reshape(n_blocks, block)
         accessed: dict[int, float] = {}
 
@@ -210,7 +230,10 @@ class Chunks:
             reconstruct_into(self.store.arrays, snap, out)
             accessed.update(snap.accessed)
 
-        ops.read(agent, fill, touch=touch)
+        if at.agent.role == Role.MASTER:
+            fill(GroupOps.master_snapshot(at.group, at.agent))
+        else:  # a mirror: its master and diff index, with the read's retry on churn
+            self.store.group_ops(at.group.name).read(at.agent.name, fill, touch=False)
         return accessed
 
     def read_many(self, keys: Sequence[str],
@@ -231,11 +254,11 @@ class Chunks:
                 at = where.get(k)
                 if at is None:
                     break
-                buf = buffer(i, at[2])
+                buf = buffer(i, at.attrs)
                 if buf is None:
                     break
                 try:
-                    accessed.update(self._read(k, at[0], at[1], at[2], buf, touch=False))
+                    accessed.update(self._read(k, at, buf))
                 except (TdStoreError, KeyError, TypeError, ValueError):
                     break
                 n += 1

@@ -81,15 +81,31 @@ def _torch_dtype(name: str) -> torch.dtype:
 GROUP_TAG = "tdstore_group"
 
 
-class _Put:
-    __slots__ = ("callback", "data", "dtypes", "fmt", "key", "name", "shapes", "share")
+# writer threads: chunks of different keys are written (and fsynced) at once, so the
+# disk sees a deeper queue
+WRITERS = 4
 
-    def __init__(self, key: Any, name: str, data: np.ndarray, shapes: list, dtypes: list,
+
+class _Put:
+    __slots__ = ("callback", "dtypes", "fmt", "key", "name", "obj", "shapes", "share")
+
+    def __init__(self, key: Any, name: str, obj: Any, shapes: list, dtypes: list,
                  fmt: str, callback: Callable[[Any], None] | None,
                  share: tuple[str, int] | None):
-        self.key, self.name, self.data = key, name, data
+        self.key, self.name, self.obj = key, name, obj
         self.shapes, self.dtypes, self.fmt, self.callback = shapes, dtypes, fmt, callback
         self.share = share
+
+    def data(self) -> np.ndarray:
+        """The chunk's bytes in LMCache's buffer (held until written), as rows of the
+        last axis (runs of tokens of one layer for KV_2LTD): blocks that agents sharing a
+        prompt share."""
+        size = self.obj.get_size()
+        data = np.frombuffer(memoryview(self.obj.byte_array).cast("B"), np.uint8, count=size)
+        shape = self.shapes[0] if len(self.shapes) == 1 else None
+        if shape and int(np.prod(shape)) and size % int(np.prod(shape[:-1])) == 0:
+            data = data.reshape(*shape[:-1], -1)
+        return data
 
 
 class TdStoreBackend(StoragePluginInterface):
@@ -113,9 +129,11 @@ class TdStoreBackend(StoragePluginInterface):
         self._queue: queue.Queue[_Put | None] = queue.Queue()
         self._idle = threading.Condition(self._lock)
         self.failed = 0  # puts that did not commit (logged)
-        self._writer = threading.Thread(target=self._write_loop, name="tdstore-lmcache-writer",
-                                        daemon=True)
-        self._writer.start()
+        self._writers = [threading.Thread(target=self._write_loop, daemon=True,
+                                          name=f"tdstore-lmcache-writer-{i}")
+                         for i in range(int(extra.get("tdstore.writers", WRITERS)))]
+        for t in self._writers:
+            t.start()
 
     def __str__(self) -> str:
         return f"TdStoreBackend({self.store.path})"
@@ -148,8 +166,8 @@ class TdStoreBackend(StoragePluginInterface):
                                 transfer_spec: Any = None,
                                 on_complete_callback: Callable[[Any], None] | None = None
                                 ) -> list[Future] | None:
-        """Copy each chunk and queue it for the writer thread; returns at once. LMCache
-        releases ``objs`` when this returns, so the bytes are copied here.
+        """Queue each chunk for the writer threads; returns at once. Each buffer is held
+        (a reference taken, as LMCache's disk backend does) until its chunk is written.
 
         A request tagged ``lmcache.tag.tdstore_group: G`` has its chunks stored against
         group G's chunks at the same positions (LMCache passes a request's chunks in
@@ -162,17 +180,10 @@ class TdStoreBackend(StoragePluginInterface):
             meta = obj.metadata
             shapes = [list(s) for s in (meta.shapes or [meta.shape])]
             dtypes = [_dtype_name(d) for d in (meta.dtypes or [meta.dtype])]
-            size = obj.get_size()
-            data = np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8,
-                                 count=size).copy()
-            if len(shapes) == 1 and shapes[0] and int(np.prod(shapes[0])) and \
-                    size % int(np.prod(shapes[0][:-1])) == 0:
-                # rows of the last axis (runs of tokens of one layer for KV_2LTD): blocks
-                # that agents sharing a prompt share
-                data = data.reshape(*shapes[0][:-1], -1)
             tags = dict(getattr(key, "tags", None) or ())
             share = (str(tags[GROUP_TAG]), position) if tags.get(GROUP_TAG) else None
-            item = _Put(key, name, data, shapes, dtypes, meta.fmt.name, on_complete_callback,
+            obj.ref_count_up()
+            item = _Put(key, name, obj, shapes, dtypes, meta.fmt.name, on_complete_callback,
                         share)
             with self._lock:
                 self._pending[name] = item
@@ -185,7 +196,7 @@ class TdStoreBackend(StoragePluginInterface):
             if item is None:
                 return
             try:
-                self.chunks.put(item.name, item.data, fmt=item.fmt, share=item.share,
+                self.chunks.put(item.name, item.data(), fmt=item.fmt, share=item.share,
                                 attrs={"shapes": item.shapes, "dtypes": item.dtypes})
             except Exception as exc:  # not committed: LMCache will not find it
                 self.failed += 1
@@ -197,6 +208,7 @@ class TdStoreBackend(StoragePluginInterface):
                     except Exception as exc:
                         log.warning("tdstore: on_complete_callback failed: %s", exc)
             finally:
+                item.obj.ref_count_down()
                 with self._lock:
                     self._pending.pop(item.name, None)
                     if not self._pending:
@@ -280,6 +292,8 @@ class TdStoreBackend(StoragePluginInterface):
 
     def close(self) -> None:
         """Commit what is queued, then release the store."""
-        self._queue.put(None)
-        self._writer.join()
+        for _ in self._writers:
+            self._queue.put(None)
+        for t in self._writers:
+            t.join()
         self.store.close()

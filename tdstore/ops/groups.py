@@ -180,6 +180,21 @@ class GroupOps:
                 accessed={row.id: row.last_access, master.id: master.last_access},
             )
 
+    @classmethod
+    def master_snapshot(cls, g: GroupRow, row: AgentRow) -> AgentSnapshot:
+        """The snapshot of a master from rows read in one catalogue transaction (for
+        callers that located many masters with one query, e.g. keyed chunks)."""
+        check_group_row(g)
+        if row.role != Role.MASTER or row.group_id != g.id:
+            raise CorruptionError(f"group {g.name!r} agent {row.name!r}: not its master")
+        if row.status != Status.OK:
+            raise CorruptionError(f"group {g.name!r} agent {row.name!r} is {row.status}: "
+                                  "its data is damaged; re-register it or delete it")
+        return AgentSnapshot(
+            group=g.name, agent=row.name, role=row.role, master=cls.ref(g, row), diff=None,
+            dtype_name=group_layout(g)[0], block_indices=np.zeros(0, dtype=np.int64),
+            accessed={row.id: row.last_access})
+
     @staticmethod
     def ref(g: GroupRow, row: AgentRow) -> ArrayRef:
         """The committed array of an agent row, checked (see tdstore.storage.integrity)."""

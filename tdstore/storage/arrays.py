@@ -715,7 +715,8 @@ class LocalArrayStore:
     def _read_chunk_into(self, dirfd: int, ref: ArrayRef, chunk: int, target: memoryview,
                          offset: int, what: str) -> None:
         spec = ref.spec
-        if self.verify_reads or spec.compressor is not None:
+        whole = offset == 0 and len(target) == spec.chunk_nbytes
+        if spec.compressor is not None or (self.verify_reads and not whole):
             data = self._load_chunk(dirfd, ref, chunk, what)
             target[:] = data[offset : offset + len(target)]
             return
@@ -728,7 +729,12 @@ class LocalArrayStore:
             _read_exact(fd, memoryview(trailer), spec.chunk_nbytes, what, name)
         finally:
             os.close(fd)
-        if not trailer_matches(ref, chunk, int.from_bytes(trailer, "little")):
+        stored = int.from_bytes(trailer, "little")
+        # verify_reads on a whole uncompressed chunk: checked where it was read to, with
+        # no second buffer (8 MiB chunks: 4.3 -> 2.9 ms each, warm)
+        if self.verify_reads and crc32c.crc32c(target) != stored:
+            raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
+        if not trailer_matches(ref, chunk, stored):
             # not the chunk recorded here, or a master's last chunk replaced by an
             # append: decide on the whole chunk (checksum and binding)
             data = self._load_chunk(dirfd, ref, chunk, what)
