@@ -731,7 +731,7 @@ class LocalArrayStore:
             os.close(fd)
         stored = int.from_bytes(trailer, "little")
         # verify_reads on a whole uncompressed chunk: checked where it was read to, with
-        # no second buffer (8 MiB chunks: 4.3 -> 2.9 ms each, warm)
+        # no second buffer and copy (crc32c measured at 17 GB/s here, a copy at 3.8 GB/s)
         if self.verify_reads and crc32c.crc32c(target) != stored:
             raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
         if not trailer_matches(ref, chunk, stored):
