@@ -123,3 +123,61 @@ def test_keys_and_hits_do_not_depend_on_pythonhashseed(tmp_path, seeds):
             env={**os.environ, "PYTHONHASHSEED": seeds[1]})
     assert a["keys"] == b["keys"] and len(a["keys"][0]) == 4
     assert b["exact"] == [[800, True]]
+
+
+def test_a_kill_right_after_store_loses_only_what_was_not_yet_committed(tmp_path):
+    """Write-behind: store() returns before the chunks are committed. A SIGKILL then
+    loses the uncommitted ones; whatever a new process finds is whole and exact."""
+    loc = str(tmp_path / "kv")
+    code = CHILD.replace("    backend_of(eng).flush(300)\n",
+                         "    import signal; os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert code != CHILD
+    proc = subprocess.run([sys.executable, "-c", code,
+                           json.dumps({"location": loc, "store": [[s, 1024] for s in range(4)]})],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    got = run({"location": loc, "check": [[s, 1024] for s in range(4)]})
+    for found, (n, exact) in zip(got["found"], got["exact"], strict=True):
+        assert exact and n == found and n % 256 == 0  # whole chunks, exact bytes
+    with tdstore.open(loc) as store:
+        assert not store.verify().damage
+
+
+def test_agents_tagged_as_one_group_share_their_common_prompt(tmp_path):
+    code = textwrap.dedent("""
+        import json, sys, torch
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        loc, group = sys.argv[1], sys.argv[2]
+        prompt_t, prompt_kv = sequence(768, 1)
+        exact = []
+        with engine(tdstore_config(loc)) as eng:
+            seqs = []
+            for a in range(3):
+                t, kv = sequence(256, 10 + a)
+                seqs.append((torch.cat([prompt_t, t]), torch.cat([prompt_kv, kv], dim=2)))
+            def tags(a):
+                cfg = {"lmcache.tag.agent": f"a{a}"}
+                if group:
+                    cfg["lmcache.tag.tdstore_group"] = group
+                return cfg
+            for a, (t, kv) in enumerate(seqs):
+                eng.store(t, kv_buffer=kv, request_configs=tags(a))
+            backend_of(eng).flush(300)
+            for a, (t, kv) in enumerate(seqs):
+                out = torch.zeros_like(kv)
+                n = int(eng.retrieve(t, kv_buffer=out, request_configs=tags(a)).sum())
+                exact.append(n == t.numel() and bool(torch.equal(out, kv)))
+        print(json.dumps(exact))
+    """)
+    sizes = {}
+    for group in ("", "pipeline"):
+        loc = tmp_path / f"kv-{group or 'none'}"
+        out = subprocess.run([sys.executable, "-c", code, str(loc), group], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True, True]
+        sizes[group] = sum(p.stat().st_size for p in (loc / "data").rglob("*") if p.is_file())
+    # 3 agents x 4 chunks; with the group the 3 prompt chunks are stored once, not 3 times
+    chunk = 2 * 4 * 256 * 32 * 2
+    assert sizes[""] >= 12 * chunk
+    assert sizes["pipeline"] < 7 * chunk  # 3 prompt chunks + 3 own chunks, + metadata
