@@ -237,11 +237,14 @@ class Chunks:
         return accessed
 
     def read_many(self, keys: Sequence[str],
-                  buffer: Callable[[int, dict[str, Any]], np.ndarray | None]) -> int:
+                  buffer: Callable[[int, dict[str, Any]], np.ndarray | None], *,
+                  accessed_into: dict[int, float] | None = None) -> int:
         """Read the chunks of ``keys`` in order until one is missing (or unreadable, or
         ``buffer`` gives none): ``buffer(i, attributes)`` returns the uint8 array the
         i-th chunk's bytes go into. Returns how many were read. One lookup for all
-        keys and one access record for all chunks read."""
+        keys and one access record for all chunks read (for the budget's LRU order);
+        with ``accessed_into`` the accesses are added there instead, for the caller to
+        record later (``catalog.touch``)."""
         from tdstore.core.errors import TdStoreError
 
         for k in keys:
@@ -263,7 +266,9 @@ class Chunks:
                     break
                 n += 1
         finally:
-            if accessed and not self.store.readonly:
+            if accessed_into is not None:
+                accessed_into.update(accessed)
+            elif accessed and not self.store.readonly:
                 from tdstore.ops.groups import ACCESS_RESOLUTION_S
 
                 self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)

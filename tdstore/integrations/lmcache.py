@@ -134,6 +134,13 @@ class TdStoreBackend(StoragePluginInterface):
                          for i in range(int(extra.get("tdstore.writers", WRITERS)))]
         for t in self._writers:
             t.start()
+        # reads record their accesses (the budget's LRU order) from a thread of their
+        # own, once a second: a retrieve never waits for a catalogue write
+        self._accessed: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._toucher = threading.Thread(target=self._touch_loop, daemon=True,
+                                         name="tdstore-lmcache-access")
+        self._toucher.start()
 
     def __str__(self) -> str:
         return f"TdStoreBackend({self.store.path})"
@@ -214,6 +221,21 @@ class TdStoreBackend(StoragePluginInterface):
                     if not self._pending:
                         self._idle.notify_all()
 
+    def _touch_loop(self) -> None:
+        from tdstore.ops.groups import ACCESS_RESOLUTION_S
+
+        while True:
+            stopping = self._stop.wait(ACCESS_RESOLUTION_S)
+            with self._lock:
+                accessed, self._accessed = self._accessed, {}
+            if accessed and not self.store.readonly:
+                try:
+                    self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)
+                except TdStoreError as exc:
+                    log.warning("tdstore: accesses not recorded (%s)", exc)
+            if stopping:
+                return
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued chunk is committed (or failed); returns whether the
         queue drained within ``timeout``."""
@@ -256,13 +278,17 @@ class TdStoreBackend(StoragePluginInterface):
             n = int(np.prod(meta["shape"]))
             return np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8, count=n)
 
+        accessed: dict[int, float] = {}
         try:
-            got = self.chunks.read_many(names, buffer)
+            got = self.chunks.read_many(names, buffer, accessed_into=accessed)
         except TdStoreError as exc:
             log.warning("tdstore: chunks cannot be read (%s): misses", exc)
             got = 0
         for obj in objs[got:]:  # allocated for a chunk that then failed to read
             obj.ref_count_down()
+        if accessed:
+            with self._lock:
+                self._accessed.update(accessed)
         return objs[:got] + [None] * (len(keys) - got)
 
     async def batched_get_non_blocking(self, lookup_id: str, keys: list[Any],
@@ -296,4 +322,6 @@ class TdStoreBackend(StoragePluginInterface):
             self._queue.put(None)
         for t in self._writers:
             t.join()
+        self._stop.set()
+        self._toucher.join()
         self.store.close()
