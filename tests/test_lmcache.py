@@ -181,3 +181,19 @@ def test_agents_tagged_as_one_group_share_their_common_prompt(tmp_path):
     chunk = 2 * 4 * 256 * 32 * 2
     assert sizes[""] >= 12 * chunk
     assert sizes["pipeline"] < 7 * chunk  # 3 prompt chunks + 3 own chunks, + metadata
+
+
+def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
+    from pathlib import Path
+
+    tool = Path(__file__).parents[1] / "tools" / "bench_lmcache.py"
+    out = subprocess.run([sys.executable, str(tool), "--sequences", "2", "--tokens", "512",
+                          "--layers", "2", "--hidden", "32", "--agents", "2", "--json",
+                          "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    ratios = report["ratios"]
+    assert ratios["retrievable after a restart, tdstore (share of tokens)"]["value"] == 1.0
+    assert ratios["bytes, tagged agents of one group / tagged agents without it"]["value"] < 1
+    assert report["sharing"]["agents_tagged_group_exact"] == 1.0
+    assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself

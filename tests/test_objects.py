@@ -345,3 +345,23 @@ def test_a_postgresql_restart_during_a_write_commits_nothing(s3_env, pg_server, 
     finally:
         store.close()
         relay.cut()
+
+
+def test_the_object_store_benchmark_runs_and_reports_every_target(s3_env, pg_url, tmp_path):
+    env = {**os.environ, "TDSTORE_URL": pg_url}
+    out = _cli("bench", "--location", _loc(s3_env, "bench"), "--agents", "3", "--blocks", "32",
+               "--block-shape", "4,64", "--reps", "1", "--scale-agents", "50", "--json",
+               env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    report = json.loads(out.stdout)
+    assert set(report["ratios"]) >= {
+        "cold-cache reconstruct all vs GET each agent's object",
+        "warm-cache reconstruct all vs the local-disk store",
+        "register_mirror vs PUT of the whole agent",
+        "bytes under the prefix / block-level ideal",
+        "open+reconstruct, 50 vs 10 agents (time ratio)"}
+    assert all(t["value"] is not None and t["value"] > 0 for t in report["ratios"].values())
+    # a tiny workload: the zarr.json documents weigh more than at full size
+    assert report["ratios"]["bytes under the prefix / block-level ideal"]["value"] < 1.5

@@ -431,6 +431,20 @@ def run(w: Workload, workdir: str | None = None, progress: Callable[[str], None]
         shutil.rmtree(root, ignore_errors=True)
 
 
+def targets_table(ratios: dict[str, Target]) -> Any:
+    """The targets of a report as a rich table: measured ratio, goal, met."""
+    from rich.table import Table
+
+    targets = Table(title="Targets (ratios measured in this run)")
+    for col in ("target", "measured", "goal", "met"):
+        targets.add_column(col, justify="left" if col == "target" else "right")
+    for name, t in ratios.items():
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]  # type: ignore[index]
+        targets.add_row(name, value, f"{t['direction']} {t['target']:g}", met)
+    return targets
+
+
 def print_report(report: dict, echo: Callable[[str], None] = print) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -444,14 +458,7 @@ def print_report(report: dict, echo: Callable[[str], None] = print) -> None:
     for row in throughput_table(w, r):
         table.add_row(*row)
     console.print(table)
-    targets = Table(title="Targets (ratios measured in this run)")
-    for col in ("target", "measured", "goal", "met"):
-        targets.add_column(col, justify="left" if col == "target" else "right")
-    for name, t in report["ratios"].items():
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-        targets.add_row(name, value, f"{t['direction']} {t['target']:g}", met)
-    console.print(targets)
+    console.print(targets_table(report["ratios"]))
     disk = (f"bytes on disk: tdstore {r['bytes_on_disk'] / MiB:.1f} MiB, np.save "
             f"{r.get('np_bytes_on_disk', 0) / MiB:.1f} MiB, safetensors "
             f"{r.get('safetensors_bytes_on_disk', 0) / MiB:.1f} MiB, diskcache "
@@ -742,14 +749,7 @@ def print_object_report(report: dict, echo: Callable[[str], None] = print) -> No
     for key in sorted(k for k in r if k.startswith("scale_open_")):
         table.add_row(f"open + reconstruct, {key.split('_')[2]} agents", f"{r[key] * 1e3:.1f} ms")
     console.print(table)
-    targets = Table(title="Targets (ratios measured in this run)")
-    for col in ("target", "measured", "goal", "met"):
-        targets.add_column(col, justify="left" if col == "target" else "right")
-    for name, t in report["ratios"].items():
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-        targets.add_row(name, value, f"{t['direction']} {t['target']:g}", met)
-    console.print(targets)
+    console.print(targets_table(report["ratios"]))
     echo(f"bytes under the prefix {r['bytes_under_prefix'] / MiB:.1f} MiB, block-level "
          f"ideal {r['bytes_ideal'] / MiB:.1f} MiB, one object per agent "
          f"{n * w['blocks'] * r['bytes_ideal'] / (w['blocks'] + r['diff_blocks']) / MiB:.1f} MiB")

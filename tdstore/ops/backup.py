@@ -436,22 +436,14 @@ class _Backup:
             body = self.source.arrays.read_object(rel, MAX_OBJECT_BYTES)
         except FileNotFoundError:
             raise _Vanished(f"store {self.src}: data/{rel}") from None
-        out_path = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}") \
-            if replace else target
-        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, 0o644)
-        try:
+
+        def write(out: int) -> int:
             view = memoryview(body)
             while view:
                 view = view[os.write(out, view):]
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            out_path.unlink(missing_ok=True)
-            raise
-        os.close(out)
-        if replace:
-            os.replace(out_path, target)
+            return len(body)
+
+        _write_file(target, write, replace=replace)
 
     def _copy_root_meta(self, data: Path) -> None:
         """``data/zarr.json`` (the hierarchy's root), when the source has one."""
@@ -605,23 +597,29 @@ def _copy_file(dir_fd: int, name: str, target: Path, what: str, *,
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CorruptionError(f"{what} is not a regular file; refusing to copy it")
-        out_path = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}") \
-            if replace else target
-        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, 0o644)
-        try:
-            n = _copy_fd(fd, out)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            out_path.unlink(missing_ok=True)
-            raise
-        os.close(out)
-        if replace:
-            os.replace(out_path, target)
-        return n
+        return _write_file(target, lambda out: _copy_fd(fd, out), replace=replace)
     finally:
         os.close(fd)
+
+
+def _write_file(target: Path, write: Callable[[int], int], *, replace: bool = False) -> int:
+    """Create ``target`` (never through a symlink) with what ``write(fd)`` writes, fsynced;
+    with ``replace`` through a temporary file renamed over it. Returns ``write``'s count."""
+    out_path = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}") \
+        if replace else target
+    out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                  | os.O_CLOEXEC, 0o644)
+    try:
+        n = write(out)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        out_path.unlink(missing_ok=True)
+        raise
+    os.close(out)
+    if replace:
+        os.replace(out_path, target)
+    return n
 
 
 def _copy_fd(src: int, dst: int) -> int:
