@@ -98,29 +98,48 @@ class Chunks:
         return (f"{self.namespace}-shared:{group}:{position}:"
                 f"{'x'.join(str(int(d)) for d in shape)}:{dtype}")
 
+    def _matches(self, part: list[str]) -> list[Any]:
+        """Where-clauses of the rows holding the chunks ``part``: a group of their own
+        (``<namespace>:<key>``, its master), or an agent of a shared group. Two queries,
+        each on an index (an OR of the two would scan the agents)."""
+        from sqlalchemy import and_
+
+        return [and_(GroupRow.name.in_([self.group_name(k) for k in part]),
+                     AgentRow.role == Role.MASTER, AgentRow.status == Status.OK),
+                and_(AgentRow.name.in_(part), AgentRow.status == Status.OK,
+                     GroupRow.name.startswith(f"{self.namespace}-shared:", autoescape=True))]
+
+    def _key_of(self, group_name: str, agent_name: str) -> str:
+        return group_name[len(self.namespace) + 1:] if agent_name == AGENT and \
+            group_name.startswith(f"{self.namespace}:") else agent_name
+
     def _locate(self, keys: Sequence[str]) -> dict[str, _Found]:
-        """The committed, readable chunks among ``keys``: two catalogue queries for any
-        number of keys, in one transaction."""
-        names = {self.group_name(k): k for k in keys}
-        shared_prefix = f"{self.namespace}-shared:"
+        """The committed, readable chunks among ``keys``: two catalogue queries per 500
+        keys, in one transaction."""
         found: dict[str, _Found] = {}
         keys = list(keys)
         with self.store.catalog.read() as s:
             for i in range(0, len(keys), 500):
-                part = keys[i : i + 500]
-                for g, a in s.execute(
-                        select(GroupRow, AgentRow)
-                        .join(AgentRow, AgentRow.group_id == GroupRow.id)
-                        .where(GroupRow.name.in_([self.group_name(k) for k in part]),
-                               AgentRow.role == Role.MASTER, AgentRow.status == Status.OK)):
-                    found[names[g.name]] = _Found(g, a)
-                for g, a in s.execute(
-                        select(GroupRow, AgentRow)
-                        .join(AgentRow, AgentRow.group_id == GroupRow.id)
-                        .where(AgentRow.name.in_(part), AgentRow.status == Status.OK,
-                               GroupRow.name.startswith(shared_prefix, autoescape=True))):
-                    found.setdefault(a.name, _Found(g, a))
+                for where in self._matches(keys[i : i + 500]):
+                    for g, a in s.execute(select(GroupRow, AgentRow)
+                                          .join(AgentRow, AgentRow.group_id == GroupRow.id)
+                                          .where(where)):
+                        found.setdefault(self._key_of(g.name, a.name), _Found(g, a))
         return found
+
+    def _present(self, keys: Sequence[str]) -> set[str]:
+        """The keys among ``keys`` whose chunks are committed (names only: lighter
+        than :meth:`_locate`, for lookups)."""
+        present: set[str] = set()
+        keys = list(keys)
+        with self.store.catalog.read() as s:
+            for i in range(0, len(keys), 500):
+                for where in self._matches(keys[i : i + 500]):
+                    for gname, aname in s.execute(
+                            select(GroupRow.name, AgentRow.name)
+                            .join(AgentRow, AgentRow.group_id == GroupRow.id).where(where)):
+                        present.add(self._key_of(gname, aname))
+        return present
 
     def _where(self, key: str) -> _Found:
         check_name("chunk key", key)
@@ -284,7 +303,7 @@ class Chunks:
             return 0
         for k in keys:
             check_name("chunk key", k)
-        present = self._locate(keys)
+        present = self._present(keys)
         n = 0
         for k in keys:
             if k not in present:
