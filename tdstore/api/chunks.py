@@ -210,24 +210,25 @@ class Chunks:
         """The chunk's array (its dtype and shape) and its attributes."""
         from tdstore.core.dtypes import numpy_dtype
 
-        meta = self.meta(key)
-        dtype = numpy_dtype(meta["dtype"])
-        out = np.empty(meta["shape"], dtype)
-        self.read_into(key, out.reshape(-1).view(np.uint8), meta)
+        at = self._where(key)
+        meta = at.attrs
+        out = np.empty(meta["shape"], numpy_dtype(meta["dtype"]))
+        self._record(self._read(key, at, out.reshape(-1).view(np.uint8)))
         return out, meta
 
-    def read_into(self, key: str, buf: np.ndarray, meta: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+    def read_into(self, key: str, buf: np.ndarray) -> dict[str, Any]:
         """Read the chunk's bytes into ``buf`` (a writable uint8 array of its size, e.g.
         over a buffer someone else allocated); returns its attributes."""
-
         at = self._where(key)
-        accessed = self._read(key, at, buf)
-        if not self.store.readonly:
+        self._record(self._read(key, at, buf))
+        return at.attrs
+
+    def _record(self, accessed: dict[int, float]) -> None:
+        """Record reads of these agent rows (the budget's LRU order)."""
+        if accessed and not self.store.readonly:
             from tdstore.ops.groups import ACCESS_RESOLUTION_S
 
             self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)
-        return at.attrs
 
     def _read(self, key: str, at: _Found, buf: np.ndarray) -> dict[int, float]:
         """Read one located chunk into ``buf``; returns the access to record. A chunk
@@ -287,10 +288,8 @@ class Chunks:
         finally:
             if accessed_into is not None:
                 accessed_into.update(accessed)
-            elif accessed and not self.store.readonly:
-                from tdstore.ops.groups import ACCESS_RESOLUTION_S
-
-                self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)
+            else:
+                self._record(accessed)
         return n
 
     def contains(self, key: str) -> bool:

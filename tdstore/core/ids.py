@@ -5,11 +5,18 @@ these are the only names a store puts on disk, checked wherever they are read ba
 from __future__ import annotations
 
 import re
+import secrets
 
 from tdstore.core.errors import CorruptionError
 
 GID_RE = re.compile(r"[0-9a-f]{16}")
 ARRAY_RE = re.compile(r"([0-9a-f]{16})/([md])-([0-9a-f]{16})")
+
+
+def new_array_path(gid: str, kind: str) -> str:
+    """A fresh array path for group ``gid``: ``m-<hex>`` (master) or ``d-<hex>`` (a
+    mirror's diff), random, so a path is never written twice on any array store."""
+    return f"{check_gid(gid)}/{kind}-{secrets.token_hex(8)}"
 
 
 def check_gid(gid: object) -> str:

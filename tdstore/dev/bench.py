@@ -667,18 +667,19 @@ def _catalogue_scale(location: str, url: str, n_agents: int, reps: int, root: Pa
             # diff-index row), each named a<i>, inserted in bulk by PostgreSQL itself
             eng = create_engine(db_url)
             with eng.begin() as con:
-                cols = [c[0] for c in con.execute(text(
-                    "SELECT column_name FROM information_schema.columns WHERE "
-                    "table_name = 'agents' AND column_name NOT IN ('id', 'name')"))]
-                qcols = ", ".join(f'"{c}"' for c in cols)
+
+                def columns(table: str, *but: str) -> str:
+                    names = con.execute(text(
+                        "SELECT column_name FROM information_schema.columns "
+                        "WHERE table_name = :t"), {"t": table}).scalars()
+                    return ", ".join(f'"{c}"' for c in names if c not in but)
+
+                qcols = columns("agents", "id", "name")
                 con.execute(text(
                     f'INSERT INTO agents (name, {qcols}) SELECT \'a\' || i, {qcols} '
                     "FROM agents, generate_series(1, :n) AS i WHERE name = 'a0'"),
                     {"n": n - 3})
-                dcols = [c[0] for c in con.execute(text(
-                    "SELECT column_name FROM information_schema.columns WHERE "
-                    "table_name = 'diff_blocks' AND column_name NOT IN ('id', 'agent_id')"))]
-                qd = ", ".join(f'"{c}"' for c in dcols)
+                qd = columns("diff_blocks", "id", "agent_id")
                 con.execute(text(
                     f"INSERT INTO diff_blocks (agent_id, {qd}) SELECT a.id, {qd} FROM "
                     "agents a, diff_blocks d JOIN agents a0 ON d.agent_id = a0.id "

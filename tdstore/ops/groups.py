@@ -45,6 +45,7 @@ from tdstore.core.errors import (
     StorageError,
     TdStoreError,
 )
+from tdstore.core.ids import new_array_path
 from tdstore.core.kinds import JournalOp, Role, Status
 from tdstore.core.layout import (
     ArrayRef,
@@ -840,7 +841,7 @@ class _Write:
         if room is not None:
             room.need(nbytes, what)
         self.created_dir |= self.ctx.arrays.new_group_dir(self.g.gid)
-        path = self.ctx.arrays.new_path(self.g.gid, kind)
+        path = new_array_path(self.g.gid, kind)
         self.ids.append(journal.record(self.ctx, self.g.gid, path, JournalOp.WRITE, nbytes))
         return path
 

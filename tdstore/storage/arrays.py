@@ -388,7 +388,6 @@ class ArrayStore(Protocol):
 
     def ensure_root(self) -> None: ...
     def new_group_dir(self, gid: str) -> bool: ...
-    def new_path(self, gid: str, kind: str) -> str: ...
     def estimate_nbytes(self, spec: ArraySpec, n_blocks: int) -> int: ...
     def create_and_write(self, path: str, spec: ArraySpec, blocks: np.ndarray,
                          check: Callable[[np.ndarray, int], None] | None = None
@@ -557,11 +556,6 @@ class LocalArrayStore:
             fsync_dir(self.root)
             return st is None
         return False
-
-    @staticmethod
-    def new_path(gid: str, kind: str) -> str:
-        """A fresh array path for group ``gid``: ``m-<hex>`` (master) or ``d-<hex>``."""
-        return f"{check_gid(gid)}/{kind}-{secrets.token_hex(8)}"
 
     def chunk_file(self, path: str, spec: ArraySpec, chunk: int) -> Path:
         return self.root / check_array_path(path) / spec.chunk_key(chunk)

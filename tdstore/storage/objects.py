@@ -282,12 +282,6 @@ class ObjectArrayStore:
         self._groups_seen.add(gid)
         return created
 
-    @staticmethod
-    def new_path(gid: str, kind: str) -> str:
-        from tdstore.storage.arrays import LocalArrayStore
-
-        return LocalArrayStore.new_path(gid, kind)
-
     def estimate_nbytes(self, spec: ArraySpec, n_blocks: int) -> int:
         return estimate_nbytes(spec, n_blocks)
 
