@@ -117,3 +117,37 @@ def test_chunks_shared_by_position_store_only_what_differs(backend):
         assert c.remove("a@0")  # the master: its position's chunks go with it
         assert c.count_present(["c@0"]) == 0 and c.contains("a@1")
         assert store.verify().ok
+
+
+def test_namespaces_are_apart_even_when_their_names_are_like_patterns(store):
+    """A namespace's shared chunks are found by a name pattern; ``_`` and ``%`` in a
+    namespace are letters there, not wildcards."""
+    store.chunks("axb").put("k", chunk(0), share=("g", 0))
+    store.chunks("a%b").put("k2", chunk(1), share=("g", 0))
+    for ns in ("a_b", "a%b"):
+        assert store.chunks(ns).count_present(["k"]) == 0
+    assert store.chunks("a_b").count_present(["k2"]) == 0
+    assert store.chunks("axb").contains("k") and store.chunks("a%b").contains("k2")
+    assert store.chunks("axb").keys() == ["k"]
+
+
+def test_read_many_stops_at_the_first_unreadable_chunk_however_they_are_read(backend):
+    """Chunks are read at once; what comes back is still every chunk before the first
+    one that cannot be read, each bit-exact, and nothing is claimed after it."""
+    arrays = {f"k{i}": chunk(i) for i in range(6)}
+    with backend.open() as store:
+        c = store.chunks()
+        for k, a in arrays.items():
+            c.put(k, a)
+        rel = backend.array_of(store, "chunk:k3", "chunk")
+    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
+    raw = bytearray(backend.read(name))
+    raw[100] ^= 0xFF  # the 4th chunk's data: the checks of every read catch it
+    backend.write(name, bytes(raw))
+    keys = list(arrays)
+    bufs = [np.zeros(a.nbytes, np.uint8) for a in arrays.values()]
+    no_cache = {"cache_max_bytes": 0} if backend.kind == "s3" else {}
+    with backend.open(verify_reads=True, **no_cache) as store:
+        assert store.chunks().read_many(keys, lambda i, meta: bufs[i]) == 3
+    for i in range(3):
+        assert bufs[i].tobytes() == arrays[keys[i]].view(np.uint8).tobytes()

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, union_all
 
 from tdstore.core.errors import InvalidInputError, NotFoundError, StateError
 from tdstore.core.kinds import Role, Status
@@ -61,6 +61,24 @@ def block_layout(shape: Sequence[int], itemsize: int) -> tuple[int, int]:
     nbytes = math.prod(shape) * itemsize
     block = per * row
     return nbytes // block, block
+
+
+def _statements(*columns: Any) -> tuple[Any, Any]:
+    """The two lookups of chunks by key, built once (bound per call): a group of their
+    own (``<namespace>:<key>``, its master), or an agent of a shared group. Each stays on
+    an index (an OR of the two would scan the agents); building them per call cost more
+    than running them (1 ms of 2.5 ms per lookup of 8 keys)."""
+    join = select(*columns).join(AgentRow, AgentRow.group_id == GroupRow.id)
+    own = join.where(GroupRow.name.in_(bindparam("groups", expanding=True)),
+                     AgentRow.role == Role.MASTER, AgentRow.status == Status.OK)
+    shared = join.where(AgentRow.name.in_(bindparam("keys", expanding=True)),
+                        AgentRow.status == Status.OK,
+                        GroupRow.name.like(bindparam("shared"), escape="\\"))
+    return own, shared
+
+
+_ROWS = _statements(GroupRow, AgentRow)
+_NAMES = union_all(*_statements(GroupRow.name, AgentRow.name))
 
 
 class _Found:
@@ -98,16 +116,10 @@ class Chunks:
         return (f"{self.namespace}-shared:{group}:{position}:"
                 f"{'x'.join(str(int(d)) for d in shape)}:{dtype}")
 
-    def _matches(self, part: list[str]) -> list[Any]:
-        """Where-clauses of the rows holding the chunks ``part``: a group of their own
-        (``<namespace>:<key>``, its master), or an agent of a shared group. Two queries,
-        each on an index (an OR of the two would scan the agents)."""
-        from sqlalchemy import and_
-
-        return [and_(GroupRow.name.in_([self.group_name(k) for k in part]),
-                     AgentRow.role == Role.MASTER, AgentRow.status == Status.OK),
-                and_(AgentRow.name.in_(part), AgentRow.status == Status.OK,
-                     GroupRow.name.startswith(f"{self.namespace}-shared:", autoescape=True))]
+    def _params(self, part: list[str]) -> dict[str, Any]:
+        esc = self.namespace.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return {"groups": [self.group_name(k) for k in part], "keys": part,
+                "shared": f"{esc}-shared:%"}
 
     def _key_of(self, group_name: str, agent_name: str) -> str:
         return group_name[len(self.namespace) + 1:] if agent_name == AGENT and \
@@ -120,25 +132,21 @@ class Chunks:
         keys = list(keys)
         with self.store.catalog.read() as s:
             for i in range(0, len(keys), 500):
-                for where in self._matches(keys[i : i + 500]):
-                    for g, a in s.execute(select(GroupRow, AgentRow)
-                                          .join(AgentRow, AgentRow.group_id == GroupRow.id)
-                                          .where(where)):
+                params = self._params(keys[i : i + 500])
+                for stmt in _ROWS:
+                    for g, a in s.execute(stmt, params):
                         found.setdefault(self._key_of(g.name, a.name), _Found(g, a))
         return found
 
     def _present(self, keys: Sequence[str]) -> set[str]:
-        """The keys among ``keys`` whose chunks are committed (names only: lighter
-        than :meth:`_locate`, for lookups)."""
+        """The keys among ``keys`` whose chunks are committed (names only, one query
+        per 500 keys: lighter than :meth:`_locate`, for lookups)."""
         present: set[str] = set()
         keys = list(keys)
         with self.store.catalog.read() as s:
             for i in range(0, len(keys), 500):
-                for where in self._matches(keys[i : i + 500]):
-                    for gname, aname in s.execute(
-                            select(GroupRow.name, AgentRow.name)
-                            .join(AgentRow, AgentRow.group_id == GroupRow.id).where(where)):
-                        present.add(self._key_of(gname, aname))
+                for gname, aname in s.execute(_NAMES, self._params(keys[i : i + 500])):
+                    present.add(self._key_of(gname, aname))
         return present
 
     def _where(self, key: str) -> _Found:
@@ -172,7 +180,7 @@ class Chunks:
         blocks = a.reshape(-1).view(np.uint8).reshape(n_blocks, block)
         meta = {"shape": list(a.shape), "dtype": dtype, "fmt": fmt, **(attrs or {})}
         if share is None:
-            g = self.store.group(name, diff_threshold=0.0)
+            g = self.store.group(name, diff_threshold=0.0, chunk_blocks=n_blocks)
             g.register_master(AGENT, blocks, attrs=meta)
             return True
         g = self.store.group(self.shared_group_name(share[0], share[1], a.shape, dtype),
@@ -261,29 +269,41 @@ class Chunks:
                   accessed_into: dict[int, float] | None = None) -> int:
         """Read the chunks of ``keys`` in order until one is missing (or unreadable, or
         ``buffer`` gives none): ``buffer(i, attributes)`` returns the uint8 array the
-        i-th chunk's bytes go into. Returns how many were read. One lookup for all
-        keys and one access record for all chunks read (for the budget's LRU order);
-        with ``accessed_into`` the accesses are added there instead, for the caller to
-        record later (``catalog.touch``)."""
+        i-th chunk's bytes go into. Returns how many were read (from the first). One
+        lookup for all keys; the buffers are asked for in order, then the chunks are
+        read at once by the store's I/O threads; one access record for all chunks read
+        (for the budget's LRU order); with ``accessed_into`` the accesses are added
+        there instead, for the caller to record later (``catalog.touch``)."""
         from tdstore.core.errors import TdStoreError
+        from tdstore.storage.arrays import run_all
 
         for k in keys:
             check_name("chunk key", k)
         where = self._locate(keys)
+        todo: list[tuple[str, _Found, np.ndarray]] = []
+        for i, k in enumerate(keys):
+            at = where.get(k)
+            buf = None if at is None else buffer(i, at.attrs)
+            if at is None or buf is None:
+                break
+            todo.append((k, at, buf))
+
+        def read(k: str, at: _Found, buf: np.ndarray) -> dict[int, float] | None:
+            try:
+                return self._read(k, at, buf)
+            except (TdStoreError, KeyError, TypeError, ValueError):
+                return None  # a miss: this chunk and every later one
+
+        # several chunks at once, as LMCache's disk backend reads them (measured in the
+        # LMCache benchmark, 64 chunks of 8 MiB from the page cache, checksums on: one
+        # after the other 0.22-0.24 s, four at once 0.16-0.18 s)
         accessed: dict[int, float] = {}
         n = 0
         try:
-            for i, k in enumerate(keys):
-                at = where.get(k)
-                if at is None:
+            for got in run_all([lambda t=t: read(*t) for t in todo]):
+                if got is None:
                     break
-                buf = buffer(i, at.attrs)
-                if buf is None:
-                    break
-                try:
-                    accessed.update(self._read(k, at, buf))
-                except (TdStoreError, KeyError, TypeError, ValueError):
-                    break
+                accessed.update(got)
                 n += 1
         finally:
             if accessed_into is not None:
