@@ -23,6 +23,7 @@ stored once however their keys differ.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -300,7 +301,7 @@ class Chunks:
         accessed: dict[int, float] = {}
         n = 0
         try:
-            for got in run_all([lambda t=t: read(*t) for t in todo]):
+            for got in run_all([functools.partial(read, *t) for t in todo]):
                 if got is None:
                     break
                 accessed.update(got)
