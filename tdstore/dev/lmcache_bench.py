@@ -87,22 +87,21 @@ def _measure(kind: str, cfg: dict[str, Any], root: Path, seqs: list[tuple[int, i
                 got += int(eng.retrieve(tokens, kv_buffer=out).sum())
             return got
 
-        # each figure is the best of ROUNDS (this machine is shared: the best run is
-        # the one least disturbed), for both backends alike
+        def best(before: Any = None) -> tuple[float, int]:
+            """The best of ROUNDS retrieves (this machine is shared: the best run is the
+            one least disturbed), for both backends alike, and the tokens the last found."""
+            times = []
+            for _ in range(ROUNDS):
+                if before is not None:
+                    before()
+                t0 = time.perf_counter()
+                got = retrieve_all()
+                times.append(time.perf_counter() - t0)
+            return min(times), got
+
         retrieve_all()  # warm
-        warm = []
-        for _ in range(ROUNDS):
-            t0 = time.perf_counter()
-            r["retrieved_warm_tokens"] = retrieve_all()
-            warm.append(time.perf_counter() - t0)
-        r["retrieve_warm_s"] = min(warm)
-        cold = []
-        for _ in range(ROUNDS):
-            drop_page_cache(path)
-            t0 = time.perf_counter()
-            r["retrieved_cold_tokens"] = retrieve_all()
-            cold.append(time.perf_counter() - t0)
-        r["retrieve_cold_s"] = min(cold)
+        r["retrieve_warm_s"], r["retrieved_warm_tokens"] = best()
+        r["retrieve_cold_s"], r["retrieved_cold_tokens"] = best(lambda: drop_page_cache(path))
     r["bytes_on_disk"] = du(path)
     proc = subprocess.run([sys.executable, "-c", _LOOKUP_CHILD,
                            json.dumps([cfg, seqs, layers, hidden])], capture_output=True,
