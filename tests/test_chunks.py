@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tdstore
+from conftest import Backend
 
 KEYS = ["model@1@0@-520fcff2946d4d52@half", "model@1@0@3f1a@half", "model@1@0@77@half"]
 
@@ -151,3 +152,63 @@ def test_read_many_stops_at_the_first_unreadable_chunk_however_they_are_read(bac
         assert store.chunks().read_many(keys, lambda i, meta: bufs[i]) == 3
     for i in range(3):
         assert bufs[i].tobytes() == arrays[keys[i]].view(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("where", ["first-byte", "second-piece", "last-piece", "last-byte",
+                                   "trailer"])
+def test_a_flipped_byte_anywhere_in_a_large_chunk_is_a_miss(tmp_path, where):
+    """A chunk larger than the pieces its checksum is computed over as it is read: one
+    flipped bit in any piece, or in the stored checksum, makes the chunk a miss; the
+    chunks before it in the batch come back bit-exact, and so do the ones after it when
+    read on their own."""
+    from tdstore.storage.arrays import CHECKED_PIECE
+
+    arrays = {f"k{i}": chunk(i, tokens=256).repeat(14, axis=3) for i in range(4)}
+    size = arrays["k0"].nbytes  # 3.5 MiB: three whole pieces and a part of one
+    assert size > 3 * CHECKED_PIECE and size % CHECKED_PIECE
+    backend = Backend("local", tmp_path)
+    with backend.open() as store:
+        c = store.chunks()
+        for k, a in arrays.items():
+            c.put(k, a)
+        rel = backend.array_of(store, "chunk:k2", "chunk")
+    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
+    raw = bytearray(backend.read(name))
+    assert len(raw) == size + 4
+    at = {"first-byte": 0, "second-piece": CHECKED_PIECE + 12345,
+          "last-piece": 3 * CHECKED_PIECE + 99, "last-byte": size - 1,
+          "trailer": size + 2}[where]
+    raw[at] ^= 0x10
+    backend.write(name, bytes(raw))
+    keys = list(arrays)
+    bufs = [np.zeros(size, np.uint8) for _ in keys]
+    with backend.open(verify_reads=True) as store:
+        c = store.chunks()
+        assert c.read_many(keys, lambda i, meta: bufs[i]) == 2
+        with pytest.raises(tdstore.CorruptionError, match="checksum"):
+            c.get("k2")
+        assert c.read_many(["k3"], lambda i, meta: bufs[3]) == 1
+    for i in (0, 1, 3):
+        assert bufs[i].tobytes() == arrays[keys[i]].view(np.uint8).tobytes()
+
+
+def test_read_many_of_own_and_shared_chunks_in_one_batch(store):
+    """A batch mixing chunks of their own with chunks stored against a sharing group's
+    (read by different paths) comes back in order, bit-exact; a missing one ends it."""
+    base = chunk(50)
+    other = base.copy()
+    other[:, :, 200:] += 1  # differs in its last tokens only
+    c = store.chunks()
+    c.put("own0", chunk(51))
+    c.put("a0", base, share=("pipeline", 0))
+    c.put("b0", other, share=("pipeline", 0))  # a mirror of a0
+    c.put("own1", chunk(52))
+    want = {"own0": chunk(51), "a0": base, "b0": other, "own1": chunk(52)}
+    keys = ["b0", "own0", "a0", "own1", "b0"]
+    bufs = [np.zeros(base.nbytes, np.uint8) for _ in keys]
+    assert c.read_many(keys, lambda i, meta: bufs[i]) == 5
+    for k, b in zip(keys, bufs, strict=True):
+        assert b.tobytes() == want[k].view(np.uint8).tobytes()
+    bufs = [np.zeros(base.nbytes, np.uint8) for _ in keys]
+    assert c.read_many(["own0", "b0", "missing", "a0"], lambda i, meta: bufs[i]) == 2
+    assert bufs[3].tobytes() == bytes(base.nbytes)  # nothing read past the miss

@@ -112,6 +112,45 @@ def test_a_damaged_chunk_file_is_a_miss_never_wrong_bytes(tmp_path):
     assert r["exact"] == [[256, True]]  # the first chunk; the damaged second is a miss
 
 
+PRIORITIES = textwrap.dedent("""
+    import json, os, sys, threading, torch
+    from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+    def io_threads():
+        return {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id)
+                for t in threading.enumerate() if t.name.startswith("tdstore-io")}
+    from tdstore.integrations.lmcache import WRITER_NICE, WRITERS
+    out = {"base": os.getpriority(os.PRIO_PROCESS, 0), "nice": WRITER_NICE, "n": WRITERS}
+    with engine(tdstore_config(sys.argv[1])) as eng:
+        backend = backend_of(eng)
+        out["writers"] = [os.getpriority(os.PRIO_PROCESS, t.native_id)
+                          for t in backend._writers]
+        tokens, kv = sequence(1500, 3)
+        eng.store(tokens, kv_buffer=kv)
+        backend.flush(300)
+        out["io_after_writes"] = io_threads()
+        got = torch.zeros_like(kv)
+        out["retrieved"] = int(eng.retrieve(tokens, kv_buffer=got).sum())
+        out["exact"] = bool(torch.equal(got, kv))
+        out["io_after_reads"] = io_threads()
+    print(json.dumps(out))
+""")
+
+
+def test_write_behind_yields_the_cpu_and_leaves_the_read_threads_alone(tmp_path):
+    """The writer threads run at a lower priority than the process (nice +10), write
+    on their own threads, not on the I/O pool that reads use (which keeps the
+    process's priority)."""
+    proc = subprocess.run([sys.executable, "-c", PRIORITIES, str(tmp_path / "kv")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nice"] > 0 and out["n"] >= 2
+    assert out["writers"] == [min(19, out["base"] + out["nice"])] * out["n"]
+    assert out["io_after_writes"] == {}  # the writes did not start the read pool
+    assert out["retrieved"] == 1500 and out["exact"]
+    assert out["io_after_reads"] and set(out["io_after_reads"].values()) == {out["base"]}
+
+
 @pytest.mark.parametrize("seeds", [("0", "12345")])
 def test_keys_and_hits_do_not_depend_on_pythonhashseed(tmp_path, seeds):
     """LMCache's default ``pre_caching_hash_algorithm: builtin`` hashes tuples of ints,

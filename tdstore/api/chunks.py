@@ -38,6 +38,7 @@ from tdstore.storage.catalog import AgentRow, GroupRow
 
 if TYPE_CHECKING:
     from tdstore.api.store import Store
+    from tdstore.core.layout import ArrayRef
 
 AGENT = "chunk"
 # blocks of at most this many rows (tokens, for an LMCache chunk) and bytes: small enough
@@ -245,19 +246,24 @@ class Chunks:
 
             self.store.catalog.touch(accessed, ACCESS_RESOLUTION_S)
 
-    def _read(self, key: str, at: _Found, buf: np.ndarray) -> dict[int, float]:
-        """Read one located chunk into ``buf``; returns the access to record. A chunk
-        filed as a master is read from the rows already located (no further query)."""
+    def _layout(self, key: str, at: _Found, buf: np.ndarray) -> np.ndarray:
+        """``buf`` (checked against the chunk's recorded size) as the chunk's blocks."""
         from tdstore.core.dtypes import numpy_dtype
-        from tdstore.ops.groups import GroupOps
-        from tdstore.storage.reads import check_out, reconstruct_into
 
         meta = at.attrs
         n_blocks, block = block_layout(meta["shape"], numpy_dtype(meta["dtype"]).itemsize)
         if buf.dtype != np.uint8 or buf.size != n_blocks * block:
             raise InvalidInputError(f"chunk {key!r}: the buffer holds {buf.size} "
                                     f"{buf.dtype} items, expected {n_blocks * block} uint8")
-        out = buf.reshape(n_blocks, block)
+        return buf.reshape(n_blocks, block)
+
+    def _read(self, key: str, at: _Found, buf: np.ndarray) -> dict[int, float]:
+        """Read one located chunk into ``buf``; returns the access to record. A chunk
+        filed as a master is read from the rows already located (no further query)."""
+        from tdstore.ops.groups import GroupOps
+        from tdstore.storage.reads import check_out, reconstruct_into
+
+        out = self._layout(key, at, buf)
         accessed: dict[int, float] = {}
 
         def fill(snap: Any) -> None:
@@ -277,12 +283,14 @@ class Chunks:
         """Read the chunks of ``keys`` in order until one is missing (or unreadable, or
         ``buffer`` gives none): ``buffer(i, attributes)`` returns the uint8 array the
         i-th chunk's bytes go into. Returns how many were read (from the first). One
-        lookup for all keys; the buffers are asked for in order, then the chunks are
-        read at once by the store's I/O threads; one access record for all chunks read
-        (for the budget's LRU order); with ``accessed_into`` the accesses are added
-        there instead, for the caller to record later (``catalog.touch``)."""
+        lookup for all keys; the buffers are asked for in order, then the chunks are read at once by the store's
+        I/O threads; one access record for all chunks read (for the budget's LRU order);
+        with ``accessed_into`` the accesses are added there instead, for the caller to
+        record later (``catalog.touch``)."""
         from tdstore.core.errors import TdStoreError
+        from tdstore.ops.groups import GroupOps
         from tdstore.storage.arrays import run_all
+        from tdstore.storage.reads import check_out
 
         for k in keys:
             check_name("chunk key", k)
@@ -294,29 +302,59 @@ class Chunks:
             if at is None or buf is None:
                 break
             todo.append((k, at, buf))
+        misses = (TdStoreError, KeyError, TypeError, ValueError)
+
+        # A chunk filed as a master (every chunk but those stored against a sharing
+        # group's) is checked here and read by the store's batched read: the I/O threads
+        # do only the I/O and the checksums, and open the files of the first chunks while
+        # this thread prepares the next (measured in the LMCache benchmark, 64 chunks of
+        # 8 MiB from the page cache, checksums on: one after the other 0.22-0.24 s, one
+        # read per chunk on the I/O threads 0.13-0.15 s, the batched read 0.10-0.11 s).
+        # A mirror is read on its own, with the read's retry on churn.
+        ok = [False] * len(todo)
+        accessed: list[dict[int, float]] = [{} for _ in todo]  # what each read touched
+        batch: list[tuple[ArrayRef, np.ndarray, str]] = []
+        masters: list[int] = []
+        mirrors: list[int] = []
+        for i, (k, at, buf) in enumerate(todo):
+            if at.agent.role != Role.MASTER:
+                mirrors.append(i)
+                continue
+            try:
+                out = self._layout(k, at, buf)
+                snap = GroupOps.master_snapshot(at.group, at.agent)
+                check_out(snap, out)
+            except misses:
+                todo = todo[:i]  # a miss: this chunk and every later one
+                break
+            batch.append((snap.master, out.view(snap.spec.dtype), f"{snap.label} (master)"))
+            masters.append(i)
+            accessed[i] = snap.accessed
 
         def read(k: str, at: _Found, buf: np.ndarray) -> dict[int, float] | None:
             try:
                 return self._read(k, at, buf)
-            except (TdStoreError, KeyError, TypeError, ValueError):
-                return None  # a miss: this chunk and every later one
+            except misses:
+                return None
 
-        # several chunks at once, as LMCache's disk backend reads them (measured in the
-        # LMCache benchmark, 64 chunks of 8 MiB from the page cache, checksums on: one
-        # after the other 0.22-0.24 s, four at once 0.16-0.18 s)
-        accessed: dict[int, float] = {}
         n = 0
         try:
-            for got in run_all([functools.partial(read, *t) for t in todo]):
-                if got is None:
-                    break
-                accessed.update(got)
+            for i, err in zip(masters, self.store.arrays.read_arrays(batch), strict=True):
+                if err is not None and not isinstance(err, misses):
+                    raise err
+                ok[i] = err is None
+            live = [i for i in mirrors if i < len(todo)]
+            for i, res in zip(live, run_all([functools.partial(read, *todo[i])
+                                             for i in live]), strict=True):
+                ok[i], accessed[i] = res is not None, res or {}
+            while n < len(todo) and ok[n]:
                 n += 1
         finally:
+            got = {a: t for acc in accessed[:n] for a, t in acc.items()}
             if accessed_into is not None:
-                accessed_into.update(accessed)
+                accessed_into.update(got)
             else:
-                self._record(accessed)
+                self._record(got)
         return n
 
     def contains(self, key: str) -> bool:

@@ -26,6 +26,7 @@ regular files of a plausible size are read.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import json
@@ -36,7 +37,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ import zarr
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
-from tdstore.core.errors import CorruptionError
+from tdstore.core.errors import CorruptionError, InvalidInputError
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
 
@@ -63,6 +64,8 @@ COMPRESSORS: dict[str, Callable[[], BytesBytesCodec]] = {
 # several fsyncs in flight the disk sees a deeper queue (measured: 64 MiB in 4 MiB chunks,
 # sequential 62-67 ms, 4 threads 46 ms, np.save+fsync of one file 52 ms).
 IO_THREADS = 4
+# arrays that LocalArrayStore.read_arrays has in flight at once (each holds a descriptor)
+READ_AHEAD = 32
 # zarr.json documents are a few hundred bytes; anything much larger is not ours
 MAX_METADATA_BYTES = 1 << 16
 
@@ -91,15 +94,22 @@ def _forget_pools() -> None:  # a forked child has the pool objects but not thei
 os.register_at_fork(after_in_child=_forget_pools)
 
 
+# Threads whose calls to run_all run their jobs inline: the pool's own (a pool thread
+# must never wait on the pool) and tdstore's background threads (``tdstore-bg-*``, e.g.
+# write-behind), which must not take the pool from the reads a caller waits for; several
+# of them already give the disk its queue.
+_INLINE_THREADS = ("tdstore-io", "tdstore-bg")
+
+
 def run_all(jobs: Sequence[Callable[[], object]], threads: int = IO_THREADS) -> list:
     """Run the callables in ``jobs`` on an I/O pool of ``threads`` threads; returns their
     results in order.
 
     Every job has finished when this returns or raises (the first error is raised), so
     a caller that cleans up after an error never races its own jobs. One job, or a call
-    from a pool thread (which must never wait on a pool), runs inline.
+    from a pool thread or a background thread (see ``_INLINE_THREADS``), runs inline.
     """
-    if len(jobs) <= 1 or threading.current_thread().name.startswith("tdstore-io"):
+    if len(jobs) <= 1 or threading.current_thread().name.startswith(_INLINE_THREADS):
         return [job() for job in jobs]
     futures = [_io_pool(threads).submit(job) for job in jobs]
     try:
@@ -108,6 +118,22 @@ def run_all(jobs: Sequence[Callable[[], object]], threads: int = IO_THREADS) -> 
         for f in futures:
             f.cancel()
         wait(futures)
+
+
+def read_each(store: ArrayStore, items: Sequence[tuple[ArrayRef, np.ndarray, str]]
+              ) -> list[BaseException | None]:
+    """:meth:`ArrayStore.read_arrays` as one :meth:`ArrayStore.read` per item, each
+    reading its chunks at once: for stores without a batched path, and for calls from
+    threads that run their I/O inline."""
+
+    def one(ref: ArrayRef, out: np.ndarray, what: str) -> BaseException | None:
+        try:
+            store.read(ref, 0, ref.rows, out, what)
+        except Exception as exc:
+            return exc
+        return None
+
+    return [one(*item) for item in items]
 
 
 def fsync_dir(path: Path) -> None:
@@ -140,6 +166,27 @@ def _read_exact(fd: int, buf: memoryview, offset: int, what: str, name: str) -> 
             raise CorruptionError(f"{what}: chunk file {name} is truncated")
         buf = buf[n:]
         offset += n
+
+
+# verify_reads reads a chunk in pieces of this many bytes and runs the crc32c on each
+# while it is still in the CPU's cache (measured on 64 chunk files of 8 MiB in the page
+# cache, 4 threads on 2 cores: read, then checksum, 0.104-0.108 s; in pieces of 64 KiB
+# 0.10-0.13 s, 256 KiB 0.084 s, 1 MiB 0.072-0.082 s, 2 MiB 0.074-0.080 s; the read
+# alone 0.060-0.070 s)
+CHECKED_PIECE = 1 << 20
+
+
+def _read_exact_crc(fd: int, buf: memoryview, what: str, name: str) -> int:
+    """Read the start of the file into ``buf``; returns the crc32c of what was read."""
+    crc, offset = 0, 0
+    while buf:
+        n = os.preadv(fd, [buf[:CHECKED_PIECE]], offset)
+        if n == 0:
+            raise CorruptionError(f"{what}: chunk file {name} is truncated")
+        crc = crc32c.crc32c(buf[:n], crc)
+        buf = buf[n:]
+        offset += n
+    return crc
 
 
 def as_bytes(a: np.ndarray) -> memoryview:
@@ -397,6 +444,8 @@ class ArrayStore(Protocol):
               check: Callable[[np.ndarray, int], None] | None = None) -> list[int] | None: ...
     def read(self, ref: ArrayRef, start: int, stop: int, out: np.ndarray,
              label: str = "", unit: str = "block") -> None: ...
+    def read_arrays(self, items: Sequence[tuple[ArrayRef, np.ndarray, str]]
+                    ) -> list[BaseException | None]: ...
     def read_runs(self, ref: ArrayRef, positions: np.ndarray, out: np.ndarray,
                   label: str = "", unit: str = "block") -> None: ...
     def mapped(self, ref: ArrayRef, start: int, stop: int
@@ -434,10 +483,27 @@ class LocalArrayStore:
     def _dir(self, rel: str) -> Iterator[int]:
         """A descriptor of ``data/<rel>``, opened one component at a time without
         following a symlink anywhere below the store directory."""
-        parts = ["data", *rel.split("/")] if rel else ["data"]
-        fd = os.open(self.root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._open_dir(rel)
         try:
-            for part in parts:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, rel: str) -> int:
+        """What :meth:`_dir` yields, for the caller to close."""
+        try:  # data/ itself by its path, refused if it is a symlink
+            fd = os.open(self.root, _O_DIR)
+        except FileNotFoundError:
+            raise CorruptionError(f"data/{rel}: array directory is missing") from None
+        except NotADirectoryError:
+            raise CorruptionError(f"data/{rel}: data is not a directory") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptionError(
+                    f"data/{rel}: data is a symlink; tdstore never follows one") from None
+            raise
+        try:
+            for part in rel.split("/") if rel else ():
                 try:
                     nxt = os.open(part, _O_DIR, dir_fd=fd)
                 except FileNotFoundError:
@@ -452,9 +518,10 @@ class LocalArrayStore:
                     raise
                 os.close(fd)
                 fd = nxt
-            yield fd
-        finally:
+            return fd
+        except BaseException:
             os.close(fd)
+            raise
 
     @staticmethod
     def _open_file(dirfd: int, name: str, what: str, sizes: tuple[int, int]) -> int:
@@ -486,12 +553,22 @@ class LocalArrayStore:
                        cached: bool = True) -> None:
         """Check the array's ``zarr.json`` against the catalogue's record (dtype, byte
         order, chunking, codecs, shape): zarr and other readers trust it. Reads skip a
-        document already checked (same inode, size and mtime); ``cached=False`` (verify)
-        reads it anyway."""
+        document already checked (same inode, size, mtime and ctime: an edit that puts
+        the mtime back still moves the ctime); ``cached=False`` (verify) reads it anyway."""
         if dirfd is None:
             with self._dir(ref.path) as fd:
                 return self.check_metadata(ref, fd, cached=cached)
         what = f"array {ref.path}: zarr.json"
+        if cached:  # a document checked before: one stat, no open (reads take this path)
+            try:
+                st = os.stat("zarr.json", dir_fd=dirfd, follow_symlinks=False)
+            except OSError:
+                pass  # reported by the open below
+            else:
+                if (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns,
+                        st.st_ctime_ns, st.st_size) in self._meta_ok \
+                        and stat.S_ISREG(st.st_mode):
+                    return None
         try:
             fd = os.open("zarr.json", _O_READ, dir_fd=dirfd)
         except FileNotFoundError:
@@ -502,7 +579,8 @@ class LocalArrayStore:
             raise
         try:
             st = os.fstat(fd)
-            key = (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns, st.st_size)
+            key = (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
+                   st.st_size)
             if cached and key in self._meta_ok:
                 return None
             if not stat.S_ISREG(st.st_mode):
@@ -706,6 +784,73 @@ class LocalArrayStore:
                 for c, lo, hi in ref.spec.windows(start, stop)]
             run_all(jobs)
 
+    def read_arrays(self, items: Sequence[tuple[ArrayRef, np.ndarray, str]]
+                    ) -> list[BaseException | None]:
+        """Read every committed block of each ``(ref, out, label)`` into its ``out``
+        (stored dtype, C-contiguous, all of the array's blocks), the chunks of all arrays
+        at once on the I/O pool; returns, per item, None or the error that failed it (the
+        other items are read regardless).
+
+        The calling thread opens each array's directory and checks its metadata while
+        the pool reads the chunks of the arrays before it, and the pool's jobs do only
+        the I/O and the checksum (measured on 64 chunk files of 8 MiB in the page cache,
+        checksums on: one :meth:`read` per array on the pool 0.13-0.15 s, this 0.10 s).
+        At most ``READ_AHEAD`` arrays are in flight (each holds a directory descriptor).
+        Every job has finished when this returns or raises.
+        """
+        if threading.current_thread().name.startswith(_INLINE_THREADS):
+            return read_each(self, items)
+        errors: list[BaseException | None] = [None] * len(items)
+        pool = _io_pool(IO_THREADS)
+        flight: collections.deque[tuple[int, int, list[Future]]] = collections.deque()
+
+        def land() -> None:  # the oldest array in flight: wait for it, then close its dir
+            i, dirfd, futures = flight.popleft()
+            try:
+                wait(futures)
+                for f in futures:
+                    exc = f.exception()
+                    if exc is not None and errors[i] is None:
+                        errors[i] = exc
+            finally:
+                os.close(dirfd)
+
+        try:
+            for i, (ref, out, what) in enumerate(items):
+                if len(flight) >= READ_AHEAD:
+                    land()
+                spec, bn = ref.spec, ref.spec.block_nbytes
+                dst = as_bytes(out)
+                if len(dst) != ref.rows * bn:
+                    errors[i] = InvalidInputError(f"{what}: out holds {len(dst)} bytes, "
+                                                  f"expected {ref.rows * bn}")
+                    continue
+                try:
+                    dirfd = self._open_dir(check_array_path(ref.path))
+                except Exception as exc:
+                    errors[i] = exc
+                    continue
+                futures: list[Future] = []
+                flight.append((i, dirfd, futures))
+                try:
+                    self.check_metadata(ref, dirfd)
+                except Exception as exc:
+                    errors[i] = exc
+                    continue
+                for c, lo, hi in spec.windows(0, ref.rows):
+                    futures.append(pool.submit(
+                        self._read_chunk_into, dirfd, ref, c, dst[lo * bn : hi * bn],
+                        (lo - c * spec.chunk_blocks) * bn, f"{what} {block_range(lo, hi)}"))
+        except BaseException:
+            for _, _, futures in flight:
+                for f in futures:
+                    f.cancel()
+            raise
+        finally:
+            while flight:
+                land()
+        return errors
+
     def _read_chunk_into(self, dirfd: int, ref: ArrayRef, chunk: int, target: memoryview,
                          offset: int, what: str) -> None:
         spec = ref.spec
@@ -718,7 +863,10 @@ class LocalArrayStore:
         size = spec.chunk_nbytes + CRC_BYTES
         fd = self._open_file(dirfd, name, what, (size, size))
         try:
-            _read_exact(fd, target, offset, what, name)
+            if self.verify_reads:
+                got = _read_exact_crc(fd, target, what, name)
+            else:
+                _read_exact(fd, target, offset, what, name)
             trailer = bytearray(CRC_BYTES)
             _read_exact(fd, memoryview(trailer), spec.chunk_nbytes, what, name)
         finally:
@@ -726,7 +874,7 @@ class LocalArrayStore:
         stored = int.from_bytes(trailer, "little")
         # verify_reads on a whole uncompressed chunk: checked where it was read to, with
         # no second buffer and copy (crc32c measured at 17 GB/s here, a copy at 3.8 GB/s)
-        if self.verify_reads and crc32c.crc32c(target) != stored:
+        if self.verify_reads and got != stored:
             raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
         if not trailer_matches(ref, chunk, stored):
             # not the chunk recorded here, or a master's last chunk replaced by an

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +44,7 @@ from tdstore.storage.arrays import (
     decode_chunk,
     estimate_nbytes,
     metadata_text,
+    read_each,
     run_all,
     trailer_matches,
 )
@@ -451,6 +452,12 @@ class ObjectArrayStore:
         except CorruptionError:
             cache.discard(rel, recorded)  # a damaged entry is a miss
             return None
+
+    def read_arrays(self, items: Sequence[tuple[ArrayRef, np.ndarray, str]]
+                    ) -> list[BaseException | None]:
+        """Every committed block of each ``(ref, out, label)``: one :meth:`read` per
+        array (each fetches its chunks in parallel); per item None or its error."""
+        return read_each(self, items)
 
     def read(self, ref: ArrayRef, start: int, stop: int, out: np.ndarray,
              label: str = "", unit: str = "block") -> None:
