@@ -6,9 +6,9 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import Backend
 
 import tdstore
-from conftest import Backend
 
 KEYS = ["model@1@0@-520fcff2946d4d52@half", "model@1@0@3f1a@half", "model@1@0@77@half"]
 

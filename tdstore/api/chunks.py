@@ -283,10 +283,10 @@ class Chunks:
         """Read the chunks of ``keys`` in order until one is missing (or unreadable, or
         ``buffer`` gives none): ``buffer(i, attributes)`` returns the uint8 array the
         i-th chunk's bytes go into. Returns how many were read (from the first). One
-        lookup for all keys; the buffers are asked for in order, then the chunks are read at once by the store's
-        I/O threads; one access record for all chunks read (for the budget's LRU order);
-        with ``accessed_into`` the accesses are added there instead, for the caller to
-        record later (``catalog.touch``)."""
+        lookup for all keys; the buffers are asked for in order, then the chunks are
+        read at once by the store's I/O threads; one access record for all chunks read
+        (for the budget's LRU order); with ``accessed_into`` the accesses are added
+        there instead, for the caller to record later (``catalog.touch``)."""
         from tdstore.core.errors import TdStoreError
         from tdstore.ops.groups import GroupOps
         from tdstore.storage.arrays import run_all
