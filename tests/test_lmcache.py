@@ -151,6 +151,63 @@ def test_write_behind_yields_the_cpu_and_leaves_the_read_threads_alone(tmp_path)
     assert out["io_after_reads"] and set(out["io_after_reads"].values()) == {out["base"]}
 
 
+STALE = textwrap.dedent("""
+    import json, sys, torch, numpy as np
+    import tdstore
+    from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+    loc = sys.argv[1]
+    out = {}
+    with engine(tdstore_config(loc)) as eng:
+        backend = backend_of(eng)
+        tokens, kv = sequence(768, 5)
+        eng.store(tokens, kv_buffer=kv)
+        backend.flush(300)
+        keys = [k for _, _, k in eng.token_database.process_tokens(tokens=tokens)]
+        names = [k.to_string() for k in keys]
+        stored = {}
+        with tdstore.open(loc) as other:  # another handle, as another process would be
+            c = other.chunks("lmcache")
+            for n in names:
+                a, meta = c.get(n)
+                stored[n] = (a, meta)
+        def step(what):
+            out[what + "_lookup"] = backend.batched_contains(keys)
+            with tdstore.open(loc) as other:
+                c = other.chunks("lmcache")
+                c.remove(names[1])  # evicted after the lookup ...
+                if what == "stored_again":  # ... and stored again (new rows, new files)
+                    a, meta = stored[names[1]]
+                    c.put(names[1], a, fmt=meta["fmt"],
+                          attrs={"shapes": meta["shapes"], "dtypes": meta["dtypes"]})
+            objs = backend.batched_get_blocking(keys)
+            out[what + "_got"] = sum(o is not None for o in objs)
+            out[what + "_exact"] = all(
+                bytes(np.frombuffer(memoryview(o.byte_array).cast("B"), np.uint8,
+                                    count=stored[n][0].nbytes))
+                == stored[n][0].reshape(-1).view(np.uint8).tobytes()
+                for o, n in zip(objs, names) if o is not None)
+            for o in objs:
+                if o is not None:
+                    o.ref_count_down()
+        step("stored_again")
+        step("evicted")
+    print(json.dumps(out))
+""")
+
+
+def test_a_chunk_evicted_between_lookup_and_read_is_a_miss_or_its_new_copy(tmp_path):
+    """A read uses the rows its lookup found; if the chunk was removed meanwhile the
+    read is a miss from there, and if it was stored again the read finds the new copy,
+    bit-exact: never the bytes of another chunk."""
+    proc = subprocess.run([sys.executable, "-c", STALE, str(tmp_path / "kv")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["stored_again_lookup"] == 3 and out["stored_again_got"] == 3
+    assert out["stored_again_exact"]
+    assert out["evicted_lookup"] == 3 and out["evicted_got"] == 1 and out["evicted_exact"]
+
+
 @pytest.mark.parametrize("seeds", [("0", "12345")])
 def test_keys_and_hits_do_not_depend_on_pythonhashseed(tmp_path, seeds):
     """LMCache's default ``pre_caching_hash_algorithm: builtin`` hashes tuples of ints,

@@ -277,16 +277,27 @@ class Chunks:
             self.store.group_ops(at.group.name).read(at.agent.name, fill, touch=False)
         return accessed
 
+    def locate(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The catalogue rows of the committed chunks among ``keys`` (one transaction),
+        by key, for :meth:`read_many`'s ``located``."""
+        for k in keys:
+            check_name("chunk key", k)
+        return self._locate(keys)
+
     def read_many(self, keys: Sequence[str],
                   buffer: Callable[[int, dict[str, Any]], np.ndarray | None], *,
-                  accessed_into: dict[int, float] | None = None) -> int:
+                  accessed_into: dict[int, float] | None = None,
+                  located: dict[str, Any] | None = None) -> int:
         """Read the chunks of ``keys`` in order until one is missing (or unreadable, or
         ``buffer`` gives none): ``buffer(i, attributes)`` returns the uint8 array the
         i-th chunk's bytes go into. Returns how many were read (from the first). One
         lookup for all keys; the buffers are asked for in order, then the chunks are
         read at once by the store's I/O threads; one access record for all chunks read
         (for the budget's LRU order); with ``accessed_into`` the accesses are added
-        there instead, for the caller to record later (``catalog.touch``)."""
+        there instead, for the caller to record later (``catalog.touch``). With
+        ``located`` (rows from :meth:`locate`, e.g. kept from a lookup just before) no
+        lookup at all: a row gone stale since only makes a miss, as every read is checked
+        against the checksums recorded with the chunk."""
         from tdstore.core.errors import TdStoreError
         from tdstore.ops.groups import GroupOps
         from tdstore.storage.arrays import run_all
@@ -294,7 +305,7 @@ class Chunks:
 
         for k in keys:
             check_name("chunk key", k)
-        where = self._locate(keys)
+        where = self._locate(keys) if located is None else located
         todo: list[tuple[str, _Found, np.ndarray]] = []
         for i, k in enumerate(keys):
             at = where.get(k)

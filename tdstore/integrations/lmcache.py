@@ -25,6 +25,7 @@ lose. Reads fill buffers LMCache allocates. A damaged chunk is a miss, never wro
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import queue
@@ -90,6 +91,10 @@ WRITERS = 4
 # calls return in 0.47-0.53 s with the writers at the caller's priority, 0.18-0.30 s at
 # nice 10, with the time until all are committed unchanged, about 2 s)
 WRITER_NICE = 10
+# rows located by lookups, kept for the reads that follow them, at most this many
+# (measured in the LMCache benchmark, 8 retrieves of 8 chunks of 8 MiB: with a lookup
+# of their own the reads take 0.175-0.19 s, with the rows kept 0.135-0.145 s)
+LOCATED_KEEP = 4096
 
 
 class _Put:
@@ -148,6 +153,7 @@ class TdStoreBackend(StoragePluginInterface):
         self._toucher = threading.Thread(target=self._touch_loop, daemon=True,
                                          name="tdstore-lmcache-access")
         self._toucher.start()
+        self._located: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
     def __str__(self) -> str:
         return f"TdStoreBackend({self.store.path})"
@@ -162,8 +168,21 @@ class TdStoreBackend(StoragePluginInterface):
         return self.chunks.contains(self._name(key))
 
     def batched_contains(self, keys: list[Any], pin: bool = False) -> int:
-        """How many of ``keys``, from the first, are committed (one catalogue query)."""
-        return self.chunks.count_present([self._name(k) for k in keys])
+        """How many of ``keys``, from the first, are committed (one catalogue
+        transaction). Their rows are kept for the read that follows (a retrieve looks its
+        chunks up, then reads them), which then needs no lookup of its own."""
+        names = [self._name(k) for k in keys]
+        found = self.chunks.locate(names)
+        n = 0
+        while n < len(names) and names[n] in found:
+            n += 1
+        with self._lock:
+            for name in names[:n]:
+                self._located[name] = found[name]
+                self._located.move_to_end(name)
+            while len(self._located) > LOCATED_KEEP:
+                self._located.popitem(last=False)
+        return n
 
     async def batched_async_contains(self, lookup_id: str, keys: list[Any],
                                      pin: bool = False) -> int:
@@ -277,9 +296,28 @@ class TdStoreBackend(StoragePluginInterface):
 
     def batched_get_blocking(self, keys: list[Any]) -> list[Any]:
         """The chunks of ``keys`` from the first, each in a buffer LMCache allocates,
-        until one is missing, damaged (a miss, never bytes) or finds no buffer."""
+        until one is missing, damaged (a miss, never bytes) or finds no buffer. Rows
+        kept by the lookup before are used (each once) when it found them all."""
         names = [self._name(k) for k in keys]
+        with self._lock:
+            kept = {n: self._located.pop(n) for n in names if n in self._located}
         objs: list[Any] = []
+        got = self._read_into(names, objs, kept if len(kept) == len(names) else None)
+        if len(kept) == len(names) and got < len(names):
+            # a kept row may have gone stale (its chunk evicted, then stored again by
+            # another process): the rest once more, from a lookup of their own
+            for obj in objs[got:]:
+                obj.ref_count_down()
+            del objs[got:]
+            got += self._read_into(names[got:], objs, None)
+        for obj in objs[got:]:  # allocated for a chunk that then failed to read
+            obj.ref_count_down()
+        return objs[:got] + [None] * (len(keys) - got)
+
+    def _read_into(self, names: list[str], objs: list[Any],
+                   located: dict[str, Any] | None) -> int:
+        """Read the chunks of ``names`` from the first, each into a buffer allocated and
+        appended to ``objs``; returns how many were read."""
 
         def buffer(i: int, meta: dict[str, Any]) -> np.ndarray | None:
             obj = self._allocate(names[i], meta)
@@ -291,16 +329,15 @@ class TdStoreBackend(StoragePluginInterface):
 
         accessed: dict[int, float] = {}
         try:
-            got = self.chunks.read_many(names, buffer, accessed_into=accessed)
+            got = self.chunks.read_many(names, buffer, accessed_into=accessed,
+                                        located=located)
         except TdStoreError as exc:
             log.warning("tdstore: chunks cannot be read (%s): misses", exc)
             got = 0
-        for obj in objs[got:]:  # allocated for a chunk that then failed to read
-            obj.ref_count_down()
         if accessed:
             with self._lock:
                 self._accessed.update(accessed)
-        return objs[:got] + [None] * (len(keys) - got)
+        return got
 
     async def batched_get_non_blocking(self, lookup_id: str, keys: list[Any],
                                        transfer_spec: Any = None) -> list[Any]:
