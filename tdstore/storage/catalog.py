@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -257,6 +258,7 @@ def _after_fork_in_child() -> None:
     # the parent's alone (close=False) instead of closing them under the parent
     for catalog in list(_open_catalogs):
         catalog.engine.dispose(close=False)
+        catalog._version_conn = None  # the parent's, left open for it
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -289,7 +291,49 @@ class Catalog:
             self._wal_engine: Engine | None = None
         else:
             self.engine = make_engine(url, readonly=readonly)
+        self._version_conn: Any = None
+        self._version_epoch = 0
+        self._version_lock = threading.Lock()
         _open_catalogs.add(self)
+
+    @property
+    def counts_changes(self) -> bool:
+        """Whether :meth:`change_counter` gives numbers (else it gives None)."""
+        return self.dialect == "sqlite" and self.unwritable_file is None
+
+    def change_counter(self) -> int | None:
+        """A number that differs from the one returned before whenever anything may have
+        been committed to the catalogue in between, by any connection of any process
+        (SQLite's ``PRAGMA data_version`` on a connection kept for it, which never
+        writes); None where there is none to go by (PostgreSQL; a catalogue opened
+        without a writer's files): the caller must query. One statement, no
+        transaction: for caches of what a query found (see tdstore.api.chunks)."""
+        if not self.counts_changes:
+            return None
+        with self._version_lock:
+            try:
+                if self._version_conn is None:
+                    # a new connection counts on its own: numbers of the one before
+                    # must never match its numbers
+                    self._version_conn = self.engine.raw_connection()
+                    self._version_epoch += 1
+                cur = self._version_conn.cursor()
+                try:
+                    cur.execute("PRAGMA data_version")
+                    return (self._version_epoch << 40) + int(cur.fetchone()[0])
+                finally:
+                    cur.close()
+            except Exception:  # no answer: the caller queries
+                self._drop_version_conn()
+                return None
+
+    def _drop_version_conn(self) -> None:
+        conn, self._version_conn = self._version_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def _read_engine(self) -> Engine:
         if self.unwritable_file is None:
@@ -414,6 +458,8 @@ class Catalog:
             pass  # "database is locked": a writer is busy; the next read records it
 
     def close(self) -> None:
+        with self._version_lock:
+            self._drop_version_conn()
         self.engine.dispose()
         if self.unwritable_file is not None and self._wal_engine is not None:
             self._wal_engine.dispose()
