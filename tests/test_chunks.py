@@ -212,3 +212,68 @@ def test_read_many_of_own_and_shared_chunks_in_one_batch(store):
     bufs = [np.zeros(base.nbytes, np.uint8) for _ in keys]
     assert c.read_many(["own0", "b0", "missing", "a0"], lambda i, meta: bufs[i]) == 2
     assert bufs[3].tobytes() == bytes(base.nbytes)  # nothing read past the miss
+
+
+OTHER_PROCESS = """
+import sys, numpy as np, tdstore
+location, url = sys.argv[1], sys.argv[2] or None
+with tdstore.open(location, url=url) as store:
+    c = store.chunks()
+    c.put("k2", np.full((2, 4, 256, 64), 2, np.float16))
+    assert c.remove("k0")
+"""
+
+
+def test_lookups_see_what_another_process_committed_since(backend):
+    """What a lookup found may be kept for the next one, never past a commit: after
+    another process stored one chunk and removed another, the next lookups of this
+    process (same open store) find the new chunk and miss the removed one."""
+    import subprocess
+    import sys
+
+    arrays = {f"k{i}": np.full((2, 4, 256, 64), i, np.float16) for i in range(3)}
+    with backend.open() as store:
+        c = store.chunks()
+        c.put("k0", arrays["k0"])
+        c.put("k1", arrays["k1"])
+        for _ in range(2):  # looked up twice: the second may be answered as kept
+            assert c.count_present(["k0", "k1", "k2"]) == 2 and not c.contains("k2")
+        proc = subprocess.run([sys.executable, "-c", OTHER_PROCESS, backend.location(),
+                               backend.url() or ""], env=backend.env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not c.contains("k0") and c.count_present(["k1", "k2"]) == 2
+        bufs = [np.zeros(arrays["k1"].nbytes, np.uint8) for _ in range(3)]
+        assert c.read_many(["k1", "k2", "k0"], lambda i, meta: bufs[i]) == 2
+        assert bufs[1].tobytes() == arrays["k2"].view(np.uint8).tobytes()
+        with pytest.raises(tdstore.NotFoundError):
+            c.get("k0")
+        with backend.open() as other:  # another handle in this process: also a commit
+            assert other.chunks().remove("k1")
+        assert c.count_present(["k1", "k2"]) == 0 and c.contains("k2")
+
+
+def test_a_forked_child_sees_the_parents_later_commits(tmp_path):
+    """A child forked after lookups were kept counts commits on its own connection."""
+    import os
+
+    with tdstore.open(tmp_path / "store") as store:
+        c = store.chunks()
+        c.put("k0", np.zeros((2, 4, 256, 64), np.float16))
+        assert c.contains("k0") and c.contains("k0")
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: waits for the parent's removal, then looks up
+            code = 1
+            try:
+                os.close(go_w)
+                os.read(go_r, 1)
+                code = 0 if not c.contains("k0") else 3
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        assert c.remove("k0")
+        os.write(go_w, b"x")
+        os.close(go_w)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
