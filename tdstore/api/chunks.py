@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 AGENT = "chunk"
 # keys whose lookups a Chunks keeps (see Chunks._locate), at most
-SEEN_KEEP = 1 << 16
+SEEN_KEEP = 8192
 # blocks of at most this many rows (tokens, for an LMCache chunk) and bytes: small enough
 # for the diff index to find shared runs of tokens, large enough to keep its rows few
 BLOCK_ROWS = 16
