@@ -189,6 +189,21 @@ def _read_exact_crc(fd: int, buf: memoryview, what: str, name: str) -> int:
     return crc
 
 
+def _open_part(rel: str, part: str, path: str, dir_fd: int | None) -> int:
+    """One directory on the way to ``data/<rel>`` (``part`` names it), never a symlink."""
+    try:
+        return os.open(path, _O_DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise CorruptionError(f"data/{rel}: array directory is missing") from None
+    except NotADirectoryError:
+        raise CorruptionError(f"data/{rel}: {part} is not a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptionError(
+                f"data/{rel}: {part} is a symlink; tdstore never follows one") from None
+        raise
+
+
 def as_bytes(a: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (any dtype, bfloat16 included)."""
     return a.reshape(-1).view(np.uint8).data
@@ -491,31 +506,10 @@ class LocalArrayStore:
 
     def _open_dir(self, rel: str) -> int:
         """What :meth:`_dir` yields, for the caller to close."""
-        try:  # data/ itself by its path, refused if it is a symlink
-            fd = os.open(self.root, _O_DIR)
-        except FileNotFoundError:
-            raise CorruptionError(f"data/{rel}: array directory is missing") from None
-        except NotADirectoryError:
-            raise CorruptionError(f"data/{rel}: data is not a directory") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CorruptionError(
-                    f"data/{rel}: data is a symlink; tdstore never follows one") from None
-            raise
+        fd = _open_part(rel, "data", str(self.root), None)  # data/ by its path
         try:
             for part in rel.split("/") if rel else ():
-                try:
-                    nxt = os.open(part, _O_DIR, dir_fd=fd)
-                except FileNotFoundError:
-                    raise CorruptionError(f"data/{rel}: array directory is missing") from None
-                except NotADirectoryError:
-                    raise CorruptionError(f"data/{rel}: {part} is not a directory") from None
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        raise CorruptionError(
-                            f"data/{rel}: {part} is a symlink; tdstore never follows one"
-                        ) from None
-                    raise
+                nxt = _open_part(rel, part, part, fd)
                 os.close(fd)
                 fd = nxt
             return fd
