@@ -144,7 +144,7 @@ class Chunks:
         keys, in one transaction; none while nothing was committed to the catalogue
         since these keys were looked up (what lookups found is kept for that: measured
         in the LMCache benchmark, 8 lookups of 8 keys 0.012-0.025 s with queries, about
-        0.001 s answered from what was kept)."""
+        0.002 s answered from what was kept)."""
         counter = self.store.catalog.change_counter()
         if counter is not None:
             with self._seen_lock:
@@ -345,7 +345,7 @@ class Chunks:
         # do only the I/O and the checksums, and open the files of the first chunks while
         # this thread prepares the next (measured in the LMCache benchmark, 64 chunks of
         # 8 MiB from the page cache, checksums on: one after the other 0.22-0.24 s, one
-        # read per chunk on the I/O threads 0.13-0.15 s, the batched read 0.10-0.11 s).
+        # read per chunk on the I/O threads 0.146-0.154 s, the batched read 0.12-0.13 s).
         # A mirror is read on its own, with the read's retry on churn.
         ok = [False] * len(todo)
         accessed: list[dict[int, float]] = [{} for _ in todo]  # what each read touched
