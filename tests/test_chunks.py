@@ -18,6 +18,16 @@ def chunk(seed: int, tokens: int = 256, dtype=ml_dtypes.bfloat16) -> np.ndarray:
     return rng.standard_normal((2, 4, tokens, 64), np.float32).astype(dtype)
 
 
+def flip(backend, rel: str, at: int, mask: int) -> int:
+    """XOR byte ``at`` of the chunk file of the array ``rel`` with ``mask``, directly in
+    the stored file; returns the file's size."""
+    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
+    raw = bytearray(backend.read(name))
+    raw[at] ^= mask
+    backend.write(name, bytes(raw))
+    return len(raw)
+
+
 def test_chunks_round_trip_bit_exact_with_their_metadata(backend):
     with backend.open() as store:
         c = store.chunks("lmcache")
@@ -50,10 +60,7 @@ def test_a_damaged_chunk_is_an_error_never_wrong_bytes(backend):
         c = store.chunks()
         c.put(KEYS[0], chunk(0))
         rel = backend.array_of(store, f"chunk:{KEYS[0]}", "chunk")
-    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
-    data = bytearray(backend.read(name))
-    data[100] ^= 0x01
-    backend.write(name, bytes(data))
+    flip(backend, rel, 100, 0x01)
     # (on object storage the host's chunk cache still holds the intact copy, and would
     # rightly serve it: read past it, from the damaged object)
     no_cache = {"cache_max_bytes": 0} if backend.kind == "s3" else {}
@@ -141,10 +148,7 @@ def test_read_many_stops_at_the_first_unreadable_chunk_however_they_are_read(bac
         for k, a in arrays.items():
             c.put(k, a)
         rel = backend.array_of(store, "chunk:k3", "chunk")
-    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
-    raw = bytearray(backend.read(name))
-    raw[100] ^= 0xFF  # the 4th chunk's data: the checks of every read catch it
-    backend.write(name, bytes(raw))
+    flip(backend, rel, 100, 0xFF)  # the 4th chunk's data: the checks of every read catch it
     keys = list(arrays)
     bufs = [np.zeros(a.nbytes, np.uint8) for a in arrays.values()]
     no_cache = {"cache_max_bytes": 0} if backend.kind == "s3" else {}
@@ -172,14 +176,10 @@ def test_a_flipped_byte_anywhere_in_a_large_chunk_is_a_miss(tmp_path, where):
         for k, a in arrays.items():
             c.put(k, a)
         rel = backend.array_of(store, "chunk:k2", "chunk")
-    name = next(k for k in backend.files() if k.startswith(rel + "/c."))
-    raw = bytearray(backend.read(name))
-    assert len(raw) == size + 4
     at = {"first-byte": 0, "second-piece": CHECKED_PIECE + 12345,
           "last-piece": 3 * CHECKED_PIECE + 99, "last-byte": size - 1,
           "trailer": size + 2}[where]
-    raw[at] ^= 0x10
-    backend.write(name, bytes(raw))
+    assert flip(backend, rel, at, 0x10) == size + 4
     keys = list(arrays)
     bufs = [np.zeros(size, np.uint8) for _ in keys]
     with backend.open(verify_reads=True) as store:

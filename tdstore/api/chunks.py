@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,6 +85,14 @@ def _statements(*columns: Any) -> tuple[Any, Any]:
 
 _ROWS = _statements(GroupRow, AgentRow)
 _NAMES = union_all(*_statements(GroupRow.name, AgentRow.name))
+
+
+def _prefix(keys: Sequence[str], present: Container[str]) -> int:
+    """How many of ``keys``, from the first, are in ``present``."""
+    n = 0
+    while n < len(keys) and keys[n] in present:
+        n += 1
+    return n
 
 
 class _Found:
@@ -302,12 +310,14 @@ class Chunks:
             self.store.group_ops(at.group.name).read(at.agent.name, fill, touch=False)
         return accessed
 
-    def locate(self, keys: Sequence[str]) -> dict[str, Any]:
-        """The catalogue rows of the committed chunks among ``keys`` (one transaction),
-        by key, for :meth:`read_many`'s ``located``."""
+    def locate_prefix(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The catalogue rows of ``keys`` from the first up to the first one not
+        committed (one transaction), by key: its length is :meth:`count_present`'s
+        answer, and the rows are :meth:`read_many`'s ``located``."""
         for k in keys:
             check_name("chunk key", k)
-        return self._locate(keys)
+        found = self._locate(keys)
+        return {k: found[k] for k in keys[:_prefix(keys, found)]}
 
     def read_many(self, keys: Sequence[str],
                   buffer: Callable[[int, dict[str, Any]], np.ndarray | None], *,
@@ -406,12 +416,7 @@ class Chunks:
         # where lookups are kept, through them (often no query at all); else names only
         present = (self._locate(keys) if self.store.catalog.counts_changes
                    else self._present(keys))
-        n = 0
-        for k in keys:
-            if k not in present:
-                break
-            n += 1
-        return n
+        return _prefix(keys, present)
 
     def keys(self) -> list[str]:
         """Every stored key of this namespace."""

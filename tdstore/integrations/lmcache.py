@@ -171,18 +171,14 @@ class TdStoreBackend(StoragePluginInterface):
         """How many of ``keys``, from the first, are committed (one catalogue
         transaction). Their rows are kept for the read that follows (a retrieve looks its
         chunks up, then reads them), which then needs no lookup of its own."""
-        names = [self._name(k) for k in keys]
-        found = self.chunks.locate(names)
-        n = 0
-        while n < len(names) and names[n] in found:
-            n += 1
+        found = self.chunks.locate_prefix([self._name(k) for k in keys])
         with self._lock:
-            for name in names[:n]:
-                self._located[name] = found[name]
+            for name, at in found.items():
+                self._located[name] = at
                 self._located.move_to_end(name)
             while len(self._located) > LOCATED_KEEP:
                 self._located.popitem(last=False)
-        return n
+        return len(found)
 
     async def batched_async_contains(self, lookup_id: str, keys: list[Any],
                                      pin: bool = False) -> int:

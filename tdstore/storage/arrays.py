@@ -204,6 +204,12 @@ def _open_part(rel: str, part: str, path: str, dir_fd: int | None) -> int:
         raise
 
 
+def _meta_key(ref: ArrayRef, st: os.stat_result) -> tuple:
+    """What identifies a checked ``zarr.json`` version of an array (see check_metadata)."""
+    return (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
+            st.st_size)
+
+
 def as_bytes(a: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (any dtype, bfloat16 included)."""
     return a.reshape(-1).view(np.uint8).data
@@ -559,9 +565,7 @@ class LocalArrayStore:
             except OSError:
                 pass  # reported by the open below
             else:
-                if (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns,
-                        st.st_ctime_ns, st.st_size) in self._meta_ok \
-                        and stat.S_ISREG(st.st_mode):
+                if _meta_key(ref, st) in self._meta_ok and stat.S_ISREG(st.st_mode):
                     return None
         try:
             fd = os.open("zarr.json", _O_READ, dir_fd=dirfd)
@@ -573,8 +577,7 @@ class LocalArrayStore:
             raise
         try:
             st = os.fstat(fd)
-            key = (ref.path, ref.spec, ref.rows, st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
-                   st.st_size)
+            key = _meta_key(ref, st)
             if cached and key in self._meta_ok:
                 return None
             if not stat.S_ISREG(st.st_mode):
