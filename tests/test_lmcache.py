@@ -292,4 +292,10 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     assert ratios["retrievable after a restart, tdstore (share of tokens)"]["value"] == 1.0
     assert ratios["bytes, tagged agents of one group / tagged agents without it"]["value"] < 1
     assert report["sharing"]["agents_tagged_group_exact"] == 1.0
+    tokens = 2 * 512
+    for kind in ("tdstore", "tdstore, verify_reads off", "LocalDiskBackend"):
+        r = report["results"][kind]
+        assert r["retrieved_warm_tokens"] == r["retrieved_cold_tokens"] == tokens, kind
+    assert report["results"]["tdstore, verify_reads off"]["found_after_restart_tokens"] == tokens
+    assert ratios["retrieve throughput, warm, verify_reads off, vs LocalDiskBackend"]["value"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself

@@ -46,6 +46,8 @@ _LOOKUP_CHILD = textwrap.dedent("""
 
 
 ROUNDS = 5
+# tdstore with tdstore.verify_reads: false, measured beside the default
+UNCHECKED = "tdstore, verify_reads off"
 
 
 def _wait_disk(eng: Any, n_chunks: int, timeout: float = 600) -> int:
@@ -60,11 +62,11 @@ def _wait_disk(eng: Any, n_chunks: int, timeout: float = 600) -> int:
     return len(disk.dict)
 
 
-def _measure(kind: str, cfg: dict[str, Any], root: Path, seqs: list[tuple[int, int]],
+def _measure(kind: str, cfg: dict[str, Any], path: Path, seqs: list[tuple[int, int]],
              data: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: int, hidden: int,
              chunks: int) -> dict[str, float]:
+    """One backend's figures; ``path`` is the directory its configuration names."""
     r: dict[str, float] = {}
-    path = root / kind
     with engine(cfg, layers=layers, hidden=hidden) as eng:
         t0 = time.perf_counter()
         for s, _ in seqs:
@@ -171,12 +173,19 @@ def run(*, sequences: int = 8, tokens: int = 2048, layers: int = 32, hidden: int
         results = {
             "tdstore": _measure("tdstore", tdstore_config(str(root / "tdstore"),
                                                           cpu_gb=cpu_gb),
-                                root, seqs, data, layers, hidden, chunks),
+                                root / "tdstore", seqs, data, layers, hidden, chunks),
+            # what the checksums on every read cost (the default checks them: a damaged
+            # chunk is a miss, never wrong bytes); LocalDiskBackend checks nothing
+            UNCHECKED: _measure("tdstore", tdstore_config(str(root / "unchecked"),
+                                                          cpu_gb=cpu_gb,
+                                                          verify_reads="false"),
+                                root / "unchecked", seqs, data, layers, hidden, chunks),
             "LocalDiskBackend": _measure("LocalDiskBackend",
                                          disk_config(str(root / "LocalDiskBackend"),
                                                      max_gb=4 * chunk_bytes / 1e9 + 0.1,
                                                      cpu_gb=cpu_gb),
-                                         root, seqs, data, layers, hidden, chunks),
+                                         root / "LocalDiskBackend", seqs, data, layers,
+                                         hidden, chunks),
         }
         sharing = _sharing(root, agents, shared_tokens, own_tokens, layers, hidden,
                            max(cpu_gb, 3 * -(-(shared_tokens + own_tokens) // CHUNK)
@@ -195,7 +204,10 @@ def run(*, sequences: int = 8, tokens: int = 2048, layers: int = 32, hidden: int
 
 def ratios(r: dict[str, dict[str, float]], sharing: dict[str, float], chunk_bytes: int,
            total_tokens: int) -> dict[str, dict[str, Any]]:
-    t, d = r["tdstore"], r["LocalDiskBackend"]
+    t, d, u = r["tdstore"], r["LocalDiskBackend"], r[UNCHECKED]
+
+    def info(value: float) -> dict[str, Any]:
+        return {"value": value, "target": None, "direction": "", "met": None}
 
     def target(value: float, goal: float, higher: bool = True) -> dict[str, Any]:
         return {"value": value, "target": goal, "direction": ">=" if higher else "<=",
@@ -206,20 +218,22 @@ def ratios(r: dict[str, dict[str, float]], sharing: dict[str, float], chunk_byte
             d["retrieve_warm_s"] / t["retrieve_warm_s"], 1.0),
         "retrieve throughput, cold, vs LocalDiskBackend": target(
             d["retrieve_cold_s"] / t["retrieve_cold_s"], 1.0),
+        "retrieve throughput, warm, verify_reads off, vs LocalDiskBackend": info(
+            d["retrieve_warm_s"] / u["retrieve_warm_s"]),
+        "retrieve throughput, cold, verify_reads off, vs LocalDiskBackend": info(
+            d["retrieve_cold_s"] / u["retrieve_cold_s"]),
         "store throughput (calls return) vs LocalDiskBackend": target(
             d["store_return_s"] / t["store_return_s"], 0.8),
         "store throughput (until retrievable) vs LocalDiskBackend": target(
             d["store_durable_s"] / t["store_durable_s"], 0.8),
         "retrievable after a restart, tdstore (share of tokens)": target(
             t["found_after_restart_tokens"] / total_tokens, 1.0),
-        "retrievable after a restart, LocalDiskBackend (share of tokens)": {
-            "value": d["found_after_restart_tokens"] / total_tokens, "target": None,
-            "direction": "", "met": None},
+        "retrievable after a restart, LocalDiskBackend (share of tokens)": info(
+            d["found_after_restart_tokens"] / total_tokens),
         "bytes on disk / chunk bytes, unrelated chunks": target(
             t["bytes_on_disk"] / chunk_bytes, 1.02, higher=False),
-        "bytes on disk / chunk bytes, LocalDiskBackend": {
-            "value": d["bytes_on_disk"] / chunk_bytes, "target": None, "direction": "",
-            "met": None},
+        "bytes on disk / chunk bytes, LocalDiskBackend": info(
+            d["bytes_on_disk"] / chunk_bytes),
         "bytes, tagged agents of one group / tagged agents without it": target(
             sharing["agents_tagged_group_bytes"] / sharing["agents_tagged_bytes"], 1.0,
             higher=False),
