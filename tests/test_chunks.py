@@ -7,8 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import Backend
+from sqlalchemy import select
 
 import tdstore
+from tdstore.storage.catalog import AgentRow, GroupRow
 
 KEYS = ["model@1@0@-520fcff2946d4d52@half", "model@1@0@3f1a@half", "model@1@0@77@half"]
 
@@ -68,6 +70,58 @@ def test_a_damaged_chunk_is_an_error_never_wrong_bytes(backend):
         with pytest.raises(tdstore.CorruptionError):
             store.chunks().get(KEYS[0])
         assert not store.verify().ok
+
+
+def damage_attrs(store, key: str, change) -> None:
+    """Rewrite the attributes recorded with chunk ``key`` in the catalogue, as damage to
+    the row would (the store's own API never writes them so)."""
+    with store.catalog.write() as s:
+        row = s.scalars(select(AgentRow).join(GroupRow, AgentRow.group_id == GroupRow.id)
+                        .where(GroupRow.name == f"lmcache:{key}")).one()
+        row.attrs = change(dict(row.attrs))
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda m: {**m, "shape": [2, 4, 254, 64]}, id="shape"),
+    pytest.param(lambda m: {**m, "dtype": "float16"}, id="dtype-same-itemsize"),
+    pytest.param(lambda m: {**m, "fmt": "KV_2LTE"}, id="format"),
+    pytest.param(lambda m: {**m, "shapes": [[2, 4, 256, 65]]}, id="caller-attribute"),
+])
+def test_damaged_recorded_attributes_are_a_miss_never_misread_bytes(backend, change):
+    with backend.open() as store:
+        c = store.chunks("lmcache")
+        for i in range(2):
+            c.put(KEYS[i], chunk(i), fmt="KV_2LTD", attrs={"shapes": [[2, 4, 256, 64]]})
+        damage_attrs(store, KEYS[1], change)
+    with backend.open() as store:
+        c = store.chunks("lmcache")
+        for read in (c.get, c.meta):
+            with pytest.raises(tdstore.CorruptionError, match="fail their crc32c checksum"):
+                read(KEYS[1])
+        asked = []
+
+        def buffer(i, meta):
+            asked.append(meta)
+            return np.empty(chunk(0).nbytes, np.uint8)
+
+        assert c.read_many(KEYS[:2], buffer) == 1 and len(asked) == 1
+        assert c.get(KEYS[0])[0].tobytes() == chunk(0).tobytes()
+        report = store.verify()
+        assert [(f.kind, f.group) for f in report.findings] == [
+            ("bad-row", f"lmcache:{KEYS[1]}")], report.findings
+        assert "attributes" in report.findings[0].detail
+
+
+def test_attributes_come_back_as_given_without_their_checksum(store):
+    g = store.group("g")
+    g.register_master("a", np.zeros((4, 8), np.float32), attrs={"tokens": [1, 2, 3], "é": 1.5})
+    assert g.attrs("a") == {"tokens": [1, 2, 3], "é": 1.5}
+    c = store.chunks()
+    c.put("k", chunk(0), fmt="F", attrs={"n": 1})
+    assert c.meta("k") == {"shape": [2, 4, 256, 64], "dtype": "bfloat16", "fmt": "F", "n": 1}
+    with pytest.raises(tdstore.InvalidInputError, match="attrs key 'attrs_crc32c' is tdstore"):
+        g.register_mirror("b", np.zeros((4, 8), np.float32), attrs={"attrs_crc32c": 0})
+    assert g.agents() == ["a"]
 
 
 def test_the_budget_evicts_old_chunks_whole_and_never_the_new_one(backend):

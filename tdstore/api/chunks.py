@@ -105,7 +105,10 @@ class _Found:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.agent.attrs or {})
+        """The chunk's recorded attributes, their checksum checked (CorruptionError)."""
+        from tdstore.storage.integrity import checked_attrs
+
+        return checked_attrs(self.agent.attrs, f"catalogue: chunk group {self.group.name!r}")
 
 
 class Chunks:
@@ -217,6 +220,8 @@ class Chunks:
         a = np.ascontiguousarray(array)
         n_blocks, block = block_layout(a.shape, a.dtype.itemsize)
         blocks = a.reshape(-1).view(np.uint8).reshape(n_blocks, block)
+        # the shape, dtype and format say how to read the bytes back: stored with the
+        # agent's attributes, which carry a checksum (see storage.integrity.seal_attrs)
         meta = {"shape": list(a.shape), "dtype": dtype, "fmt": fmt, **(attrs or {})}
         if share is None:
             # one chunk file per chunk (one open and read); a shared group keeps the
@@ -344,7 +349,11 @@ class Chunks:
         todo: list[tuple[str, _Found, np.ndarray]] = []
         for i, k in enumerate(keys):
             at = where.get(k)
-            buf = None if at is None else buffer(i, at.attrs)
+            try:
+                attrs = None if at is None else at.attrs
+            except TdStoreError:  # a damaged row: a miss, like damaged data
+                break
+            buf = None if at is None or attrs is None else buffer(i, attrs)
             if at is None or buf is None:
                 break
             todo.append((k, at, buf))

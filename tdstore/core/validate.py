@@ -112,12 +112,19 @@ def check_finite(kv: np.ndarray, dtype_name: str, what: str,
         )
 
 
+# the key under which a stored agent's attributes carry their checksum (tdstore's own)
+ATTRS_SEAL = "attrs_crc32c"
+
+
 def check_attrs(attrs: object, where: str) -> dict[str, Any] | None:
     """An agent's attributes: a JSON-able dict (stored and returned as JSON gives it)."""
     if attrs is None:
         return None
     if not isinstance(attrs, dict):
         raise InvalidInputError(f"{where}: attrs must be a dict, got {type(attrs).__name__}")
+    if ATTRS_SEAL in attrs:
+        raise InvalidInputError(f"{where}: attrs key {ATTRS_SEAL!r} is tdstore's own "
+                                "(the checksum stored with them)")
     try:
         loaded: dict[str, Any] = json.loads(json.dumps(attrs, allow_nan=False))
     except (TypeError, ValueError) as exc:

@@ -68,9 +68,11 @@ from tdstore.storage.catalog import AgentRow, DiffBlockRow, GroupRow, delete_age
 from tdstore.storage.integrity import (
     agent_ref,
     check_group_row,
+    checked_attrs,
     group_layout,
     index_checksum,
     index_problems,
+    seal_attrs,
 )
 from tdstore.storage.locks import deferred_signals
 from tdstore.storage.reads import (
@@ -289,7 +291,7 @@ class GroupOps:
             _, row = self.master_and(s, self.row(s), agent_id)
         if row is None:
             raise NotFoundError(f"group {self.name!r}: unknown agent {agent_id!r}")
-        return dict(row.attrs or {})
+        return checked_attrs(row.attrs, f"catalogue: group {self.name!r} agent {agent_id!r}")
 
     def agents(self) -> list[str]:
         """Agent names: the master first, then mirrors in registration order."""
@@ -364,7 +366,8 @@ class GroupOps:
         """A write's agent name and attrs, validated: (where, attrs)."""
         check_name("agent", agent, f"group {self.name!r}")
         where = self.where(agent)
-        return where, check_attrs(attrs, where)
+        checked = check_attrs(attrs, where)
+        return where, None if checked is None else seal_attrs(checked)
 
     def register_master(self, agent_id: str, kv_blocks: object, *,
                         attrs: dict[str, Any] | None = None, first: bool = False) -> None:

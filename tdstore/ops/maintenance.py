@@ -27,7 +27,13 @@ from tdstore.core.version import __version__
 from tdstore.ops import budget, journal
 from tdstore.ops.groups import GroupOps
 from tdstore.storage.catalog import AgentRow, DiffBlockRow, GroupRow, schema_status
-from tdstore.storage.integrity import agent_ref, check_group_row, group_layout, index_problems
+from tdstore.storage.integrity import (
+    agent_ref,
+    check_group_row,
+    checked_attrs,
+    group_layout,
+    index_problems,
+)
 
 if TYPE_CHECKING:
     from tdstore.ops.context import StoreContext as Store
@@ -130,13 +136,19 @@ def _group_refs(session: Session, g: GroupRow) -> tuple[list[_ArrayRef], list[Fi
         try:
             if a.array is not None and counts[a.array] > 1:
                 raise CorruptionError(f"array {a.array} is referenced by more than one agent")
-            ref = agent_ref(g, a)
+            # damaged attributes are reported below, and the array is checked regardless
+            ref = agent_ref(g, a, attrs=False)
         except CorruptionError as exc:
             kind = FindingKind.BAD_PATH if "array path" in str(exc) or "array " in str(exc)[:7] \
                 or "referenced by more than one" in str(exc) else FindingKind.BAD_ROW
             found.append(Finding(kind, "catalog.sqlite", str(exc), group=g.name,
                                  agent=a.name))
             continue
+        try:
+            checked_attrs(a.attrs, f"catalogue: group {g.name!r} agent {a.name!r}")
+        except CorruptionError as exc:
+            found.append(Finding(FindingKind.BAD_ROW, "catalog.sqlite", str(exc), group=g.name,
+                                 agent=a.name))
         if ref is not None:
             refs.append(_ArrayRef(ref, a, g))
     return refs, found

@@ -7,7 +7,8 @@ KeyError, a ZeroDivisionError, a path outside the store, or silently different d
 
 from __future__ import annotations
 
-from typing import TypeGuard
+import json
+from typing import Any, TypeGuard
 
 import crc32c
 import numpy as np
@@ -16,6 +17,7 @@ from tdstore.core.dtypes import SUPPORTED, stored_dtype
 from tdstore.core.errors import CorruptionError
 from tdstore.core.ids import ARRAY_RE, check_gid
 from tdstore.core.layout import ArrayRef, ArraySpec
+from tdstore.core.validate import ATTRS_SEAL
 from tdstore.storage.arrays import COMPRESSORS
 from tdstore.storage.catalog import AgentRow, GroupRow
 
@@ -81,13 +83,48 @@ def group_layout(g: GroupRow) -> tuple[str, tuple[int, ...]]:
     return g.dtype, tuple(g.block_shape)
 
 
-def agent_ref(g: GroupRow, a: AgentRow) -> ArrayRef | None:
+# An agent's attributes carry the crc32c of the rest under ATTRS_SEAL: a catalogue row
+# has no checksum of its own, and keyed chunks record there how to read their bytes back
+# (shape, dtype, format); Hugging Face caches record their tokens.
+
+
+def _attrs_crc(attrs: dict[str, Any]) -> int:
+    doc = json.dumps(attrs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return crc32c.crc32c(doc.encode("utf-8", "surrogatepass"))
+
+
+def seal_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """``attrs`` with the crc32c of their JSON added (checked by :func:`checked_attrs`)."""
+    return {**attrs, ATTRS_SEAL: _attrs_crc(attrs)}
+
+
+def checked_attrs(attrs: object, where: str) -> dict[str, Any]:
+    """An agent row's attributes without their seal; CorruptionError naming ``where``
+    when they are not a JSON object, or carry a seal they no longer match (attributes
+    stored before tdstore sealed them carry none and are taken as they are)."""
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, dict):
+        raise CorruptionError(f"{where}: attributes {str(attrs)[:60]!r} are not a JSON object")
+    if ATTRS_SEAL not in attrs:
+        return dict(attrs)
+    rest = {k: v for k, v in attrs.items() if k != ATTRS_SEAL}
+    if attrs[ATTRS_SEAL] != _attrs_crc(rest):
+        raise CorruptionError(f"{where}: the attributes recorded with it fail their crc32c "
+                              "checksum (the catalogue row is damaged)")
+    return rest
+
+
+def agent_ref(g: GroupRow, a: AgentRow, *, attrs: bool = True) -> ArrayRef | None:
     """The checked array of an agent row (None: a mirror identical to its master).
 
-    Checks the role, that the array lies in the agent's own group directory, the
-    chunking, the row count and that one checksum is recorded per committed chunk.
+    Checks the attributes' seal (see :func:`checked_attrs`; not with ``attrs=False``),
+    the role, that the array lies in the agent's own group directory, the chunking, the
+    row count and that one checksum is recorded per committed chunk.
     """
     where = f"catalogue: group {g.name!r} agent {a.name!r}"
+    if attrs:
+        checked_attrs(a.attrs, where)
     if a.role not in ROLES:
         raise CorruptionError(f"{where}: role {str(a.role)[:40]!r} is not master or mirror")
     rows = g.n_blocks if a.role == "master" else a.n_diff
