@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -91,25 +92,34 @@ def test_the_budget_evicts_and_the_newest_sequence_stays(tmp_path):
 
 
 def test_a_damaged_chunk_file_is_a_miss_never_wrong_bytes(tmp_path):
-    loc = str(tmp_path / "kv")
-    run({"location": loc, "store": [[1, 1000]]})
-    with tdstore.open(loc) as store:
-        c = store.chunks("lmcache")
-        keys = run({"location": loc, "check": [[1, 1000]]})["keys"][0]
-        second = f"lmcache:{keys[1]}"
-        from sqlalchemy import text
+    """A flipped bit in a chunk file, and the shapes recorded with another chunk changed
+    in the catalogue (LMCache would allocate and fill a buffer of the wrong size): both
+    misses in a new process, and verify names both."""
+    from sqlalchemy import select
 
-        with store.catalog.read() as s:
-            path = s.execute(text('SELECT a."array" FROM agents a JOIN groups g ON '
-                                  "a.group_id = g.id WHERE g.name = :n"), {"n": second}
-                             ).scalar_one()
-        assert c.contains(keys[1])
+    from tdstore.storage.catalog import AgentRow, GroupRow
+
+    loc = str(tmp_path / "kv")
+    run({"location": loc, "store": [[1, 1000], [2, 1000]]})
+    keys = run({"location": loc, "check": [[1, 1000], [2, 1000]]})["keys"]
+    with tdstore.open(loc) as store, store.catalog.write() as s:
+        rows = {k: s.scalars(select(AgentRow).join(GroupRow, AgentRow.group_id == GroupRow.id)
+                             .where(GroupRow.name == f"lmcache:{k}")).one()
+                for k in (keys[0][1], keys[1][1])}
+        path = rows[keys[0][1]].array
+        attrs = dict(rows[keys[1][1]].attrs)
+        attrs["shapes"] = [[*attrs["shapes"][0][:2], 254, *attrs["shapes"][0][3:]]]
+        rows[keys[1][1]].attrs = attrs  # as damage to the row would (one bit: 6 -> 4)
     chunk_file = next((tmp_path / "kv" / "data" / path).glob("c.*"))
     data = bytearray(chunk_file.read_bytes())
     data[len(data) // 2] ^= 0x10  # one bit, in the middle of the KV
     chunk_file.write_bytes(bytes(data))
-    r = run({"location": loc, "check": [[1, 1000]]})
-    assert r["exact"] == [[256, True]]  # the first chunk; the damaged second is a miss
+    r = run({"location": loc, "check": [[1, 1000], [2, 1000]]})
+    # the first chunk of each; the damaged second is a miss, and so what follows it
+    assert r["exact"] == [[256, True], [256, True]]
+    with tdstore.open(loc) as store:
+        found = {(f.kind, f.group) for f in store.verify().findings}
+    assert found == {("checksum", f"lmcache:{keys[0][1]}"), ("bad-row", f"lmcache:{keys[1][1]}")}
 
 
 PRIORITIES = textwrap.dedent("""
@@ -299,3 +309,55 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     assert report["results"]["tdstore, verify_reads off"]["found_after_restart_tokens"] == tokens
     assert ratios["retrieve throughput, warm, verify_reads off, vs LocalDiskBackend"]["value"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("max_bytes", "10GB", "tdstore.max_bytes: expected a number of bytes"),
+    ("max_bytes", "inf", "tdstore.max_bytes: expected a number of bytes"),
+    ("max_bytes", "nan", "tdstore.max_bytes: expected a number of bytes"),
+    ("max_bytes", -5, "tdstore.max_bytes: expected a number of bytes"),
+    ("max_bytes", True, "tdstore.max_bytes: expected a number of bytes"),
+    ("cache_max_bytes", "x", "tdstore.cache_max_bytes: expected a number of bytes"),
+    ("writers", "four", "tdstore.writers: expected an int >= 1, got 'four'"),
+    ("writers", 0, "tdstore.writers: expected an int >= 1, got 0"),
+    ("writers", 2.5, "tdstore.writers: expected an int >= 1"),
+    ("verify_reads", "enabled", "tdstore.verify_reads: expected true or false, got 'enabled'"),
+    ("url", 5432, "tdstore.url: expected a string"),
+    ("maxbytes", "10", "unknown extra_config setting tdstore.maxbytes; known: tdstore.location"),
+])
+def test_a_bad_setting_is_refused_naming_it(name, value, expected):
+    from tdstore.integrations.lmcache import settings_from
+
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        settings_from({"tdstore.location": "/kv", f"tdstore.{name}": value})
+
+
+def test_settings_as_yaml_gives_them():
+    from tdstore.integrations.lmcache import WRITERS, settings_from
+
+    assert settings_from({"tdstore.location": "/kv"}) == {
+        "location": "/kv", "verify_reads": True, "writers": WRITERS}
+    assert settings_from({"tdstore.location": "/kv", "tdstore.max_bytes": "2e11",
+                          "tdstore.cache_max_bytes": 0, "tdstore.verify_reads": "Off",
+                          "tdstore.writers": "2", "other.key": "x"}) == {
+        "location": "/kv", "max_bytes": 200_000_000_000, "cache_max_bytes": 0,
+        "verify_reads": False, "writers": 2}
+
+
+def test_the_engine_refuses_a_bad_setting_and_creates_nothing(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from tdstore.dev.lmcache_engine import engine, tdstore_config
+        try:
+            with engine(tdstore_config(sys.argv[1], writers="four")):
+                pass
+        except RuntimeError as exc:
+            print("refused:", exc)
+    """)
+    loc = tmp_path / "kv"
+    out = subprocess.run([sys.executable, "-c", code, str(loc)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused: LMCache did not load the tdstore backend" in out.stdout
+    assert "tdstore.writers: expected an int >= 1, got 'four'" in out.stdout + out.stderr
+    assert not loc.exists()

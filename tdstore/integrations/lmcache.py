@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import queue
 import threading
@@ -46,22 +47,57 @@ from tdstore.core.errors import CorruptionError, TdStoreError
 log = logging.getLogger("tdstore.lmcache")
 
 NAMESPACE = "lmcache"
-SETTINGS = ("location", "url", "max_bytes", "cache_dir", "cache_max_bytes", "verify_reads")
+SETTINGS = ("location", "url", "max_bytes", "cache_dir", "cache_max_bytes", "verify_reads",
+            "writers")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _setting(name: str, value: Any) -> Any:
+    """One ``tdstore.<name>`` value of ``extra_config``, converted; ValueError naming the
+    setting and what it expects."""
+    key = f"tdstore.{name}"
+    if name in ("max_bytes", "cache_max_bytes", "writers"):
+        what = ("an int >= 1" if name == "writers" else
+                "a number of bytes (an int, or a float such as 2e11)")
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        low = 1 if name == "writers" else 0
+        if not math.isfinite(number) or number != int(number) or number < low:
+            raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected {what}, "
+                             f"got {value!r}")
+        return int(number)
+    if name == "verify_reads":
+        text = str(value).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected true or "
+                             f"false, got {value!r}")
+        return text in _TRUE
+    if not isinstance(value, str):
+        raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected a string, "
+                         f"got {value!r}")
+    return value
 
 
 def settings_from(extra: dict[str, Any]) -> dict[str, Any]:
-    """tdstore's settings from LMCache's ``extra_config`` (keys ``tdstore.<name>``)."""
+    """tdstore's settings from LMCache's ``extra_config`` (keys ``tdstore.<name>``), every
+    value checked before anything is opened; an unknown ``tdstore.*`` key is an error (a
+    misspelt budget would otherwise be no budget)."""
+    unknown = sorted(k for k in extra if isinstance(k, str) and k.startswith("tdstore.")
+                     and k.removeprefix("tdstore.") not in SETTINGS)
+    if unknown:
+        raise ValueError(f"tdstore LMCache backend: unknown extra_config setting "
+                         f"{', '.join(unknown)}; known: "
+                         f"{', '.join('tdstore.' + n for n in SETTINGS)}")
     out: dict[str, Any] = {}
     for name in SETTINGS:
         value = extra.get(f"tdstore.{name}")
         if value is None or value == "":
             continue
-        if name in ("max_bytes", "cache_max_bytes"):
-            value = int(float(value))
-        elif name == "verify_reads":
-            value = str(value).lower() in ("1", "true", "yes", "on")
-        out[name] = value
+        out[name] = _setting(name, value)
     out.setdefault("verify_reads", True)  # a damaged chunk must be a miss, never bytes
+    out.setdefault("writers", WRITERS)
     if "location" not in out:
         raise ValueError("tdstore LMCache backend: extra_config needs tdstore.location "
                          "(a directory, or s3://bucket/prefix with tdstore.url)")
@@ -131,9 +167,17 @@ class TdStoreBackend(StoragePluginInterface):
             raise ValueError("tdstore LMCache backend: needs LMCache's local CPU backend "
                              "(max_local_cpu_size > 0) to allocate the chunks it reads")
         extra = dict(getattr(config, "extra_config", None) or {})
-        opts = settings_from(extra)
+        opts = settings_from(extra)  # all checked before the store is opened
         location = opts.pop("location")
+        writers = opts.pop("writers")
         self.store: Store = open_store(location, **opts)
+        try:
+            self._start(writers)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _start(self, writers: int) -> None:
         self.chunks = self.store.chunks(NAMESPACE)
         self._pending: dict[str, _Put] = {}
         self._lock = threading.Lock()
@@ -143,7 +187,7 @@ class TdStoreBackend(StoragePluginInterface):
         # tdstore-bg-*: their writes run inline, not on the I/O pool that reads use
         self._writers = [threading.Thread(target=self._write_loop, daemon=True,
                                           name=f"tdstore-bg-lmcache-writer-{i}")
-                         for i in range(int(extra.get("tdstore.writers", WRITERS)))]
+                         for i in range(writers)]
         for t in self._writers:
             t.start()
         # reads record their accesses (the budget's LRU order) from a thread of their
@@ -319,9 +363,15 @@ class TdStoreBackend(StoragePluginInterface):
             obj = self._allocate(names[i], meta)
             if obj is None:
                 return None
-            objs.append(obj)
+            view = memoryview(obj.byte_array).cast("B")
             n = int(np.prod(meta["shape"]))
-            return np.frombuffer(memoryview(obj.byte_array).cast("B"), np.uint8, count=n)
+            if len(view) != n:  # LMCache's shapes and dtypes do not cover the bytes
+                log.warning("tdstore: chunk %s records %d bytes but LMCache shapes of %d: "
+                            "a miss", names[i], n, len(view))
+                obj.ref_count_down()
+                return None
+            objs.append(obj)
+            return np.frombuffer(view, np.uint8, count=n)
 
         accessed: dict[int, float] = {}
         try:
