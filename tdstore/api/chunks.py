@@ -98,17 +98,22 @@ def _prefix(keys: Sequence[str], present: Container[str]) -> int:
 class _Found:
     """A located chunk: its group and agent rows (read in one transaction)."""
 
-    __slots__ = ("agent", "group")
+    __slots__ = ("_attrs", "agent", "group")
 
     def __init__(self, group: GroupRow, agent: AgentRow):
         self.group, self.agent = group, agent
+        self._attrs: dict[str, Any] | None = None
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """The chunk's recorded attributes, their checksum checked (CorruptionError)."""
-        from tdstore.storage.integrity import checked_attrs
+        """The chunk's recorded attributes, their checksum checked once per located row
+        (CorruptionError); a copy."""
+        if self._attrs is None:
+            from tdstore.storage.integrity import checked_attrs
 
-        return checked_attrs(self.agent.attrs, f"catalogue: chunk group {self.group.name!r}")
+            self._attrs = checked_attrs(self.agent.attrs,
+                                        f"catalogue: chunk group {self.group.name!r}")
+        return dict(self._attrs)
 
 
 class Chunks:
@@ -349,12 +354,14 @@ class Chunks:
         todo: list[tuple[str, _Found, np.ndarray]] = []
         for i, k in enumerate(keys):
             at = where.get(k)
+            if at is None:
+                break
             try:
-                attrs = None if at is None else at.attrs
+                attrs = at.attrs
             except TdStoreError:  # a damaged row: a miss, like damaged data
                 break
-            buf = None if at is None or attrs is None else buffer(i, attrs)
-            if at is None or buf is None:
+            buf = buffer(i, attrs)
+            if buf is None:
                 break
             todo.append((k, at, buf))
         misses = (TdStoreError, KeyError, TypeError, ValueError)
