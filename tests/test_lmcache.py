@@ -122,6 +122,45 @@ def test_a_damaged_chunk_file_is_a_miss_never_wrong_bytes(tmp_path):
     assert found == {("checksum", f"lmcache:{keys[0][1]}"), ("bad-row", f"lmcache:{keys[1][1]}")}
 
 
+
+DAMAGE_AFTER_READ = textwrap.dedent("""
+    import json, os, sys, torch
+    from pathlib import Path
+    from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of, keys_of
+    loc = sys.argv[1]
+    tokens, kv = sequence(1000, 7)
+    out = {}
+    with engine(tdstore_config(loc)) as eng:
+        eng.store(tokens, kv_buffer=kv)
+        backend_of(eng).flush(300)
+        def retrieve():
+            got = torch.zeros_like(kv)
+            k = int(eng.retrieve(tokens, kv_buffer=got).sum())
+            return [k, bool(torch.equal(got[:, :, :k], kv[:, :, :k]))]
+        out["before"] = [retrieve(), retrieve()]  # checksummed, then from the page cache
+        second = backend_of(eng).chunks._where(keys_of(eng, tokens)[1])
+        (chunk,) = (Path(loc) / "data" / second.agent.array).glob("c.*")
+        st = chunk.stat()
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 3] ^= 0x04  # one bit, the modification time put back
+        chunk.write_bytes(bytes(raw))
+        os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))
+        out["after"] = [retrieve(), retrieve()]
+    print(json.dumps(out))
+""")
+
+
+def test_a_chunk_damaged_after_this_process_read_it_is_a_miss(tmp_path):
+    """The default verify_reads ("once") checksums a chunk file once per version: damage
+    to a file this process has already read and checked is still found (the file's change
+    time moves, whatever its modification time says), as a miss, never bytes."""
+    proc = subprocess.run([sys.executable, "-c", DAMAGE_AFTER_READ, str(tmp_path / "kv")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] == [[1000, True], [1000, True]]
+    assert out["after"] == [[256, True], [256, True]]  # the damaged second chunk on: misses
+
 PRIORITIES = textwrap.dedent("""
     import json, os, sys, threading, torch
     from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
@@ -303,11 +342,11 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     assert ratios["bytes, tagged agents of one group / tagged agents without it"]["value"] < 1
     assert report["sharing"]["agents_tagged_group_exact"] == 1.0
     tokens = 2 * 512
-    for kind in ("tdstore", "tdstore, verify_reads off", "LocalDiskBackend"):
+    for kind in ("tdstore", "tdstore, verify_reads true", "LocalDiskBackend"):
         r = report["results"][kind]
         assert r["retrieved_warm_tokens"] == r["retrieved_cold_tokens"] == tokens, kind
-    assert report["results"]["tdstore, verify_reads off"]["found_after_restart_tokens"] == tokens
-    assert ratios["retrieve throughput, warm, verify_reads off, vs LocalDiskBackend"]["value"] > 0
+    assert report["results"]["tdstore, verify_reads true"]["found_after_restart_tokens"] == tokens
+    assert ratios["retrieve throughput, warm, verify_reads true, vs LocalDiskBackend"]["value"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
 
 
@@ -321,7 +360,8 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     ("writers", "four", "tdstore.writers: expected an int >= 1, got 'four'"),
     ("writers", 0, "tdstore.writers: expected an int >= 1, got 0"),
     ("writers", 2.5, "tdstore.writers: expected an int >= 1"),
-    ("verify_reads", "enabled", "tdstore.verify_reads: expected true or false, got 'enabled'"),
+    ("verify_reads", "enabled",
+     "tdstore.verify_reads: expected once, true or false, got 'enabled'"),
     ("url", 5432, "tdstore.url: expected a string"),
     ("maxbytes", "10", "unknown extra_config setting tdstore.maxbytes; known: tdstore.location"),
 ])
@@ -336,7 +376,11 @@ def test_settings_as_yaml_gives_them():
     from tdstore.integrations.lmcache import WRITERS, settings_from
 
     assert settings_from({"tdstore.location": "/kv"}) == {
-        "location": "/kv", "verify_reads": True, "writers": WRITERS}
+        "location": "/kv", "verify_reads": "once", "writers": WRITERS}
+    assert settings_from({"tdstore.location": "/kv", "tdstore.verify_reads": " ONCE"}
+                         )["verify_reads"] == "once"
+    assert settings_from({"tdstore.location": "/kv", "tdstore.verify_reads": True}
+                         )["verify_reads"] is True
     assert settings_from({"tdstore.location": "/kv", "tdstore.max_bytes": "2e11",
                           "tdstore.cache_max_bytes": 0, "tdstore.verify_reads": "Off",
                           "tdstore.writers": "2", "other.key": "x"}) == {

@@ -152,3 +152,46 @@ def test_a_truncated_chunk_is_an_error_on_read_not_short_data(tmp_path, verify_r
     with tdstore.open(path, verify_reads=verify_reads) as store:
         with pytest.raises(tdstore.CorruptionError, match=r"blocks 4-7: chunk file c.1.0.0"):
             store.group("rag").reconstruct("retriever")
+
+
+def test_verify_reads_once_checks_each_version_of_a_file_and_every_read_from_the_disk(
+        tmp_path):
+    """verify_reads="once": a chunk file is checksummed on its first read, not again
+    while that version of it is read from the page cache, again when the read has to go
+    to the disk, and again once the file changed in any way (a damaged byte is found
+    even with its modification time put back: the change time still moves)."""
+    import os
+
+    from tdstore.dev.bench import drop_page_cache
+
+    path = tmp_path / "s"
+    data = kv(8)
+    with tdstore.open(path) as store:
+        store.chunks("t").put("k", data)
+    (chunk,) = (path / "data").glob("*/m-*/c.*")
+    with tdstore.open(path, verify_reads="once") as store:
+        chunks, arrays = store.chunks("t"), store.arrays
+        assert np.array_equal(chunks.get("k")[0], data) and arrays.checksummed_reads == 1
+        assert np.array_equal(chunks.get("k")[0], data) and arrays.checksummed_reads == 1
+        drop_page_cache(chunk)
+        assert np.array_equal(chunks.get("k")[0], data) and arrays.checksummed_reads == 2
+        chunk.write_bytes(chunk.read_bytes())  # the same bytes, a new version of the file
+        assert np.array_equal(chunks.get("k")[0], data) and arrays.checksummed_reads == 3
+        assert np.array_equal(chunks.get("k")[0], data) and arrays.checksummed_reads == 3
+        st = chunk.stat()
+        raw = bytearray(chunk.read_bytes())
+        raw[100] ^= 0x01
+        chunk.write_bytes(bytes(raw))
+        os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(tdstore.CorruptionError, match="fails its crc32c checksum"):
+            chunks.get("k")
+        with pytest.raises(tdstore.CorruptionError, match="fails its crc32c checksum"):
+            chunks.get("k")  # a failed check is never remembered as a pass
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "ONCE", None])
+def test_verify_reads_takes_true_false_or_once(tmp_path, value):
+    with pytest.raises(tdstore.InvalidInputError,
+                       match=r"verify_reads must be True, False or 'once', got"):
+        tdstore.open(tmp_path / "s", verify_reads=value)
+    assert not (tmp_path / "s").exists()

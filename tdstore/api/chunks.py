@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,11 +98,32 @@ def _prefix(keys: Sequence[str], present: Container[str]) -> int:
 class _Found:
     """A located chunk: its group and agent rows (read in one transaction)."""
 
-    __slots__ = ("_attrs", "agent", "group")
+    __slots__ = ("_attrs", "_layout", "_snap", "agent", "group")
 
     def __init__(self, group: GroupRow, agent: AgentRow):
         self.group, self.agent = group, agent
         self._attrs: dict[str, Any] | None = None
+        self._layout: tuple[int, int] | None = None
+        self._snap: Any = None
+
+    def layout(self) -> tuple[int, int]:
+        """``block_layout`` of the recorded shape and dtype (computed once per row)."""
+        if self._layout is None:
+            from tdstore.core.dtypes import numpy_dtype
+
+            meta = self.attrs
+            self._layout = block_layout(meta["shape"],
+                                        numpy_dtype(meta["dtype"]).itemsize)
+        return self._layout
+
+    def master(self) -> Any:
+        """The master snapshot of a chunk filed as a master, its rows checked (once per
+        located row: rows kept by lookups are read many times)."""
+        if self._snap is None:
+            from tdstore.ops.groups import GroupOps
+
+            self._snap = GroupOps.master_snapshot(self.group, self.agent)
+        return self._snap
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -291,10 +312,7 @@ class Chunks:
 
     def _layout(self, key: str, at: _Found, buf: np.ndarray) -> np.ndarray:
         """``buf`` (checked against the chunk's recorded size) as the chunk's blocks."""
-        from tdstore.core.dtypes import numpy_dtype
-
-        meta = at.attrs
-        n_blocks, block = block_layout(meta["shape"], numpy_dtype(meta["dtype"]).itemsize)
+        n_blocks, block = at.layout()
         if buf.dtype != np.uint8 or buf.size != n_blocks * block:
             raise InvalidInputError(f"chunk {key!r}: the buffer holds {buf.size} "
                                     f"{buf.dtype} items, expected {n_blocks * block} uint8")
@@ -303,7 +321,6 @@ class Chunks:
     def _read(self, key: str, at: _Found, buf: np.ndarray) -> dict[int, float]:
         """Read one located chunk into ``buf``; returns the access to record. A chunk
         filed as a master is read from the rows already located (no further query)."""
-        from tdstore.ops.groups import GroupOps
         from tdstore.storage.reads import check_out, reconstruct_into
 
         out = self._layout(key, at, buf)
@@ -315,7 +332,7 @@ class Chunks:
             accessed.update(snap.accessed)
 
         if at.agent.role == Role.MASTER:
-            fill(GroupOps.master_snapshot(at.group, at.agent))
+            fill(at.master())
         else:  # a mirror: its master and diff index, with the read's retry on churn
             self.store.group_ops(at.group.name).read(at.agent.name, fill, touch=False)
         return accessed
@@ -344,54 +361,49 @@ class Chunks:
         lookup at all: a row gone stale since only makes a miss, as every read is checked
         against the checksums recorded with the chunk."""
         from tdstore.core.errors import TdStoreError
-        from tdstore.ops.groups import GroupOps
         from tdstore.storage.arrays import run_all
         from tdstore.storage.reads import check_out
 
         for k in keys:
             check_name("chunk key", k)
         where = self._locate(keys) if located is None else located
-        todo: list[tuple[str, _Found, np.ndarray]] = []
-        for i, k in enumerate(keys):
-            at = where.get(k)
-            if at is None:
-                break
-            try:
-                attrs = at.attrs
-            except TdStoreError:  # a damaged row: a miss, like damaged data
-                break
-            buf = buffer(i, attrs)
-            if buf is None:
-                break
-            todo.append((k, at, buf))
         misses = (TdStoreError, KeyError, TypeError, ValueError)
-
-        # A chunk filed as a master (every chunk but those stored against a sharing
-        # group's) is checked here and read by the store's batched read: the I/O threads
-        # do only the I/O and the checksums, and open the files of the first chunks while
-        # this thread prepares the next (measured in the LMCache benchmark, 64 chunks of
-        # 8 MiB from the page cache, checksums on: one after the other 0.22-0.24 s, one
-        # read per chunk on the I/O threads 0.146-0.154 s, the batched read 0.12-0.13 s).
-        # A mirror is read on its own, with the read's retry on churn.
-        ok = [False] * len(todo)
-        accessed: list[dict[int, float]] = [{} for _ in todo]  # what each read touched
-        batch: list[tuple[ArrayRef, np.ndarray, str]] = []
+        todo: list[tuple[str, _Found, np.ndarray]] = []
+        accessed: list[dict[int, float]] = []  # what each read touched
         masters: list[int] = []
         mirrors: list[int] = []
-        for i, (k, at, buf) in enumerate(todo):
-            if at.agent.role != Role.MASTER:
-                mirrors.append(i)
-                continue
-            try:
-                out = self._layout(k, at, buf)
-                snap = GroupOps.master_snapshot(at.group, at.agent)
-                check_out(snap, out)
-            except misses:
-                todo = todo[:i]  # a miss: this chunk and every later one
-                break
-            batch.append((snap.master, out.view(snap.spec.dtype), f"{snap.label} (master)"))
-            masters.append(i)
-            accessed[i] = snap.accessed
+
+        def prepared() -> Iterator[tuple[ArrayRef, np.ndarray, str]]:
+            """The chunks in order, up to the first miss, each with its buffer: a chunk
+            filed as a master (every chunk but those stored against a sharing group's)
+            checked and yielded for the store's batched read, which starts reading it
+            while the next is prepared; a mirror left for later."""
+            for i, k in enumerate(keys):
+                at = where.get(k)
+                if at is None:
+                    return
+                try:
+                    attrs = at.attrs
+                except TdStoreError:  # a damaged row: a miss, like damaged data
+                    return
+                buf = buffer(i, attrs)
+                if buf is None:
+                    return
+                todo.append((k, at, buf))
+                accessed.append({})
+                if at.agent.role != Role.MASTER:
+                    mirrors.append(i)
+                    continue
+                try:
+                    out = self._layout(k, at, buf)
+                    snap = at.master()
+                    check_out(snap, out)
+                except misses:
+                    todo.pop()  # a miss: this chunk and every later one
+                    return
+                masters.append(i)
+                accessed[i] = snap.accessed
+                yield snap.master, out.view(snap.spec.dtype), f"{snap.label} (master)"
 
         def read(k: str, at: _Found, buf: np.ndarray) -> dict[int, float] | None:
             try:
@@ -399,15 +411,21 @@ class Chunks:
             except misses:
                 return None
 
+        # measured in the LMCache benchmark, 64 chunks of 8 MiB from the page cache,
+        # checksums on: one after the other 0.22-0.24 s, one read per chunk on the I/O
+        # threads 0.146-0.154 s, the batched read 0.12-0.13 s. A mirror is read on its
+        # own, with the read's retry on churn.
         n = 0
+        ok: list[bool] = []
         try:
-            for i, err in zip(masters, self.store.arrays.read_arrays(batch), strict=True):
+            errors = self.store.arrays.read_arrays(prepared())
+            ok = [False] * len(todo)
+            for i, err in zip(masters, errors, strict=True):
                 if err is not None and not isinstance(err, misses):
                     raise err
                 ok[i] = err is None
-            live = [i for i in mirrors if i < len(todo)]
-            for i, res in zip(live, run_all([functools.partial(read, *todo[i])
-                                             for i in live]), strict=True):
+            for i, res in zip(mirrors, run_all([functools.partial(read, *todo[i])
+                                                for i in mirrors]), strict=True):
                 ok[i], accessed[i] = res is not None, res or {}
             while n < len(todo) and ok[n]:
                 n += 1

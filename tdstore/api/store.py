@@ -16,6 +16,7 @@ import numpy as np
 
 from tdstore.core.sparse import SparseKVDiff
 from tdstore.core.validate import (
+    VerifyReads,
     check_chunk_blocks,
     check_compressor,
     check_kv_layout,
@@ -80,7 +81,7 @@ class OpenOptions(TypedDict, total=False):
 
     url: str | None
     readonly: bool
-    verify_reads: bool
+    verify_reads: VerifyReads
     max_bytes: int | None
     create: bool
     upgrade: bool
@@ -432,7 +433,10 @@ def open(path: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> Store:
     ``cache_dir`` / ``cache_max_bytes`` place and bound this host's chunk cache
     (default ``$TDSTORE_CACHE_DIR`` or ``~/.cache/tdstore``, 4 GiB; 0 turns it off). ``readonly``
     opens without writing anything (also on a directory the process cannot write);
-    ``verify_reads`` checks every chunk's crc32c on read; ``max_bytes`` sets (and
+    ``verify_reads=True`` checks every chunk's crc32c on read, ``"once"`` the first
+    time this process reads each version of a chunk file and whenever a read has to go
+    to the disk (local directories; on object storage ``"once"`` checks every read);
+    ``max_bytes`` sets (and
     persists) a size budget for the data, kept by evicting least-recently-used agents;
     ``create=False`` refuses a directory that holds no store instead of creating one;
     ``upgrade=False`` leaves an older catalogue schema as it is (for ``migrate``).

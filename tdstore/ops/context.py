@@ -26,7 +26,7 @@ from tdstore.core.errors import (
 )
 from tdstore.core.kinds import JournalOp
 from tdstore.core.location import check_location, is_object_url
-from tdstore.core.validate import check_max_bytes, check_name
+from tdstore.core.validate import VerifyReads, check_max_bytes, check_name, check_verify_reads
 from tdstore.core.version import __version__
 from tdstore.ops import budget, journal, maintenance
 from tdstore.storage.arrays import ArrayStore, LocalArrayStore
@@ -72,7 +72,7 @@ class StoreContext:
         *,
         url: str | None = None,
         readonly: bool = False,
-        verify_reads: bool = False,
+        verify_reads: VerifyReads = False,
         max_bytes: int | None = None,
         create: bool = True,
         upgrade: bool = True,
@@ -80,6 +80,7 @@ class StoreContext:
         cache_dir: str | os.PathLike[str] | None = None,
         cache_max_bytes: int | None = None,
     ):
+        check_verify_reads(verify_reads)
         if max_bytes is not None:
             check_max_bytes(max_bytes)
         if cache_max_bytes is not None:
@@ -115,7 +116,7 @@ class StoreContext:
             self.catalog.close()
             raise
 
-    def _open_local(self, path: str | os.PathLike[str], url: str | None, verify_reads: bool,
+    def _open_local(self, path: str | os.PathLike[str], url: str | None, verify_reads: VerifyReads,
                     create: bool) -> None:
         self.path = local = Path(path).absolute()
         self.location = str(local)
@@ -145,7 +146,7 @@ class StoreContext:
             "postgresql" else FileLocks(local / LOCK_DIR)
         self.arrays = LocalArrayStore(local / DATA_DIR, verify_reads=verify_reads)
 
-    def _open_object(self, location: str, url: str | None, verify_reads: bool,
+    def _open_object(self, location: str, url: str | None, verify_reads: VerifyReads,
                      storage_options: Mapping[str, Any] | None,
                      cache_dir: str | os.PathLike[str] | None,
                      cache_max_bytes: int | None) -> None:

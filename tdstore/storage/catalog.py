@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import threading
 import time
 import weakref
@@ -40,8 +41,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from tdstore.core.errors import SchemaError
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from alembic.config import Config
     from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -312,12 +311,7 @@ class Catalog:
             return None
         with self._version_lock:
             try:
-                if self._version_conn is None:
-                    # a new connection counts on its own: numbers of the one before
-                    # must never match its numbers
-                    self._version_conn = self.engine.raw_connection()
-                    self._version_epoch += 1
-                cur = self._version_conn.cursor()
+                cur = self._version_connection().cursor()
                 try:
                     cur.execute("PRAGMA data_version")
                     return (self._version_epoch << 40) + int(cur.fetchone()[0])
@@ -326,6 +320,48 @@ class Catalog:
             except Exception:  # no answer: the caller queries
                 self._drop_version_conn()
                 return None
+
+    def _version_connection(self) -> Any:
+        """The connection change_counter reads from (under ``_version_lock``)."""
+        if self._version_conn is None:
+            # a new connection counts on its own: numbers of the one before must never
+            # match its numbers
+            self._version_conn = self.engine.raw_connection()
+            self._version_epoch += 1
+        return self._version_conn
+
+    def _touch_uncounted(self, ids: list[int], t: float) -> None:
+        """SQLite: record accesses on the connection :meth:`change_counter` reads, whose
+        own commits do not move its ``data_version`` (it counts other connections'): a
+        read's access record then never ends what lookups kept (tdstore.api.chunks),
+        while every other commit, of this process or another, still does. Best effort,
+        like :meth:`touch`: skipped when the write lock is busy."""
+        with self._version_lock:
+            try:
+                cur = self._version_connection().cursor()
+            except Exception:
+                self._drop_version_conn()
+                return
+            try:
+                cur.execute("PRAGMA busy_timeout = 20")
+                cur.execute("PRAGMA synchronous = NORMAL")  # as touch: no fsync of its own
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error:  # "database is locked": a writer is busy
+                cur.close()
+                return
+            try:
+                for i in range(0, len(ids), 500):
+                    part = ids[i : i + 500]
+                    cur.execute(f"UPDATE {AgentRow.__tablename__} SET last_access = ? "
+                                f"WHERE id IN ({', '.join('?' * len(part))})", [t, *part])
+                cur.execute("COMMIT")
+            except sqlite3.Error:
+                try:
+                    cur.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._drop_version_conn()
+            finally:
+                cur.close()
 
     def _drop_version_conn(self) -> None:
         conn, self._version_conn = self._version_conn, None
@@ -445,6 +481,9 @@ class Catalog:
         stale = [i for i, last in accessed.items()
                  if not isinstance(last, (int, float)) or t - last >= resolution]
         if not stale:
+            return
+        if self.counts_changes:
+            self._touch_uncounted(stale, t)
             return
         try:
             with self.engine.connect() as conn:

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +33,7 @@ from tdstore.core.errors import CorruptionError, InvalidInputError, StorageError
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
 from tdstore.core.location import normalize_url
+from tdstore.core.validate import VerifyReads
 from tdstore.storage.arrays import (
     GROUP_METADATA,
     MAX_METADATA_BYTES,
@@ -125,7 +126,7 @@ class ObjectArrayStore:
     shared = True
 
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None,
-                 verify_reads: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+                 verify_reads: VerifyReads = False, cache_dir: str | os.PathLike[str] | None = None,
                  cache_max_bytes: int | None = None):
         try:
             from obstore.store import from_url as _from_url
@@ -453,7 +454,7 @@ class ObjectArrayStore:
             cache.discard(rel, recorded)  # a damaged entry is a miss
             return None
 
-    def read_arrays(self, items: Sequence[tuple[ArrayRef, np.ndarray, str]]
+    def read_arrays(self, items: Iterable[tuple[ArrayRef, np.ndarray, str]]
                     ) -> list[BaseException | None]:
         """Every committed block of each ``(ref, out, label)``: one :meth:`read` per
         array (each fetches its chunks in parallel); per item None or its error."""
