@@ -26,6 +26,7 @@ regular files of a plausible size are read.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import json
@@ -34,13 +35,14 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import crc32c
 import numpy as np
@@ -192,6 +194,48 @@ CHECKED_KEEP = 1 << 16
 
 def _version(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+# cachestat(2) (Linux 6.5+, the same number on every architecture): whether any page of
+# a file is dirty or being written back. A committed chunk file never is (it was fsynced
+# before its commit), so one that is has been written since, perhaps through a shared
+# memory mapping whose later writes do not move the file's times until the kernel writes
+# the pages back: verify_reads="once" then checksums it (and does not remember that
+# check); where cachestat is missing, "once" checksums every read.
+_SYS_CACHESTAT = 451
+_syscall: Any = None
+if sys.platform == "linux":
+    try:
+        _syscall = ctypes.CDLL(None, use_errno=True).syscall
+        _syscall.restype = ctypes.c_long
+    except (OSError, AttributeError):
+        _syscall = None
+
+
+def _clean(fd: int) -> bool:
+    """Whether no page of the open file is dirty or under writeback; False where that
+    cannot be told."""
+    if _syscall is None:
+        return False
+    whole, stat_ = _CacheStatRange(0, 0), _CacheStat()
+    if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(stat_), 0) != 0:
+        return False
+    return stat_.nr_dirty == 0 and stat_.nr_writeback == 0
+
+
+def _settled(fd: int, version: tuple) -> bool:
+    """Whether the open file, just read, is still ``version`` and has no page written
+    since it was last written back: what was read is that version's bytes."""
+    return _clean(fd) and _version(os.fstat(fd)) == version
 
 
 def _read_cached(fd: int, buf: memoryview, trailer: bytearray) -> bool:
@@ -869,8 +913,10 @@ class LocalArrayStore:
         # verify_reads="once": a version of the file checksummed before is read unchecked
         # when all of it is in the page cache (a read from the disk is always checked)
         version = _version(st) if self.verify_reads == "once" else None
+        settled = False
         try:
-            if version in self._checked and _read_cached(fd, target, trailer):
+            if (version in self._checked and _read_cached(fd, target, trailer)
+                    and _settled(fd, version)):
                 check = False
             else:
                 check = bool(self.verify_reads)
@@ -879,6 +925,7 @@ class LocalArrayStore:
                 else:
                     _read_exact(fd, target, offset, what, name)
                 _read_exact(fd, memoryview(trailer), spec.chunk_nbytes, what, name)
+                settled = version is not None and _settled(fd, version)
         finally:
             os.close(fd)
         stored = int.from_bytes(trailer, "little")
@@ -889,8 +936,8 @@ class LocalArrayStore:
                 self.checksummed_reads += 1
             if got != stored:
                 raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
-            if version is not None:
-                if len(self._checked) >= CHECKED_KEEP:
+            if settled and version is not None:  # (a check of bytes being written
+                if len(self._checked) >= CHECKED_KEEP:  # proves nothing about later reads)
                     self._checked.clear()
                 self._checked[version] = None
         if not trailer_matches(ref, chunk, stored):
