@@ -137,6 +137,28 @@ def test_a_store_from_before_the_null_stats_table_gains_it_on_open(tmp_path):
         assert store.group("g").agents() == ["m"]
 
 
+def test_access_records_leave_the_change_counter_where_other_commits_move_it(tmp_path):
+    """Lookups kept while the change counter stands (tdstore.api.chunks) survive the
+    access records reads make, and end with any other commit."""
+    from sqlalchemy import select
+
+    from tdstore.storage.catalog import AgentRow
+
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        g.register_master("m", kv(4))
+        (row_id,) = g._ops.snapshot("m").accessed
+        with store.catalog.write() as s:
+            s.get(AgentRow, row_id).last_access = 1.0  # long ago
+        before = store.catalog.change_counter()
+        store.catalog.touch({row_id: 1.0}, 1.0)
+        assert store.catalog.change_counter() == before
+        with store.catalog.read() as s:  # recorded all the same
+            assert s.scalar(select(AgentRow.last_access).where(AgentRow.id == row_id)) > 1e9
+        g.register_mirror("critic", kv(4, seed=3))
+        assert store.catalog.change_counter() != before
+
+
 def test_writes_commit_with_full_sync_even_after_best_effort_access_records(tmp_path):
     with tdstore.open(tmp_path / "s") as store:
         g = store.group("g")

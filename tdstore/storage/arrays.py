@@ -30,6 +30,7 @@ import ctypes
 import errno
 import functools
 import json
+import math
 import mmap
 import os
 import secrets
@@ -37,6 +38,7 @@ import shutil
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -189,7 +191,11 @@ def _read_exact_crc(fd: int, buf: memoryview, what: str, name: str) -> int:
     return crc
 
 
+# verify_reads="once": versions of chunk files whose check is kept, at most this many,
+# each for at most CHECKED_TTL_S seconds. The age bounds what the version cannot show: a
+# page another program read back from a damaged disk into the page cache after the check
 CHECKED_KEEP = 1 << 16
+CHECKED_TTL_S = 60.0
 
 
 def _version(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -232,7 +238,7 @@ def _clean(fd: int) -> bool:
     return stat_.nr_dirty == 0 and stat_.nr_writeback == 0
 
 
-def _settled(fd: int, version: tuple) -> bool:
+def _settled(fd: int, version: tuple | None) -> bool:
     """Whether the open file, just read, is still ``version`` and has no page written
     since it was last written back: what was read is that version's bytes."""
     return _clean(fd) and _version(os.fstat(fd)) == version
@@ -558,7 +564,7 @@ class LocalArrayStore:
         self._meta_ok: dict[tuple, bool] = {}  # zarr.json documents already checked
         # verify_reads="once": the chunk file versions this process checksummed, and how
         # many whole-chunk reads were checksummed (for tests and diagnostics)
-        self._checked: dict[tuple, None] = {}
+        self._checked: dict[tuple | None, float] = {}  # version: when its check passed
         self._count_lock = threading.Lock()
         self.checksummed_reads = 0
 
@@ -915,7 +921,8 @@ class LocalArrayStore:
         version = _version(st) if self.verify_reads == "once" else None
         settled = False
         try:
-            if (version in self._checked and _read_cached(fd, target, trailer)
+            if (time.monotonic() - self._checked.get(version, -math.inf) < CHECKED_TTL_S
+                    and _read_cached(fd, target, trailer)
                     and _settled(fd, version)):
                 check = False
             else:
@@ -935,11 +942,14 @@ class LocalArrayStore:
             with self._count_lock:
                 self.checksummed_reads += 1
             if got != stored:
+                # the version once checked has gone bad (bits rotted on the disk, read
+                # back into the page cache by this check): never trusted again
+                self._checked.pop(version, None)
                 raise CorruptionError(f"{what}: chunk file {name} fails its crc32c checksum")
             if settled and version is not None:  # (a check of bytes being written
                 if len(self._checked) >= CHECKED_KEEP:  # proves nothing about later reads)
                     self._checked.clear()
-                self._checked[version] = None
+                self._checked[version] = time.monotonic()
         if not trailer_matches(ref, chunk, stored):
             # not the chunk recorded here, or a master's last chunk replaced by an
             # append: decide on the whole chunk (checksum and binding)

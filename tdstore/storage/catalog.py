@@ -330,25 +330,28 @@ class Catalog:
             self._version_epoch += 1
         return self._version_conn
 
-    def _touch_uncounted(self, ids: list[int], t: float) -> None:
+    def _touch_uncounted(self, ids: list[int], t: float) -> bool:
         """SQLite: record accesses on the connection :meth:`change_counter` reads, whose
         own commits do not move its ``data_version`` (it counts other connections'): a
         read's access record then never ends what lookups kept (tdstore.api.chunks),
         while every other commit, of this process or another, still does. Best effort,
-        like :meth:`touch`: skipped when the write lock is busy."""
+        like :meth:`touch`: skipped when the write lock is busy. Returns False when no
+        such connection is open (nothing kept to protect: the caller updates as usual)."""
         with self._version_lock:
+            if self._version_conn is None:
+                return False
             try:
-                cur = self._version_connection().cursor()
+                cur = self._version_conn.cursor()
             except Exception:
                 self._drop_version_conn()
-                return
+                return True
             try:
                 cur.execute("PRAGMA busy_timeout = 20")
                 cur.execute("PRAGMA synchronous = NORMAL")  # as touch: no fsync of its own
                 cur.execute("BEGIN IMMEDIATE")
             except sqlite3.Error:  # "database is locked": a writer is busy
                 cur.close()
-                return
+                return True
             try:
                 for i in range(0, len(ids), 500):
                     part = ids[i : i + 500]
@@ -362,6 +365,7 @@ class Catalog:
                     self._drop_version_conn()
             finally:
                 cur.close()
+        return True
 
     def _drop_version_conn(self) -> None:
         conn, self._version_conn = self._version_conn, None
@@ -482,8 +486,7 @@ class Catalog:
                  if not isinstance(last, (int, float)) or t - last >= resolution]
         if not stale:
             return
-        if self.counts_changes:
-            self._touch_uncounted(stale, t)
+        if self.counts_changes and self._touch_uncounted(stale, t):
             return
         try:
             with self.engine.connect() as conn:
