@@ -198,3 +198,74 @@ def test_verify_reads_takes_true_false_or_once(tmp_path, value):
                        match=r"verify_reads must be True, False or 'once', got"):
         tdstore.open(tmp_path / "s", verify_reads=value)
     assert not (tmp_path / "s").exists()
+
+
+def _open_fds() -> set[str]:
+    import gc
+    import os
+
+    gc.collect()
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_a_store_keeps_data_open_while_open_and_not_after_close(tmp_path):
+    """Reads open data/ once and keep it (not by its path each time); closing the store
+    releases it: opening and closing a store many times leaks no descriptor."""
+    path = tmp_path / "s"
+    data = kv(8)
+    with tdstore.open(path) as store:
+        store.chunks("t").put("k", data)
+    with tdstore.open(path) as store:  # what the first open of a process sets up
+        store.chunks("t").get("k")
+    before = _open_fds()
+    for _ in range(50):
+        with tdstore.open(path) as store:
+            assert np.array_equal(store.chunks("t").get("k")[0], data)
+    assert _open_fds() == before
+
+
+def test_reads_racing_close_finish_or_fail_cleanly_and_leak_nothing(tmp_path):
+    """A store closed while other threads read from it: each read returns the right
+    bytes or raises a tdstore error, never reads through a descriptor closed under it
+    (data/ stays open until the last read holding it is done)."""
+    import threading
+
+    path = tmp_path / "s"
+    data = {f"k{i}": kv(8, seed=i) for i in range(8)}
+    with tdstore.open(path) as store:
+        for k, v in data.items():
+            store.chunks("t").put(k, v)
+    with tdstore.open(path) as store:  # what the first open of a process sets up
+        store.chunks("t").get("k0")
+    before = _open_fds()
+    wrong: list[str] = []
+    for _ in range(20):
+        store = tdstore.open(path)
+        chunks = store.chunks("t")
+        start = threading.Barrier(5)
+
+        def reader(chunks=chunks, start=start) -> None:
+            start.wait()
+            for k, v in data.items():
+                try:
+                    got = chunks.get(k)[0]
+                except tdstore.TdStoreError:
+                    continue
+                except Exception as exc:  # anything else is the failure
+                    wrong.append(f"{k}: {type(exc).__name__}: {exc}")
+                    continue
+                if not np.array_equal(got, v):
+                    wrong.append(f"{k}: other bytes")
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        start.wait()
+        store.close()
+        for t in threads:
+            t.join()
+        store.close()  # what the reads after the first close opened again
+        del store, chunks
+    assert wrong == []
+    assert _open_fds() == before

@@ -4,8 +4,8 @@ standalone engine on the same chunks (``tools/bench_lmcache.py`` prints the repo
 - store: ``engine.store`` of every sequence (both write behind): the time until the
   calls return, and until every chunk is retrievable (tdstore: committed; LocalDisk:
   its writes done);
-- retrieve, warm (files in the page cache) and cold (dropped from it), same process,
-  each the best of ``ROUNDS``;
+- retrieve, warm (files in the page cache) and cold (dropped from it), in the process
+  that stored the chunks, the backends' rounds alternating (see ``WARM_ROUNDS``);
 - what a new process finds (the restart a serving node goes through);
 - bytes on disk against the chunks' bytes;
 - agents that share a long prompt and diverge, tagged as one tdstore group.
@@ -13,8 +13,10 @@ standalone engine on the same chunks (``tools/bench_lmcache.py`` prints the repo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +47,12 @@ _LOOKUP_CHILD = textwrap.dedent("""
 """)
 
 
-ROUNDS = 5
+# retrieve rounds per backend, warm and cold: the backends' rounds alternate (one round
+# of each in turn, all engines open in this process), so a slower or busier spell of
+# this shared machine falls on every backend alike; each figure is the best round (the
+# least disturbed), and the median is reported beside it
+WARM_ROUNDS = 9
+COLD_ROUNDS = 5
 # tdstore with tdstore.verify_reads: true (every read checksummed), beside the default
 # (each chunk file version checksummed once per process, and every read from the disk)
 EVERY = "tdstore, verify_reads true"
@@ -63,58 +70,80 @@ def _wait_disk(eng: Any, n_chunks: int, timeout: float = 600) -> int:
     return len(disk.dict)
 
 
-def _measure(kind: str, cfg: dict[str, Any], path: Path, seqs: list[tuple[int, int]],
-             data: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: int, hidden: int,
-             chunks: int) -> dict[str, float]:
-    """One backend's figures; ``path`` is the directory its configuration names."""
+def _store(kind: str, eng: Any, seqs: list[tuple[int, int]],
+           data: dict[int, tuple[torch.Tensor, torch.Tensor]], chunks: int
+           ) -> dict[str, float]:
+    """Store every sequence through ``eng``: until the calls return, and until every
+    chunk is retrievable."""
     r: dict[str, float] = {}
-    with engine(cfg, layers=layers, hidden=hidden) as eng:
-        t0 = time.perf_counter()
-        for s, _ in seqs:
-            tokens, kv = data[s]
-            eng.store(tokens, kv_buffer=kv)
-        r["store_return_s"] = time.perf_counter() - t0
-        if kind == "tdstore":
-            backend_of(eng).flush()
-            r["store_durable_s"] = time.perf_counter() - t0
-            r["chunks_stored"] = len(backend_of(eng).chunks.keys())
-        else:
-            r["chunks_stored"] = _wait_disk(eng, chunks)
-            r["store_durable_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s, _ in seqs:
+        tokens, kv = data[s]
+        eng.store(tokens, kv_buffer=kv)
+    r["store_return_s"] = time.perf_counter() - t0
+    if kind == "tdstore":
+        backend_of(eng).flush()
+        r["store_durable_s"] = time.perf_counter() - t0
+        r["chunks_stored"] = len(backend_of(eng).chunks.keys())
+    else:
+        r["chunks_stored"] = _wait_disk(eng, chunks)
+        r["store_durable_s"] = time.perf_counter() - t0
+    return r
 
-        # the KV the retrieves fill, allocated once (a serving engine's KV cache is
-        # allocated up front): the rounds time the retrieves, not page faults of new
-        # buffers, which depend on what the process freed before
-        outs = {s: torch.empty_like(kv) for s, (_, kv) in data.items()}
 
-        def retrieve_all() -> int:
-            got = 0
+def _retrieve_rounds(engines: dict[str, Any], paths: dict[str, Path],
+                     seqs: list[tuple[int, int]],
+                     data: dict[int, tuple[torch.Tensor, torch.Tensor]], rounds: int,
+                     cold: bool) -> dict[str, dict[str, float]]:
+    """Alternating rounds of every engine retrieving every sequence (cold: each round
+    after the engine's files are dropped from the page cache); per engine the best and
+    median round, and the tokens its last round found."""
+    # the KV the retrieves fill, allocated once (a serving engine's KV cache is allocated
+    # up front): the rounds time the retrieves, not page faults of new buffers
+    outs = {s: torch.empty_like(kv) for s, (_, kv) in data.items()}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    got: dict[str, int] = {}
+    for _ in range(rounds):
+        for name, eng in engines.items():
+            if cold:
+                drop_page_cache(paths[name])
+            t0 = time.perf_counter()
+            n = 0
             for s, _ in seqs:
-                got += int(eng.retrieve(data[s][0], kv_buffer=outs[s]).sum())
-            return got
+                n += int(eng.retrieve(data[s][0], kv_buffer=outs[s]).sum())
+            times[name].append(time.perf_counter() - t0)
+            got[name] = n
+    which = "cold" if cold else "warm"
+    return {name: {f"retrieve_{which}_s": min(t), f"retrieve_{which}_median_s":
+                   statistics.median(t), f"retrieved_{which}_tokens": got[name]}
+            for name, t in times.items()}
 
-        def best(before: Any = None) -> tuple[float, int]:
-            """The best of ROUNDS retrieves (this machine is shared: the best run is the
-            one least disturbed), for both backends alike, and the tokens the last found."""
-            times = []
-            for _ in range(ROUNDS):
-                if before is not None:
-                    before()
-                t0 = time.perf_counter()
-                got = retrieve_all()
-                times.append(time.perf_counter() - t0)
-            return min(times), got
 
-        retrieve_all()  # warm
-        r["retrieve_warm_s"], r["retrieved_warm_tokens"] = best()
-        r["retrieve_cold_s"], r["retrieved_cold_tokens"] = best(lambda: drop_page_cache(path))
-    r["bytes_on_disk"] = du(path)
-    proc = subprocess.run([sys.executable, "-c", _LOOKUP_CHILD,
-                           json.dumps([cfg, seqs, layers, hidden])], capture_output=True,
-                          text=True,
-                          timeout=600, check=True)
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    r["found_after_restart_tokens"] = sum(found)
+def _measure(configs: dict[str, tuple[str, dict[str, Any], Path]],
+             seqs: list[tuple[int, int]],
+             data: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: int, hidden: int,
+             chunks: int) -> dict[str, dict[str, float]]:
+    """Every backend's figures: ``configs`` maps a name to the backend's kind, its
+    LMCache configuration and the directory the configuration names."""
+    r: dict[str, dict[str, float]] = {name: {} for name in configs}
+    paths = {name: path for name, (_, _, path) in configs.items()}
+    with contextlib.ExitStack() as stack:
+        engines = {name: stack.enter_context(engine(cfg, layers=layers, hidden=hidden))
+                   for name, (_, cfg, _) in configs.items()}
+        for name, (kind, _, _) in configs.items():  # one after another
+            r[name].update(_store(kind, engines[name], seqs, data, chunks))
+        _retrieve_rounds(engines, paths, seqs, data, 1, False)  # warms up, not timed
+        for cold, rounds in ((False, WARM_ROUNDS), (True, COLD_ROUNDS)):
+            for name, res in _retrieve_rounds(engines, paths, seqs, data, rounds,
+                                              cold).items():
+                r[name].update(res)
+    for name, (_, cfg, path) in configs.items():
+        r[name]["bytes_on_disk"] = du(path)
+        proc = subprocess.run([sys.executable, "-c", _LOOKUP_CHILD,
+                               json.dumps([cfg, seqs, layers, hidden])], capture_output=True,
+                              text=True, timeout=600, check=True)
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+        r[name]["found_after_restart_tokens"] = sum(found)
     return r
 
 
@@ -171,23 +200,20 @@ def run(*, sequences: int = 8, tokens: int = 2048, layers: int = 32, hidden: int
         # LMCache's buffers: both backends hold a chunk's buffer until it is written, so
         # the pool holds the whole workload (a smaller one makes LMCache drop stores)
         cpu_gb = max(0.2, 1.25 * chunk_bytes / 1e9)
-        results = {
-            "tdstore": _measure("tdstore", tdstore_config(str(root / "tdstore"),
-                                                          cpu_gb=cpu_gb),
-                                root / "tdstore", seqs, data, layers, hidden, chunks),
+        results = _measure({
+            "tdstore": ("tdstore", tdstore_config(str(root / "tdstore"), cpu_gb=cpu_gb),
+                        root / "tdstore"),
             # what a checksum on every read costs (the default checks each chunk file
             # once per process and every read from the disk); LocalDiskBackend checks
             # nothing
-            EVERY: _measure("tdstore", tdstore_config(str(root / "every"), cpu_gb=cpu_gb,
-                                                      verify_reads="true"),
-                            root / "every", seqs, data, layers, hidden, chunks),
-            "LocalDiskBackend": _measure("LocalDiskBackend",
-                                         disk_config(str(root / "LocalDiskBackend"),
-                                                     max_gb=4 * chunk_bytes / 1e9 + 0.1,
-                                                     cpu_gb=cpu_gb),
-                                         root / "LocalDiskBackend", seqs, data, layers,
-                                         hidden, chunks),
-        }
+            EVERY: ("tdstore", tdstore_config(str(root / "every"), cpu_gb=cpu_gb,
+                                              verify_reads="true"), root / "every"),
+            "LocalDiskBackend": ("LocalDiskBackend",
+                                 disk_config(str(root / "LocalDiskBackend"),
+                                             max_gb=4 * chunk_bytes / 1e9 + 0.1,
+                                             cpu_gb=cpu_gb),
+                                 root / "LocalDiskBackend"),
+        }, seqs, data, layers, hidden, chunks)
         sharing = _sharing(root, agents, shared_tokens, own_tokens, layers, hidden,
                            max(cpu_gb, 3 * -(-(shared_tokens + own_tokens) // CHUNK)
                                * per_chunk_gb))
@@ -219,6 +245,10 @@ def ratios(r: dict[str, dict[str, float]], sharing: dict[str, float], chunk_byte
             d["retrieve_warm_s"] / t["retrieve_warm_s"], 1.0),
         "retrieve throughput, cold, vs LocalDiskBackend": target(
             d["retrieve_cold_s"] / t["retrieve_cold_s"], 1.0),
+        "retrieve throughput, warm, median rounds, vs LocalDiskBackend": info(
+            d["retrieve_warm_median_s"] / t["retrieve_warm_median_s"]),
+        "retrieve throughput, cold, median rounds, vs LocalDiskBackend": info(
+            d["retrieve_cold_median_s"] / t["retrieve_cold_median_s"]),
         "retrieve throughput, warm, verify_reads true, vs LocalDiskBackend": info(
             d["retrieve_warm_s"] / u["retrieve_warm_s"]),
         "retrieve throughput, cold, verify_reads true, vs LocalDiskBackend": info(

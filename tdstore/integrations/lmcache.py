@@ -161,7 +161,7 @@ class _Put:
         size = self.obj.get_size()
         data = np.frombuffer(memoryview(self.obj.byte_array).cast("B"), np.uint8, count=size)
         shape = self.shapes[0] if len(self.shapes) == 1 else None
-        if shape and int(np.prod(shape)) and size % int(np.prod(shape[:-1])) == 0:
+        if shape and math.prod(shape) and size % math.prod(shape[:-1]) == 0:
             data = data.reshape(*shape[:-1], -1)
         return data
 
@@ -375,7 +375,7 @@ class TdStoreBackend(StoragePluginInterface):
             if obj is None:
                 return None
             view = memoryview(obj.byte_array).cast("B")
-            n = int(np.prod(meta["shape"]))
+            n = math.prod(meta["shape"])
             if len(view) != n:  # LMCache's shapes and dtypes do not cover the bytes
                 log.warning("tdstore: chunk %s records %d bytes but LMCache shapes of %d: "
                             "a miss", names[i], n, len(view))

@@ -429,8 +429,10 @@ class StoreContext:
         return current
 
     def close(self) -> None:
-        """Release the catalogue's connections. The store can be opened again later."""
+        """Release the catalogue's connections and the data directory. The store can be
+        opened again later."""
         self.catalog.close()
+        self.arrays.close()
 
 
 
