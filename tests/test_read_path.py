@@ -269,3 +269,63 @@ def test_reads_racing_close_finish_or_fail_cleanly_and_leak_nothing(tmp_path):
         del store, chunks
     assert wrong == []
     assert _open_fds() == before
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_a_child_forked_from_a_process_whose_threads_read_reads_the_same_open_store(
+        tmp_path):
+    """Local stores work after fork(): a child forked from a process whose threads have
+    been reading (and are not inside a tdstore call at the fork, see README "fork()")
+    reads every chunk right through the store the parent opened, with the parent's
+    data/ directory and new catalogue connections, while the parent goes on reading."""
+    import faulthandler
+    import os
+    import threading
+
+    path = tmp_path / "s"
+    data = {f"k{i}": kv(4, seed=i) for i in range(20)}
+    with tdstore.open(path) as store:
+        for k, v in data.items():
+            store.chunks("t").put(k, v)
+    store = tdstore.open(path)
+    chunks = store.chunks("t")
+    parked, resume = threading.Barrier(3), threading.Barrier(3)
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            while True:
+                for _ in range(20):
+                    chunks.get(f"k{rng.integers(20)}")
+                parked.wait()  # out of tdstore while the main thread forks
+                resume.wait()
+        except threading.BrokenBarrierError:
+            return
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    codes = []
+    try:
+        for _ in range(10):
+            parked.wait()
+            pid = os.fork()
+            if pid == 0:  # the child: all 20 chunks right, or exit 3; stuck: exit 1
+                code = 3
+                try:
+                    faulthandler.dump_traceback_later(60, exit=True)
+                    if all(np.array_equal(chunks.get(k)[0], v) for k, v in data.items()):
+                        code = 0
+                except BaseException as exc:
+                    os.write(2, f"child: {type(exc).__name__}: {exc}\n".encode())
+                finally:
+                    os._exit(code)
+            resume.wait()  # the parent's threads read on while the child reads
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    finally:
+        parked.abort()
+        resume.abort()
+        for t in threads:
+            t.join()
+        store.close()
+    assert codes == [0] * 10

@@ -33,6 +33,7 @@ import numpy as np
 from sqlalchemy import bindparam, select, union_all
 
 from tdstore.core.errors import InvalidInputError, NotFoundError, StateError
+from tdstore.core.forking import renew_locks_after_fork
 from tdstore.core.kinds import Role, Status
 from tdstore.core.validate import check_name
 from tdstore.storage.catalog import AgentRow, GroupRow
@@ -154,6 +155,10 @@ class Chunks:
         # catalogue's change counter stays where it was when they ran
         self._seen: dict[str, _Found | None] = {}
         self._seen_at: int | None = None
+        self._seen_lock = threading.Lock()
+        renew_locks_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
         self._seen_lock = threading.Lock()
 
     def group_name(self, key: str) -> str:

@@ -53,6 +53,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from tdstore.core.errors import CorruptionError, InvalidInputError
+from tdstore.core.forking import renew_locks_after_fork
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
 from tdstore.core.validate import VerifyReads
@@ -90,7 +91,9 @@ def _io_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _forget_pools() -> None:  # a forked child has the pool objects but not their threads
+    global _pool_lock
     _pools.clear()
+    _pool_lock = threading.Lock()  # perhaps held at the fork by a thread not there
 
 
 os.register_at_fork(after_in_child=_forget_pools)
@@ -591,6 +594,11 @@ class LocalArrayStore:
         self._count_lock = threading.Lock()
         self.checksummed_reads = 0
         self._data: _DirHandle | None = None  # data/, once opened (see _data_dir)
+        self._data_lock = threading.Lock()
+        renew_locks_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._count_lock = threading.Lock()
         self._data_lock = threading.Lock()
 
     # ------------------------------------------------------------------ safe access

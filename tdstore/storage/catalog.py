@@ -258,6 +258,7 @@ def _after_fork_in_child() -> None:
     for catalog in list(_open_catalogs):
         catalog.engine.dispose(close=False)
         catalog._version_conn = None  # the parent's, left open for it
+        catalog._version_lock = threading.Lock()  # perhaps held at the fork by a thread
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
