@@ -996,3 +996,41 @@ def test_malformed_catalogue_values_are_tdstore_errors(tmp_path, statement):
         assert (store.group("other").reconstruct("m") == kv(8, (4, 4), "float16", 5)).all()
     # nothing of the damaged group was deleted
     assert set(data_before) <= set(fingerprint(path)[1])
+
+
+# --------------------------------------------------------------------------- 10. data/
+# replaced while a store is open
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "directory", "file"])
+def test_data_replaced_while_a_store_is_open(store_path, tmp_path, replacement):
+    """The open store stays bound to the data/ directory it opened: reads go on from it
+    (never through what was put in its place), a write is refused before it creates
+    anything, and what took data/'s place is left as it was."""
+    store = tdstore.open(store_path)
+    try:
+        chunks = store.chunks("t")
+        chunks.put("k", kv(4))
+        assert np.array_equal(chunks.get("k")[0], kv(4))
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (store_path / "data").rename(store_path / "data.away")
+        if replacement == "symlink":
+            (store_path / "data").symlink_to(elsewhere, target_is_directory=True)
+        elif replacement == "directory":
+            (store_path / "data").mkdir()
+        else:
+            (store_path / "data").write_text("x")
+        with pytest.raises(tdstore.CorruptionError,
+                           match=r"data (is a symlink|was replaced|is a file)"):
+            chunks.put("new", kv(4, seed=2))
+        assert "new" not in chunks.keys()
+        assert list(elsewhere.iterdir()) == []
+        if replacement == "directory":
+            assert list((store_path / "data").iterdir()) == []
+        assert np.array_equal(chunks.get("k")[0], kv(4))  # from the directory it opened
+    finally:
+        store.close()
+    if replacement != "directory":  # a new open refuses what is no directory
+        with pytest.raises(tdstore.TdStoreError, match="data"):
+            tdstore.open(store_path).close()

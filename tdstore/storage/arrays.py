@@ -745,8 +745,30 @@ class LocalArrayStore:
             self._write_group_metadata(self.root)
             fsync_dir(self.root.parent)
 
+    def _check_root(self) -> None:
+        """Before a write through ``data/``'s path: it is still the directory this store
+        reads from (opened, never through a symlink, by the first access), so a write
+        never lands through a symlink or in a directory put in its place while the
+        store was open (reads would not see it)."""
+        data = self._data_dir("")
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            st = None
+        if st is None or stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            what = ("is missing" if st is None else "is a file" if stat.S_ISREG(st.st_mode)
+                    else f"is {_kind_of(st.st_mode)}")
+            raise CorruptionError(f"{self.root} {what} (replaced while the store was open); "
+                                  "refusing to write; tdstore never follows a symlink")
+        held = os.fstat(data.fd)
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+            raise CorruptionError(f"{self.root} was replaced while the store was open; "
+                                  "refusing to write into another directory than the one "
+                                  "this store reads (open the store again)")
+
     def new_group_dir(self, gid: str) -> bool:
         """Create ``data/<gid>`` if missing; returns whether it was created."""
+        self._check_root()
         path = self.root / check_gid(gid)
         try:
             st = os.lstat(path)
@@ -770,6 +792,7 @@ class LocalArrayStore:
 
     def create(self, path: str, spec: ArraySpec, n_blocks: int, *, durable: bool = True) -> None:
         """Create the zarr metadata of a new, empty array (fsynced if ``durable``)."""
+        self._check_root()
         full = self.root / check_array_path(path)
         full.mkdir()
         self._write_metadata(full, spec, n_blocks)
@@ -788,6 +811,7 @@ class LocalArrayStore:
 
     def resize(self, path: str, spec: ArraySpec, n_blocks: int) -> None:
         """Grow the array's zarr shape (never shrinks: that would delete chunks)."""
+        self._check_root()
         full = self.root / check_array_path(path)
         if json.loads((full / "zarr.json").read_text())["shape"][0] < n_blocks:
             self._write_metadata(full, spec, n_blocks)
@@ -814,6 +838,7 @@ class LocalArrayStore:
         if stop == start:
             return old
         path = check_array_path(ref.path)
+        self._check_root()
         full = self.root / path
         jobs: list[Callable[[], object]] = []
         pending: list[tuple[Path, Path]] = []
