@@ -1034,3 +1034,21 @@ def test_data_replaced_while_a_store_is_open(store_path, tmp_path, replacement):
     if replacement != "directory":  # a new open refuses what is no directory
         with pytest.raises(tdstore.TdStoreError, match="data"):
             tdstore.open(store_path).close()
+
+
+@pytest.mark.parametrize("level", ["group", "array"])
+def test_a_directory_replaced_by_a_symlink_is_named_a_symlink(store_path, tmp_path, level):
+    """The error names what was found: a symlink (which tdstore never follows), not
+    just "not a directory"."""
+    with tdstore.open(store_path) as store:
+        store.chunks("t").put("k", kv(4))
+    array = next((store_path / "data").glob("*/m-*"))
+    victim = array.parent if level == "group" else array
+    copy = tmp_path / "copy"
+    shutil.copytree(victim, copy)
+    shutil.rmtree(victim)
+    victim.symlink_to(copy, target_is_directory=True)
+    with tdstore.open(store_path) as store:
+        with pytest.raises(tdstore.CorruptionError,
+                           match=rf"{victim.name} is a symlink; tdstore never follows one"):
+            store.chunks("t").get("k")

@@ -286,7 +286,14 @@ def _open_part(rel: str, part: str, path: str, dir_fd: int | None) -> int:
         return os.open(path, _O_DIR, dir_fd=dir_fd)
     except FileNotFoundError:
         raise CorruptionError(f"data/{rel}: array directory is missing") from None
-    except NotADirectoryError:
+    except NotADirectoryError:  # also what O_DIRECTORY | O_NOFOLLOW gives a symlink
+        try:
+            link = stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+        except OSError:
+            link = False
+        if link:
+            raise CorruptionError(
+                f"data/{rel}: {part} is a symlink; tdstore never follows one") from None
         raise CorruptionError(f"data/{rel}: {part} is not a directory") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
