@@ -33,7 +33,7 @@ import numpy as np
 from sqlalchemy import bindparam, select, union_all
 
 from tdstore.core.errors import InvalidInputError, NotFoundError, StateError
-from tdstore.core.forking import renew_locks_after_fork
+from tdstore.core.forking import renew_after_fork
 from tdstore.core.kinds import Role, Status
 from tdstore.core.validate import check_name
 from tdstore.storage.catalog import AgentRow, GroupRow
@@ -156,7 +156,7 @@ class Chunks:
         self._seen: dict[str, _Found | None] = {}
         self._seen_at: int | None = None
         self._seen_lock = threading.Lock()
-        renew_locks_after_fork(self)
+        renew_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
         self._seen_lock = threading.Lock()

@@ -1,9 +1,10 @@
-"""Locks that a forked child can take.
+"""What a forked child must renew: locks and connections of objects it inherits.
 
 A lock that another thread held at the moment of ``fork()`` stays held in the child
-for ever: that thread does not exist there. Objects that keep locks and are used in a
-forked child (an open local store is, see README "fork()") register here and get new
-locks in every child.
+for ever (that thread does not exist there), and a database connection must not be used
+by two processes. Objects that keep such state and are used in a forked child (an open
+local store is, see README "fork()") register here; their ``_after_fork_in_child()``
+runs in every child.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class ForkAware(Protocol):
 _owners: weakref.WeakSet[ForkAware] = weakref.WeakSet()
 
 
-def renew_locks_after_fork(owner: ForkAware) -> None:
+def renew_after_fork(owner: ForkAware) -> None:
     """Have ``owner._after_fork_in_child()`` called in every forked child (for as long
     as ``owner`` lives)."""
     _owners.add(owner)

@@ -53,7 +53,7 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from tdstore.core.errors import CorruptionError, InvalidInputError
-from tdstore.core.forking import renew_locks_after_fork
+from tdstore.core.forking import renew_after_fork
 from tdstore.core.ids import check_array_path, check_gid
 from tdstore.core.layout import CRC_BYTES, ArrayRef, ArraySpec, block_range
 from tdstore.core.validate import VerifyReads
@@ -238,14 +238,12 @@ def _clean(fd: int) -> bool:
     cannot be told."""
     if _syscall is None:
         return False
-    try:
-        stat_, whole_ref, stat_ref = _cachestat_args.value
-    except AttributeError:
-        whole, stat_ = _CacheStatRange(0, 0), _CacheStat()  # (0, 0): the whole file
-        stat_ref = ctypes.byref(stat_)
-        _cachestat_args.value = stat_, whole_ref, stat_ref = (
-            stat_, ctypes.byref(whole), stat_ref)
-        _cachestat_args.whole = whole  # kept alive with its reference
+    args = getattr(_cachestat_args, "value", None)
+    if args is None:  # (a reference from byref keeps its object alive)
+        stat_ = _CacheStat()
+        args = _cachestat_args.value = (stat_, ctypes.byref(_CacheStatRange(0, 0)),
+                                        ctypes.byref(stat_))  # (0, 0): the whole file
+    stat_, whole_ref, stat_ref = args
     if _syscall(_SYS_CACHESTAT, fd, whole_ref, stat_ref, 0) != 0:
         return False
     return stat_.nr_dirty == 0 and stat_.nr_writeback == 0
@@ -602,7 +600,7 @@ class LocalArrayStore:
         self.checksummed_reads = 0
         self._data: _DirHandle | None = None  # data/, once opened (see _data_dir)
         self._data_lock = threading.Lock()
-        renew_locks_after_fork(self)
+        renew_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
         self._count_lock = threading.Lock()
@@ -984,10 +982,6 @@ class LocalArrayStore:
         dirfd = self._open_dir(check_array_path(ref.path))
         try:
             self.check_metadata(ref, dirfd)
-            if 0 < ref.rows <= spec.chunk_blocks:  # one chunk (a keyed chunk is one)
-                self._read_chunk_into(dirfd, ref, 0, dst, 0,
-                                      f"{what} {block_range(0, ref.rows)}")
-                return
             for c, lo, hi in spec.windows(0, ref.rows):
                 self._read_chunk_into(dirfd, ref, c, dst[lo * bn : hi * bn],
                                       (lo - c * spec.chunk_blocks) * bn,

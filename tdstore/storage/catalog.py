@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -39,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tdstore.core.errors import SchemaError
+from tdstore.core.forking import renew_after_fork
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -249,21 +248,6 @@ def sqlite_url(path: Path, *, readonly: bool = False, immutable: bool = False) -
     return f"sqlite:///file:{path}?{flags}&uri=true"
 
 
-_open_catalogs: weakref.WeakSet[Catalog] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # SQLite connections must not cross a fork: the child gets fresh ones, and leaves
-    # the parent's alone (close=False) instead of closing them under the parent
-    for catalog in list(_open_catalogs):
-        catalog.engine.dispose(close=False)
-        catalog._version_conn = None  # the parent's, left open for it
-        catalog._version_lock = threading.Lock()  # perhaps held at the fork by a thread
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class Catalog:
     """The catalogue of one store: an engine plus transaction helpers.
 
@@ -294,7 +278,14 @@ class Catalog:
         self._version_conn: Any = None
         self._version_epoch = 0
         self._version_lock = threading.Lock()
-        _open_catalogs.add(self)
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # SQLite connections must not cross a fork: the child gets fresh ones, and
+        # leaves the parent's alone (close=False) instead of closing them under it
+        self.engine.dispose(close=False)
+        self._version_conn = None  # the parent's, left open for it
+        self._version_lock = threading.Lock()  # perhaps held at the fork by a thread
 
     @property
     def counts_changes(self) -> bool:
