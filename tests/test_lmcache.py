@@ -342,7 +342,8 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     assert ratios["bytes, tagged agents of one group / tagged agents without it"]["value"] < 1
     assert report["sharing"]["agents_tagged_group_exact"] == 1.0
     tokens = 2 * 512
-    for kind in ("tdstore", "tdstore, verify_reads true", "LocalDiskBackend"):
+    for kind in ("tdstore", "tdstore, verify_reads true", "tdstore, direct_reads true",
+                 "LocalDiskBackend"):
         r = report["results"][kind]
         assert r["retrieved_warm_tokens"] == r["retrieved_cold_tokens"] == tokens, kind
     assert report["results"]["tdstore, verify_reads true"]["found_after_restart_tokens"] == tokens
@@ -362,6 +363,8 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     ("writers", 2.5, "tdstore.writers: expected an int >= 1"),
     ("verify_reads", "enabled",
      "tdstore.verify_reads: expected once, true or false, got 'enabled'"),
+    ("direct_reads", "sometimes",
+     "tdstore.direct_reads: expected auto, true or false, got 'sometimes'"),
     ("url", 5432, "tdstore.url: expected a string"),
     ("maxbytes", "10", "unknown extra_config setting tdstore.maxbytes; known: tdstore.location"),
 ])
@@ -376,7 +379,9 @@ def test_settings_as_yaml_gives_them():
     from tdstore.integrations.lmcache import WRITERS, settings_from
 
     assert settings_from({"tdstore.location": "/kv"}) == {
-        "location": "/kv", "verify_reads": "once", "writers": WRITERS}
+        "location": "/kv", "verify_reads": "once", "direct_reads": "auto", "writers": WRITERS}
+    assert settings_from({"tdstore.location": "/kv", "tdstore.direct_reads": "On"}
+                         )["direct_reads"] is True
     assert settings_from({"tdstore.location": "/kv", "tdstore.verify_reads": " ONCE"}
                          )["verify_reads"] == "once"
     assert settings_from({"tdstore.location": "/kv", "tdstore.verify_reads": True}
@@ -385,7 +390,7 @@ def test_settings_as_yaml_gives_them():
                           "tdstore.cache_max_bytes": 0, "tdstore.verify_reads": "Off",
                           "tdstore.writers": "2", "other.key": "x"}) == {
         "location": "/kv", "max_bytes": 200_000_000_000, "cache_max_bytes": 0,
-        "verify_reads": False, "writers": 2}
+        "verify_reads": False, "direct_reads": "auto", "writers": 2}
 
 
 def test_the_engine_refuses_a_bad_setting_and_creates_nothing(tmp_path):
@@ -405,3 +410,54 @@ def test_the_engine_refuses_a_bad_setting_and_creates_nothing(tmp_path):
     assert "refused: LMCache did not load the tdstore backend" in out.stdout
     assert "tdstore.writers: expected an int >= 1, got 'four'" in out.stdout + out.stderr
     assert not loc.exists()
+
+
+DIRECT_CHILD = textwrap.dedent("""
+    import json, os, sys, torch
+    from pathlib import Path
+    from tdstore.dev.bench import drop_page_cache
+    from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+    from tdstore.storage.arrays import _cachestat
+    loc, local_cpu, direct = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+    cfg = tdstore_config(loc, **({"direct_reads": direct} if direct else {}))
+    cfg["local_cpu"] = local_cpu
+    tokens, kv = sequence(1000, 3)
+    with engine(cfg) as eng:
+        if not any(Path(loc).glob("data/*/*/c.*")):
+            eng.store(tokens, kv_buffer=kv)
+            backend_of(eng).flush(300)
+        drop_page_cache(Path(loc))
+        got = torch.zeros_like(kv)
+        k = int(eng.retrieve(tokens, kv_buffer=got).sum())
+        files, cached, pages = 0, 0, 0
+        for f in Path(loc).glob("data/*/*/c.*"):
+            fd = os.open(f, os.O_RDONLY)
+            files, cached = files + 1, cached + _cachestat(fd).nr_cache
+            pages += -(-os.fstat(fd).st_size // 4096)
+            os.close(fd)
+        print(json.dumps({"direct": backend_of(eng).store.arrays.direct_reads,
+                          "exact": [k, bool(torch.equal(got, kv))], "files": files,
+                          "cached": cached, "pages": pages}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cachestat(2)")
+@pytest.mark.parametrize("local_cpu, setting, direct", [
+    (True, "", True), (False, "", False), (False, "true", True), (True, "false", False)])
+def test_direct_reads_follow_lmcaches_cpu_tier_unless_set(tmp_path, local_cpu, setting,
+                                                          direct):
+    """tdstore.direct_reads auto (the default): with LMCache's CPU tier on, chunks a new
+    process retrieves from the disk come into LMCache's buffers around the page cache
+    (LMCache keeps them in its CPU tier); with it off, through the page cache."""
+    loc = str(tmp_path / "kv")
+    run_child = [sys.executable, "-c", DIRECT_CHILD, loc, "1" if local_cpu else "0", setting]
+    first = subprocess.run(run_child, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = subprocess.run(run_child, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["direct"] is direct and r["exact"] == [1000, True] and r["files"] == 4
+    if direct:  # (the last page of each chunk file is read through the page cache)
+        assert r["cached"] <= 2 * r["files"]
+    else:
+        assert r["cached"] == r["pages"]

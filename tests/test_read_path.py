@@ -329,3 +329,129 @@ def test_a_child_forked_from_a_process_whose_threads_read_reads_the_same_open_st
             t.join()
         store.close()
     assert codes == [0] * 10
+
+
+def _pages_cached(path) -> int:
+    import os
+
+    from tdstore.storage.arrays import _cachestat
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = _cachestat(fd)
+        assert st is not None
+        return int(st.nr_cache)
+    finally:
+        os.close(fd)
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """A uint8 buffer at a page boundary (as LMCache's allocator gives)."""
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
+
+
+def _cachestat_missing() -> bool:
+    import os
+
+    from tdstore.storage.arrays import _cachestat
+
+    fd = os.open(__file__, os.O_RDONLY)
+    try:
+        return _cachestat(fd) is None
+    finally:
+        os.close(fd)
+
+
+needs_cachestat = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _cachestat_missing(),
+    reason="direct_reads asks cachestat(2) (Linux 6.5+) what the page cache holds")
+
+
+@needs_cachestat
+@pytest.mark.parametrize("verify_reads", [False, True, "once"])
+@pytest.mark.parametrize("n_blocks", [256, 257])  # a whole number of 4 KiB pages, and not
+def test_direct_reads_read_a_chunk_not_in_the_page_cache_around_it(tmp_path, verify_reads,
+                                                                   n_blocks):
+    """direct_reads: a chunk not in the page cache is read straight into an aligned buffer
+    (its pages stay out of the cache, but for the file's last page); one in the page
+    cache is read from there; the bytes are the chunk's either way, and without
+    direct_reads the same read fills the page cache."""
+    from tdstore.dev.bench import drop_page_cache
+
+    path = tmp_path / "s"
+    data = kv(n_blocks, block=(4, 16))  # 256 bytes a block
+    with tdstore.open(path) as store:
+        store.chunks("t").put("k", data)
+    (chunk,) = (path / "data").glob("*/m-*/c.*")
+    pages = -(-chunk.stat().st_size // 4096)
+    for direct in (True, False):
+        with tdstore.open(path, verify_reads=verify_reads, direct_reads=direct) as store:
+            for _ in range(2):  # ("once": a second read of a version checked before)
+                drop_page_cache(chunk)
+                buf = _aligned(data.nbytes)
+                store.chunks("t").read_into("k", buf)
+                assert np.array_equal(buf.view(data.dtype).reshape(data.shape), data)
+                cached = _pages_cached(chunk)
+                assert (cached <= 2) if direct else (cached == pages), (direct, cached, pages)
+            if direct:  # all of it in the page cache: read from there, left there
+                chunk.read_bytes()
+                buf = _aligned(data.nbytes)
+                store.chunks("t").read_into("k", buf)
+                assert np.array_equal(buf.view(data.dtype).reshape(data.shape), data)
+                assert _pages_cached(chunk) == pages
+
+
+@needs_cachestat
+@pytest.mark.parametrize("verify_reads", [True, "once"])
+def test_direct_reads_find_a_damaged_byte(tmp_path, verify_reads):
+    """A flipped byte in a chunk read with O_DIRECT fails its checksum, every time."""
+    from tdstore.dev.bench import drop_page_cache
+
+    path = tmp_path / "s"
+    data = kv(256, block=(4, 16))
+    with tdstore.open(path) as store:
+        store.chunks("t").put("k", data)
+    (chunk,) = (path / "data").glob("*/m-*/c.*")
+    raw = bytearray(chunk.read_bytes())
+    raw[5000] ^= 0x08
+    chunk.write_bytes(bytes(raw))
+    with tdstore.open(path, verify_reads=verify_reads, direct_reads=True) as store:
+        for _ in range(2):
+            drop_page_cache(chunk)
+            with pytest.raises(tdstore.CorruptionError, match="fails its crc32c checksum"):
+                store.chunks("t").read_into("k", _aligned(data.nbytes))
+            assert _pages_cached(chunk) <= 2  # (it was read around the page cache)
+
+
+@needs_cachestat
+def test_direct_reads_into_an_unaligned_buffer_read_through_the_page_cache(tmp_path):
+    from tdstore.dev.bench import drop_page_cache
+
+    path = tmp_path / "s"
+    data = kv(256, block=(4, 16))
+    with tdstore.open(path) as store:
+        store.chunks("t").put("k", data)
+    (chunk,) = (path / "data").glob("*/m-*/c.*")
+    with tdstore.open(path, verify_reads=True, direct_reads=True) as store:
+        drop_page_cache(chunk)
+        buf = _aligned(data.nbytes + 64)[64:]  # 64 bytes past a page boundary
+        store.chunks("t").read_into("k", buf)
+        assert np.array_equal(buf.view(data.dtype).reshape(data.shape), data)
+        assert _pages_cached(chunk) == -(-chunk.stat().st_size // 4096)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_direct_reads_takes_true_or_false(tmp_path, value):
+    with pytest.raises(tdstore.InvalidInputError,
+                       match=r"direct_reads must be True or False, got"):
+        tdstore.open(tmp_path / "s", direct_reads=value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_direct_reads_are_refused_for_an_object_store_location():
+    with pytest.raises(tdstore.InvalidInputError,
+                       match=r"store s3://bucket/kv: direct_reads is for a store directory"):
+        tdstore.open("s3://bucket/kv", url="postgresql+psycopg://u@127.0.0.1:9/x",
+                     direct_reads=True)

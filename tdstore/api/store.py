@@ -82,6 +82,7 @@ class OpenOptions(TypedDict, total=False):
     url: str | None
     readonly: bool
     verify_reads: VerifyReads
+    direct_reads: bool
     max_bytes: int | None
     create: bool
     upgrade: bool
@@ -436,6 +437,10 @@ def open(path: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> Store:
     ``verify_reads=True`` checks every chunk's crc32c on read, ``"once"`` the first
     time this process reads each version of a chunk file and whenever a read has to go
     to the disk (local directories; on object storage ``"once"`` checks every read);
+    ``direct_reads=True`` (store directories) reads a whole chunk that is not all in the
+    page cache with ``O_DIRECT``, straight into the caller's buffer when it is aligned to
+    4096 bytes, and leaves it out of the page cache (for a caller that keeps what it
+    reads in memory of its own, such as LMCache's CPU tier);
     ``max_bytes`` sets (and
     persists) a size budget for the data, kept by evicting least-recently-used agents;
     ``create=False`` refuses a directory that holds no store instead of creating one;

@@ -13,6 +13,8 @@ LMCache loads it from its own configuration (no code of ours in vLLM)::
       tdstore.location: /var/cache/kv            # or s3://bucket/prefix
       tdstore.url: postgresql+psycopg://...      # optional (required for s3://)
       tdstore.max_bytes: 200000000000            # optional size budget (LRU eviction)
+      tdstore.direct_reads: auto                 # optional: O_DIRECT for chunks not in
+                                                 # the page cache (auto: with local_cpu)
 
 Each LMCache chunk is a keyed chunk of the store (:class:`tdstore.api.chunks.Chunks`,
 namespace ``lmcache``) under ``CacheEngineKey.to_string()``, with the shapes, dtypes and
@@ -43,12 +45,13 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 from tdstore.api.store import Store
 from tdstore.api.store import open as open_store
 from tdstore.core.errors import CorruptionError, TdStoreError
+from tdstore.core.location import is_object_url
 
 log = logging.getLogger("tdstore.lmcache")
 
 NAMESPACE = "lmcache"
 SETTINGS = ("location", "url", "max_bytes", "cache_dir", "cache_max_bytes", "verify_reads",
-            "writers")
+            "direct_reads", "writers")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -74,6 +77,14 @@ def _setting(name: str, value: Any) -> Any:
             return "once"
         if text not in _TRUE + _FALSE:
             raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected once, "
+                             f"true or false, got {value!r}")
+        return text in _TRUE
+    if name == "direct_reads":
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if text not in _TRUE + _FALSE:
+            raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected auto, "
                              f"true or false, got {value!r}")
         return text in _TRUE
     if not isinstance(value, str):
@@ -102,6 +113,7 @@ def settings_from(extra: dict[str, Any]) -> dict[str, Any]:
     # first time this process reads it (and again once it changes, or whenever the read
     # has to go to the disk); true checksums every read (see VERIFY_READS)
     out.setdefault("verify_reads", VERIFY_READS)
+    out.setdefault("direct_reads", DIRECT_READS)
     out.setdefault("writers", WRITERS)
     if "location" not in out:
         raise ValueError("tdstore LMCache backend: extra_config needs tdstore.location "
@@ -124,6 +136,14 @@ def _torch_dtype(name: str) -> torch.dtype:
 # from the page cache, 2 cores): a retrieve that checksums every chunk takes 1.1-1.35x
 # as long as one that checksums each file version once
 VERIFY_READS = "once"
+
+
+# tdstore.direct_reads "auto" (the default): chunks not in the page cache are read with
+# O_DIRECT (see tdstore.open) when LMCache's CPU tier is on (local_cpu: true), which
+# keeps every chunk a retrieve brings back from a storage backend; a copy in the page
+# cache would hold it in memory twice. With local_cpu: false the page cache is the only
+# memory that keeps a chunk between retrieves, so reads go through it.
+DIRECT_READS = "auto"
 
 
 # the LMCache request tag that names a tdstore group of agents sharing storage
@@ -181,6 +201,9 @@ class TdStoreBackend(StoragePluginInterface):
         opts = settings_from(extra)  # all checked before the store is opened
         location = opts.pop("location")
         writers = opts.pop("writers")
+        if opts["direct_reads"] == "auto":  # see DIRECT_READS
+            opts["direct_reads"] = (bool(getattr(config, "local_cpu", False))
+                                    and not is_object_url(location))
         self.store: Store = open_store(location, **opts)
         try:
             self._start(writers)

@@ -73,6 +73,7 @@ class StoreContext:
         url: str | None = None,
         readonly: bool = False,
         verify_reads: VerifyReads = False,
+        direct_reads: bool = False,
         max_bytes: int | None = None,
         create: bool = True,
         upgrade: bool = True,
@@ -81,6 +82,8 @@ class StoreContext:
         cache_max_bytes: int | None = None,
     ):
         check_verify_reads(verify_reads)
+        if not isinstance(direct_reads, bool):
+            raise InvalidInputError(f"direct_reads must be True or False, got {direct_reads!r}")
         if max_bytes is not None:
             check_max_bytes(max_bytes)
         if cache_max_bytes is not None:
@@ -89,6 +92,9 @@ class StoreContext:
         if is_object_url(path):
             url = url or os.environ.get("TDSTORE_URL") or None
             self.url_given = url is not None
+            if direct_reads:
+                raise InvalidInputError(f"store {path}: direct_reads is for a store directory "
+                                        "(its chunk files), not an object-store location")
             self._open_object(str(path), url, verify_reads, storage_options, cache_dir,
                               cache_max_bytes)
         else:
@@ -97,7 +103,7 @@ class StoreContext:
                 raise InvalidInputError(f"store {path}: storage_options are for object-store "
                                         "locations (s3://...), not a directory")
             self.url_given = url is not None
-            self._open_local(path, url, verify_reads, create)
+            self._open_local(path, url, verify_reads, create, direct_reads)
         try:
             with self.catalog.errors():
                 if not create and self.url_given and not schema_status(self.catalog)[0]:
@@ -117,7 +123,7 @@ class StoreContext:
             raise
 
     def _open_local(self, path: str | os.PathLike[str], url: str | None, verify_reads: VerifyReads,
-                    create: bool) -> None:
+                    create: bool, direct_reads: bool = False) -> None:
         self.path = local = Path(path).absolute()
         self.location = str(local)
         catalog_file = local / CATALOG_FILE
@@ -144,7 +150,8 @@ class StoreContext:
         # with a catalogue on a database server, processes take turns there, on any host
         self.locks = AdvisoryLocks(self.catalog.engine) if self.catalog.dialect == \
             "postgresql" else FileLocks(local / LOCK_DIR)
-        self.arrays = LocalArrayStore(local / DATA_DIR, verify_reads=verify_reads)
+        self.arrays = LocalArrayStore(local / DATA_DIR, verify_reads=verify_reads,
+                                      direct_reads=direct_reads)
 
     def _open_object(self, location: str, url: str | None, verify_reads: VerifyReads,
                      storage_options: Mapping[str, Any] | None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import json
 import math
@@ -224,7 +225,8 @@ _SYS_CACHESTAT = 451
 _syscall: Any = None
 if sys.platform == "linux":
     try:
-        _syscall = ctypes.CDLL(None, use_errno=True).syscall
+        # (the GIL held: cachestat looks at the page cache and never waits for the disk)
+        _syscall = ctypes.PyDLL(None, use_errno=True).syscall
         _syscall.restype = ctypes.c_long
     except (OSError, AttributeError):
         _syscall = None
@@ -233,11 +235,11 @@ if sys.platform == "linux":
 _cachestat_args = threading.local()  # each thread's arguments, made once
 
 
-def _clean(fd: int) -> bool:
-    """Whether no page of the open file is dirty or under writeback; False where that
-    cannot be told."""
+def _cachestat(fd: int) -> _CacheStat | None:
+    """The page-cache state of the whole open file (this thread's structure, valid until
+    its next call); None where that cannot be told."""
     if _syscall is None:
-        return False
+        return None
     args = getattr(_cachestat_args, "value", None)
     if args is None:  # (a reference from byref keeps its object alive)
         stat_ = _CacheStat()
@@ -245,8 +247,64 @@ def _clean(fd: int) -> bool:
                                         ctypes.byref(stat_))  # (0, 0): the whole file
     stat_, whole_ref, stat_ref = args
     if _syscall(_SYS_CACHESTAT, fd, whole_ref, stat_ref, 0) != 0:
+        return None
+    return stat_
+
+
+def _clean(fd: int) -> bool:
+    """Whether no page of the open file is dirty or under writeback; False where that
+    cannot be told."""
+    st = _cachestat(fd)
+    return st is not None and st.nr_dirty == 0 and st.nr_writeback == 0
+
+
+# direct_reads: a whole chunk not all in the page cache is read with O_DIRECT straight
+# into the caller's buffer, in requests aligned to this many bytes (a multiple of any
+# disk's logical block size). Measured on 64 chunk files of 8 MiB dropped from the page
+# cache, 4 threads, median of 10 alternating rounds: read through the page cache 401-442
+# ms, O_DIRECT 324 ms (and the page cache's copy is not made).
+DIRECT_ALIGN = 4096
+_PAGE = mmap.PAGESIZE
+
+
+def _direct_wanted(fd: int, size: int) -> bool:
+    """Whether the open file of ``size`` bytes is better read with O_DIRECT: some of it
+    is not in the page cache, and none of it is dirty (unwritten bytes are read from
+    the page cache, where they are)."""
+    st = _cachestat(fd)
+    return (st is not None and st.nr_dirty == 0 and st.nr_writeback == 0
+            and st.nr_cache < -(-size // _PAGE))
+
+
+def _read_direct(fd: int, target: memoryview, what: str, name: str) -> bool:
+    """Read the start of the file into ``target``, bypassing the page cache for all of
+    it but an unaligned tail; False (nothing read) where O_DIRECT cannot be used: an
+    unaligned buffer, or a file system without it."""
+    head = len(target) - len(target) % DIRECT_ALIGN
+    if head == 0 or np.frombuffer(target, np.uint8).ctypes.data % DIRECT_ALIGN:
         return False
-    return stat_.nr_dirty == 0 and stat_.nr_writeback == 0
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return False
+    off = 0
+    try:
+        while off < head:
+            n = os.preadv(fd, [target[off:head]], off)
+            if n == 0:
+                raise CorruptionError(f"{what}: chunk file {name} is truncated")
+            off += n
+            if n % DIRECT_ALIGN:  # (a short read ends where O_DIRECT cannot go on)
+                break
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or off:
+            raise
+        return False  # the file system refuses these requests: read as usual
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    _read_exact(fd, target[off:], off, what, name)
+    return True
 
 
 def _settled(fd: int, version: tuple | None) -> bool:
@@ -588,10 +646,13 @@ class LocalArrayStore:
 
     shared = False
 
-    def __init__(self, root: Path, *, verify_reads: VerifyReads = False):
+    def __init__(self, root: Path, *, verify_reads: VerifyReads = False,
+                 direct_reads: bool = False):
         self.root = root
         self.location = str(root)
         self.verify_reads = verify_reads
+        # whole uncompressed chunks not in the page cache are read with O_DIRECT
+        self.direct_reads = direct_reads
         self._meta_ok: dict[tuple, bool] = {}  # zarr.json documents already checked
         # verify_reads="once": the chunk file versions this process checksummed, and how
         # many whole-chunk reads were checksummed (for tests and diagnostics)
@@ -1006,13 +1067,20 @@ class LocalArrayStore:
         version = _version(st) if self.verify_reads == "once" else None
         settled = False
         try:
-            if (time.monotonic() - self._checked.get(version, -math.inf) < CHECKED_TTL_S
+            # (asked first: a read from the page cache that misses starts its readahead,
+            # which would read the file from the disk a second time)
+            direct = self.direct_reads and whole and _direct_wanted(fd, size)
+            if (not direct
+                    and time.monotonic() - self._checked.get(version, -math.inf) < CHECKED_TTL_S
                     and _read_cached(fd, target, trailer)
                     and _settled(fd, version)):
                 check = False
             else:
                 check = bool(self.verify_reads)
-                if check:
+                if direct and _read_direct(fd, target, what, name):
+                    if check:
+                        got = crc32c.crc32c(target)
+                elif check:
                     got = _read_exact_crc(fd, target, what, name)
                 else:
                     _read_exact(fd, target, offset, what, name)
