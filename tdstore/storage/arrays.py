@@ -267,10 +267,10 @@ DIRECT_ALIGN = 4096
 _PAGE = mmap.PAGESIZE
 
 
-def _direct_wanted(fd: int, size: int) -> bool:
-    """Whether the open file of ``size`` bytes is better read with O_DIRECT: some of it
-    is not in the page cache, and none of it is dirty (unwritten bytes are read from
-    the page cache, where they are)."""
+def _from_disk(fd: int, size: int) -> bool:
+    """Whether a read of the open file of ``size`` bytes has to go to the disk: some of
+    it is not in the page cache, and none of it is dirty (bytes not yet written back are
+    read from the page cache, where they are)."""
     st = _cachestat(fd)
     return (st is not None and st.nr_dirty == 0 and st.nr_writeback == 0
             and st.nr_cache < -(-size // _PAGE))
@@ -1069,17 +1069,20 @@ class LocalArrayStore:
         try:
             # (asked first: a read from the page cache that misses starts its readahead,
             # which would read the file from the disk a second time)
-            direct = self.direct_reads and whole and _direct_wanted(fd, size)
-            if (not direct
+            cold = whole and _from_disk(fd, size)
+            if (not cold
                     and time.monotonic() - self._checked.get(version, -math.inf) < CHECKED_TTL_S
                     and _read_cached(fd, target, trailer)
                     and _settled(fd, version)):
                 check = False
             else:
                 check = bool(self.verify_reads)
-                if direct and _read_direct(fd, target, what, name):
+                if cold and self.direct_reads and _read_direct(fd, target, what, name):
                     if check:
                         got = crc32c.crc32c(target)
+                elif cold and check:  # in one request: the readahead asks for all of it
+                    _read_exact(fd, target, 0, what, name)
+                    got = crc32c.crc32c(target)
                 elif check:
                     got = _read_exact_crc(fd, target, what, name)
                 else:
