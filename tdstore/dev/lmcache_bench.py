@@ -247,23 +247,18 @@ def ratios(r: dict[str, dict[str, float]], sharing: dict[str, float], chunk_byte
         return {"value": value, "target": goal, "direction": ">=" if higher else "<=",
                 "met": value >= goal if higher else value <= goal}
 
+    def retrieves(e: dict[str, float], which: str) -> dict[str, dict[str, Any]]:
+        """Warm and cold retrieves of engine ``e`` against LocalDiskBackend's."""
+        out = {}
+        for temp in ("warm", "cold"):
+            out[f"retrieve throughput, {temp}{which}, vs LocalDiskBackend"] = target(
+                d[f"retrieve_{temp}_s"] / e[f"retrieve_{temp}_s"], 1.0)
+            out[f"retrieve throughput, {temp}{which}, median rounds, vs LocalDiskBackend"] = \
+                info(d[f"retrieve_{temp}_median_s"] / e[f"retrieve_{temp}_median_s"])
+        return out
+
     return {
-        "retrieve throughput, warm, vs LocalDiskBackend": target(
-            d["retrieve_warm_s"] / t["retrieve_warm_s"], 1.0),
-        "retrieve throughput, cold, vs LocalDiskBackend": target(
-            d["retrieve_cold_s"] / t["retrieve_cold_s"], 1.0),
-        "retrieve throughput, warm, median rounds, vs LocalDiskBackend": info(
-            d["retrieve_warm_median_s"] / t["retrieve_warm_median_s"]),
-        "retrieve throughput, cold, median rounds, vs LocalDiskBackend": info(
-            d["retrieve_cold_median_s"] / t["retrieve_cold_median_s"]),
-        "retrieve throughput, warm, direct_reads true, vs LocalDiskBackend": target(
-            d["retrieve_warm_s"] / o["retrieve_warm_s"], 1.0),
-        "retrieve throughput, cold, direct_reads true, vs LocalDiskBackend": target(
-            d["retrieve_cold_s"] / o["retrieve_cold_s"], 1.0),
-        "retrieve throughput, warm, direct_reads true, median rounds, vs LocalDiskBackend":
-            info(d["retrieve_warm_median_s"] / o["retrieve_warm_median_s"]),
-        "retrieve throughput, cold, direct_reads true, median rounds, vs LocalDiskBackend":
-            info(d["retrieve_cold_median_s"] / o["retrieve_cold_median_s"]),
+        **retrieves(t, ""), **retrieves(o, ", direct_reads true"),
         "retrieve throughput, warm, verify_reads true, vs LocalDiskBackend": info(
             d["retrieve_warm_s"] / u["retrieve_warm_s"]),
         "retrieve throughput, cold, verify_reads true, vs LocalDiskBackend": info(

@@ -71,20 +71,13 @@ def _setting(name: str, value: Any) -> Any:
             raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected {what}, "
                              f"got {value!r}")
         return int(number)
-    if name == "verify_reads":
+    if name in ("verify_reads", "direct_reads"):  # a boolean, or the word besides it
+        word = "once" if name == "verify_reads" else "auto"
         text = str(value).strip().lower()
-        if text == "once":
-            return "once"
+        if text == word:
+            return word
         if text not in _TRUE + _FALSE:
-            raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected once, "
-                             f"true or false, got {value!r}")
-        return text in _TRUE
-    if name == "direct_reads":
-        text = str(value).strip().lower()
-        if text == "auto":
-            return "auto"
-        if text not in _TRUE + _FALSE:
-            raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected auto, "
+            raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected {word}, "
                              f"true or false, got {value!r}")
         return text in _TRUE
     if not isinstance(value, str):
