@@ -331,3 +331,28 @@ def test_a_forked_child_sees_the_parents_later_commits(tmp_path):
         os.close(go_w)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_read_into_takes_only_a_buffer_its_bytes_can_go_into(tmp_path):
+    """A buffer of the right size that is not C-contiguous (a reshape of it would be a
+    copy, and the bytes would go there) or not writable is refused, naming the chunk;
+    the wrong size or dtype too. A right one gets the chunk's bytes."""
+    a = chunk(1)
+    with tdstore.open(tmp_path / "s") as store:
+        c = store.chunks("t")
+        c.put("k", a)
+        n = a.nbytes
+        bad = {"Fortran order": np.asfortranarray(np.zeros((n // 64, 64), np.uint8)),
+               "every other byte": np.zeros(2 * n, np.uint8)[::2],
+               "read-only": np.frombuffer(bytes(n), np.uint8)}
+        for what, buf in bad.items():
+            with pytest.raises(tdstore.InvalidInputError,
+                               match="chunk 'k': the buffer must be writable and "
+                                     "C-contiguous"):
+                c.read_into("k", buf)
+            assert not buf.any(), what
+        with pytest.raises(tdstore.InvalidInputError, match=f"expected {n} uint8"):
+            c.read_into("k", np.zeros(n, np.uint16))
+        buf = np.zeros((n // 64, 64), np.uint8)
+        c.read_into("k", buf)
+        assert buf.tobytes() == a.tobytes()

@@ -523,6 +523,20 @@ def test_a_diff_index_changed_to_another_valid_block_is_refused(store_path, outs
 # --------------------------------------------------------------------------- 5. chunk kinds
 
 
+def _bind_socket(path: Path) -> None:
+    """A Unix socket's entry at ``path`` (bound from its directory: the whole path may be
+    longer than a socket address takes)."""
+    import socket
+
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
 def _plant_chunk(kind: str, chunk: Path, outside_root: Path) -> None:
     content = chunk.read_bytes()
     chunk.unlink()
@@ -538,6 +552,8 @@ def _plant_chunk(kind: str, chunk: Path, outside_root: Path) -> None:
         chunk.symlink_to("/dev/zero")
     elif kind == "fifo":
         os.mkfifo(chunk)
+    elif kind == "socket":  # (opening one gives ENXIO, not a file)
+        _bind_socket(chunk)
     elif kind == "directory":
         chunk.mkdir()
         (chunk / "inner").write_bytes(content)
@@ -546,7 +562,8 @@ def _plant_chunk(kind: str, chunk: Path, outside_root: Path) -> None:
         raise AssertionError(kind)
 
 
-CHUNK_KINDS = ["symlink-outside", "symlink-relative", "symlink-dev-zero", "fifo", "directory"]
+CHUNK_KINDS = ["symlink-outside", "symlink-relative", "symlink-dev-zero", "fifo", "socket",
+               "directory"]
 
 
 @pytest.mark.parametrize("kind", CHUNK_KINDS)
@@ -597,6 +614,18 @@ def test_zarr_json_replaced_by_a_symlink_to_an_outside_copy(store_path, tmp_path
     target.write_bytes(meta.read_bytes())
     meta.unlink()
     meta.symlink_to(target)
+    outside.seal()
+    assert_damage(verify(store_path), "m", {"unsafe-entry", "bad-metadata"}, "m-")
+    assert_reads_refused(store_path, "m")
+    maintain(store_path, outside)
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_zarr_json_replaced_by_a_socket(store_path, outside, compressor):
+    build(store_path, compressor)
+    meta = array_dir(store_path, "m") / "zarr.json"
+    meta.unlink()
+    _bind_socket(meta)
     outside.seal()
     assert_damage(verify(store_path), "m", {"unsafe-entry", "bad-metadata"}, "m-")
     assert_reads_refused(store_path, "m")

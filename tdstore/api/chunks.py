@@ -321,6 +321,10 @@ class Chunks:
         if buf.dtype != np.uint8 or buf.size != n_blocks * block:
             raise InvalidInputError(f"chunk {key!r}: the buffer holds {buf.size} "
                                     f"{buf.dtype} items, expected {n_blocks * block} uint8")
+        if not (buf.flags.c_contiguous and buf.flags.writeable):
+            # (a reshape of any other array is a copy: the bytes would go there)
+            raise InvalidInputError(f"chunk {key!r}: the buffer must be writable and "
+                                    "C-contiguous")
         return buf.reshape(n_blocks, block)
 
     def _read(self, key: str, at: _Found, buf: np.ndarray) -> dict[int, float]:

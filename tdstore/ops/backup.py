@@ -593,6 +593,8 @@ def _copy_file(dir_fd: int, name: str, target: Path, what: str, *,
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CorruptionError(f"{what} is a symbolic link; refusing to follow it") from None
+        if exc.errno in (errno.ENXIO, errno.ENODEV):  # a socket, or a device
+            raise CorruptionError(f"{what} is not a regular file; refusing to copy it") from None
         raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -578,6 +578,18 @@ class Entry:
         return self.rel.rsplit("/", 1)[-1]
 
 
+# what opening a socket (ENXIO) or a device without a driver (ENXIO, ENODEV) gives
+_NOT_A_FILE = (errno.ENXIO, errno.ENODEV)
+
+
+def _kind_at(dirfd: int, name: str) -> str:
+    """What the entry ``name`` is, for an error that names it."""
+    try:
+        return _kind_of(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return "not a regular file"
+
+
 def _kind_of(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symlink"
@@ -731,6 +743,9 @@ class LocalArrayStore:
             if exc.errno == errno.ELOOP:
                 raise CorruptionError(f"{what}: chunk file {name} is a symlink; tdstore "
                                       "never follows one") from None
+            if exc.errno in _NOT_A_FILE:
+                raise CorruptionError(f"{what}: chunk file {name} is "
+                                      f"{_kind_at(dirfd, name)}") from None
             raise
         try:
             st = os.fstat(fd)
@@ -771,6 +786,8 @@ class LocalArrayStore:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CorruptionError(f"{what} is a symlink") from None
+            if exc.errno in _NOT_A_FILE:
+                raise CorruptionError(f"{what} is {_kind_at(dirfd, 'zarr.json')}") from None
             raise
         try:
             st = os.fstat(fd)
