@@ -351,6 +351,10 @@ def test_read_into_takes_only_a_buffer_its_bytes_can_go_into(tmp_path):
                                      "C-contiguous"):
                 c.read_into("k", buf)
             assert not buf.any(), what
+        for buf in (bytearray(n), memoryview(bytearray(n))):
+            with pytest.raises(tdstore.InvalidInputError,
+                               match="chunk 'k': the buffer must be a numpy uint8 array, got"):
+                c.read_into("k", buf)
         with pytest.raises(tdstore.InvalidInputError, match=f"expected {n} uint8"):
             c.read_into("k", np.zeros(n, np.uint16))
         buf = np.zeros((n // 64, 64), np.uint8)

@@ -318,6 +318,9 @@ class Chunks:
     def _layout(self, key: str, at: _Found, buf: np.ndarray) -> np.ndarray:
         """``buf`` (checked against the chunk's recorded size) as the chunk's blocks."""
         n_blocks, block = at.layout()
+        if not isinstance(buf, np.ndarray):
+            raise InvalidInputError(f"chunk {key!r}: the buffer must be a numpy uint8 array, "
+                                    f"got {type(buf).__name__}")
         if buf.dtype != np.uint8 or buf.size != n_blocks * block:
             raise InvalidInputError(f"chunk {key!r}: the buffer holds {buf.size} "
                                     f"{buf.dtype} items, expected {n_blocks * block} uint8")
