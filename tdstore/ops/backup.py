@@ -43,7 +43,7 @@ from tdstore.core.ids import ARRAY_RE, GID_RE
 from tdstore.core.location import is_object_url
 from tdstore.ops import maintenance
 from tdstore.ops.context import CATALOG_FILE, DATA_DIR, LOCK_DIR, StoreContext
-from tdstore.storage.arrays import fsync_dir, fsync_file
+from tdstore.storage.arrays import NOT_A_FILE, fsync_dir, fsync_file
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -593,7 +593,7 @@ def _copy_file(dir_fd: int, name: str, target: Path, what: str, *,
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CorruptionError(f"{what} is a symbolic link; refusing to follow it") from None
-        if exc.errno in (errno.ENXIO, errno.ENODEV):  # a socket, or a device
+        if exc.errno in NOT_A_FILE:  # a socket, or a device
             raise CorruptionError(f"{what} is not a regular file; refusing to copy it") from None
         raise
     try:

@@ -255,7 +255,11 @@ def _clean(fd: int) -> bool:
     """Whether no page of the open file is dirty or under writeback; False where that
     cannot be told."""
     st = _cachestat(fd)
-    return st is not None and st.nr_dirty == 0 and st.nr_writeback == 0
+    return st is not None and _written_back(st)
+
+
+def _written_back(st: _CacheStat) -> bool:
+    return st.nr_dirty == 0 and st.nr_writeback == 0
 
 
 # direct_reads: a whole chunk not all in the page cache is read with O_DIRECT straight
@@ -272,8 +276,7 @@ def _from_disk(fd: int, size: int) -> bool:
     it is not in the page cache, and none of it is dirty (bytes not yet written back are
     read from the page cache, where they are)."""
     st = _cachestat(fd)
-    return (st is not None and st.nr_dirty == 0 and st.nr_writeback == 0
-            and st.nr_cache < -(-size // _PAGE))
+    return st is not None and _written_back(st) and st.nr_cache < -(-size // _PAGE)
 
 
 def _read_direct(fd: int, target: memoryview, what: str, name: str) -> bool:
@@ -579,7 +582,7 @@ class Entry:
 
 
 # what opening a socket (ENXIO) or a device without a driver (ENXIO, ENODEV) gives
-_NOT_A_FILE = (errno.ENXIO, errno.ENODEV)
+NOT_A_FILE = (errno.ENXIO, errno.ENODEV)
 
 
 def _kind_at(dirfd: int, name: str) -> str:
@@ -743,7 +746,7 @@ class LocalArrayStore:
             if exc.errno == errno.ELOOP:
                 raise CorruptionError(f"{what}: chunk file {name} is a symlink; tdstore "
                                       "never follows one") from None
-            if exc.errno in _NOT_A_FILE:
+            if exc.errno in NOT_A_FILE:
                 raise CorruptionError(f"{what}: chunk file {name} is "
                                       f"{_kind_at(dirfd, name)}") from None
             raise
@@ -786,7 +789,7 @@ class LocalArrayStore:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CorruptionError(f"{what} is a symlink") from None
-            if exc.errno in _NOT_A_FILE:
+            if exc.errno in NOT_A_FILE:
                 raise CorruptionError(f"{what} is {_kind_at(dirfd, 'zarr.json')}") from None
             raise
         try:
@@ -1085,8 +1088,10 @@ class LocalArrayStore:
         settled = False
         try:
             # (asked first: a read from the page cache that misses starts its readahead,
-            # which would read the file from the disk a second time)
-            cold = whole and _from_disk(fd, size)
+            # which would read the file from the disk a second time; a read that neither
+            # checks nor reads directly takes the same path either way, and asks nothing)
+            cold = (whole and bool(self.verify_reads or self.direct_reads)
+                    and _from_disk(fd, size))
             if (not cold
                     and time.monotonic() - self._checked.get(version, -math.inf) < CHECKED_TTL_S
                     and _read_cached(fd, target, trailer)
