@@ -112,6 +112,33 @@ def test_damaged_recorded_attributes_are_a_miss_never_misread_bytes(backend, cha
         assert "attributes" in report.findings[0].detail
 
 
+def test_chunk_rows_renamed_in_the_catalogue_are_misses_never_each_others_bytes(backend):
+    """Two chunks' group names swapped in the catalogue, and a third renamed to a key
+    never stored: each row names the group and agent it was stored for inside its seal,
+    so every one is a miss (never the other chunk's bytes) and verify names them."""
+    with backend.open() as store:
+        c = store.chunks("lmcache")
+        for i in range(3):
+            c.put(KEYS[i], chunk(i), fmt="KV_2LTD")
+        with store.catalog.write() as s:
+            rows = {g.name: g for g in s.scalars(select(GroupRow))}
+            a, b, third = (rows[f"lmcache:{k}"] for k in KEYS)
+            a.name, b.name, third.name = "swap", f"lmcache:{KEYS[0]}", "lmcache:never-stored"
+            s.flush()
+            a.name = f"lmcache:{KEYS[1]}"
+    with backend.open() as store:
+        c = store.chunks("lmcache")
+        for key in (KEYS[0], KEYS[1], "never-stored"):
+            for read in (c.get, c.meta):
+                with pytest.raises(tdstore.CorruptionError, match="renamed or moved"):
+                    read(key)
+        assert c.read_many([KEYS[0]], lambda i, m: np.empty(chunk(0).nbytes, np.uint8)) == 0
+        report = store.verify()
+        assert sorted((f.kind, f.group) for f in report.findings) == sorted(
+            ("bad-row", f"lmcache:{k}") for k in (KEYS[0], KEYS[1], "never-stored"))
+        assert all("was stored as" in f.detail for f in report.findings)
+
+
 def test_attributes_come_back_as_given_without_their_checksum(store):
     g = store.group("g")
     g.register_master("a", np.zeros((4, 8), np.float32), attrs={"tokens": [1, 2, 3], "é": 1.5})
@@ -119,8 +146,9 @@ def test_attributes_come_back_as_given_without_their_checksum(store):
     c = store.chunks()
     c.put("k", chunk(0), fmt="F", attrs={"n": 1})
     assert c.meta("k") == {"shape": [2, 4, 256, 64], "dtype": "bfloat16", "fmt": "F", "n": 1}
-    with pytest.raises(tdstore.InvalidInputError, match="attrs key 'attrs_crc32c' is tdstore"):
-        g.register_mirror("b", np.zeros((4, 8), np.float32), attrs={"attrs_crc32c": 0})
+    for own in ("attrs_crc32c", "attrs_owner"):
+        with pytest.raises(tdstore.InvalidInputError, match=f"attrs key '{own}' is tdstore"):
+            g.register_mirror("b", np.zeros((4, 8), np.float32), attrs={own: 0})
     assert g.agents() == ["a"]
 
 

@@ -127,8 +127,10 @@ def check_finite(kv: np.ndarray, dtype_name: str, what: str,
         )
 
 
-# the key under which a stored agent's attributes carry their checksum (tdstore's own)
+# the key under which a stored agent's attributes carry their checksum, and the one
+# under which they name the group and agent they were stored for (tdstore's own)
 ATTRS_SEAL = "attrs_crc32c"
+ATTRS_OWNER = "attrs_owner"
 
 
 def check_attrs(attrs: object, where: str) -> dict[str, Any] | None:
@@ -137,9 +139,10 @@ def check_attrs(attrs: object, where: str) -> dict[str, Any] | None:
         return None
     if not isinstance(attrs, dict):
         raise InvalidInputError(f"{where}: attrs must be a dict, got {type(attrs).__name__}")
-    if ATTRS_SEAL in attrs:
-        raise InvalidInputError(f"{where}: attrs key {ATTRS_SEAL!r} is tdstore's own "
-                                "(the checksum stored with them)")
+    for own, what in ((ATTRS_SEAL, "the checksum stored with them"),
+                      (ATTRS_OWNER, "the group and agent they are stored for")):
+        if own in attrs:
+            raise InvalidInputError(f"{where}: attrs key {own!r} is tdstore's own ({what})")
     try:
         loaded: dict[str, Any] = json.loads(json.dumps(attrs, allow_nan=False))
     except (TypeError, ValueError) as exc:

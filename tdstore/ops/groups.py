@@ -291,7 +291,8 @@ class GroupOps:
             _, row = self.master_and(s, self.row(s), agent_id)
         if row is None:
             raise NotFoundError(f"group {self.name!r}: unknown agent {agent_id!r}")
-        return checked_attrs(row.attrs, f"catalogue: group {self.name!r} agent {agent_id!r}")
+        return checked_attrs(row.attrs, f"catalogue: group {self.name!r} agent {agent_id!r}",
+                             self.name, agent_id)
 
     def agents(self) -> list[str]:
         """Agent names: the master first, then mirrors in registration order."""
@@ -367,7 +368,7 @@ class GroupOps:
         check_name("agent", agent, f"group {self.name!r}")
         where = self.where(agent)
         checked = check_attrs(attrs, where)
-        return where, None if checked is None else seal_attrs(checked)
+        return where, None if checked is None else seal_attrs(checked, self.name, agent)
 
     def register_master(self, agent_id: str, kv_blocks: object, *,
                         attrs: dict[str, Any] | None = None, first: bool = False) -> None:

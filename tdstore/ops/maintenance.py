@@ -145,7 +145,8 @@ def _group_refs(session: Session, g: GroupRow) -> tuple[list[_ArrayRef], list[Fi
                                  agent=a.name))
             continue
         try:
-            checked_attrs(a.attrs, f"catalogue: group {g.name!r} agent {a.name!r}")
+            checked_attrs(a.attrs, f"catalogue: group {g.name!r} agent {a.name!r}", g.name,
+                          a.name)
         except CorruptionError as exc:
             found.append(Finding(FindingKind.BAD_ROW, "catalog.sqlite", str(exc), group=g.name,
                                  agent=a.name))

@@ -17,7 +17,7 @@ from tdstore.core.dtypes import SUPPORTED, stored_dtype
 from tdstore.core.errors import CorruptionError
 from tdstore.core.ids import ARRAY_RE, check_gid
 from tdstore.core.layout import ArrayRef, ArraySpec
-from tdstore.core.validate import ATTRS_SEAL
+from tdstore.core.validate import ATTRS_OWNER, ATTRS_SEAL
 from tdstore.storage.arrays import COMPRESSORS
 from tdstore.storage.catalog import AgentRow, GroupRow
 
@@ -85,7 +85,10 @@ def group_layout(g: GroupRow) -> tuple[str, tuple[int, ...]]:
 
 # An agent's attributes carry the crc32c of the rest under ATTRS_SEAL: a catalogue row
 # has no checksum of its own, and keyed chunks record there how to read their bytes back
-# (shape, dtype, format); Hugging Face caches record their tokens.
+# (shape, dtype, format); Hugging Face caches record their tokens. Under ATTRS_OWNER they
+# name the group and agent they were stored for, inside the seal: a row renamed, or
+# moved to another group, in the catalogue (a keyed chunk's group name is its key) is
+# then damaged, not another chunk's data under this name.
 
 
 def _attrs_crc(attrs: dict[str, Any]) -> int:
@@ -93,15 +96,19 @@ def _attrs_crc(attrs: dict[str, Any]) -> int:
     return crc32c.crc32c(doc.encode("utf-8", "surrogatepass"))
 
 
-def seal_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """``attrs`` with the crc32c of their JSON added (checked by :func:`checked_attrs`)."""
-    return {**attrs, ATTRS_SEAL: _attrs_crc(attrs)}
+def seal_attrs(attrs: dict[str, Any], group: str, agent: str) -> dict[str, Any]:
+    """``attrs`` of agent ``agent`` of group ``group``, with their owner and the crc32c
+    of their JSON added (checked by :func:`checked_attrs`)."""
+    owned = {**attrs, ATTRS_OWNER: [group, agent]}
+    return {**owned, ATTRS_SEAL: _attrs_crc(owned)}
 
 
-def checked_attrs(attrs: object, where: str) -> dict[str, Any]:
-    """An agent row's attributes without their seal; CorruptionError naming ``where``
-    when they are not a JSON object, or carry a seal they no longer match (attributes
-    stored before tdstore sealed them carry none and are taken as they are)."""
+def checked_attrs(attrs: object, where: str, group: str, agent: str) -> dict[str, Any]:
+    """The attributes of the row of agent ``agent`` of group ``group``, without their
+    seal and owner; CorruptionError naming ``where`` when they are not a JSON object,
+    carry a seal they no longer match, or were stored for another group or agent
+    (attributes stored before tdstore sealed them, or named their owner, carry none and
+    are taken as they are)."""
     if attrs is None:
         return {}
     if not isinstance(attrs, dict):
@@ -112,6 +119,10 @@ def checked_attrs(attrs: object, where: str) -> dict[str, Any]:
     if attrs[ATTRS_SEAL] != _attrs_crc(rest):
         raise CorruptionError(f"{where}: the attributes recorded with it fail their crc32c "
                               "checksum (the catalogue row is damaged)")
+    owner = rest.pop(ATTRS_OWNER, None)
+    if owner is not None and owner != [group, agent]:
+        raise CorruptionError(f"{where}: the row was stored as {str(owner)[:200]} (the "
+                              "catalogue row was renamed or moved)")
     return rest
 
 
@@ -124,7 +135,7 @@ def agent_ref(g: GroupRow, a: AgentRow, *, attrs: bool = True) -> ArrayRef | Non
     """
     where = f"catalogue: group {g.name!r} agent {a.name!r}"
     if attrs:
-        checked_attrs(a.attrs, where)
+        checked_attrs(a.attrs, where, g.name, a.name)
     if a.role not in ROLES:
         raise CorruptionError(f"{where}: role {str(a.role)[:40]!r} is not master or mirror")
     rows = g.n_blocks if a.role == "master" else a.n_diff
