@@ -132,3 +132,20 @@ def test_refuses_to_turn_a_foreign_directory_into_a_store(tmp_path):
     with pytest.raises(tdstore.InvalidInputError, match="not empty"):
         tdstore.open(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("url, error", [
+    ("postgresql+psycopg://kv@127.0.0.1:1/kv", tdstore.StorageError),
+    ("sqlite:////nonexistent/dir/catalog.sqlite", tdstore.TdStoreError),
+    ("not a url", tdstore.InvalidInputError),
+])
+def test_an_open_that_fails_on_its_catalogue_leaves_no_directory(tmp_path, url, error):
+    """Not the store directory, nor its data/ and locks/, nor a parent it would make."""
+    with pytest.raises(error):
+        tdstore.open(tmp_path / "new" / "kv", url=url)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kv").mkdir()  # one that was there stays, as it was
+    with pytest.raises(error):
+        tdstore.open(tmp_path / "kv", url=url)
+    assert [p.name for p in tmp_path.iterdir()] == ["kv"]
+    assert list((tmp_path / "kv").iterdir()) == []

@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     args = json.loads(sys.argv[1])
     cfg = tdstore_config(args["location"], url=args.get("url"), max_bytes=args.get("max_bytes"))
     out = {}
-    with engine(cfg) as eng:
+    with engine(cfg, model=args.get("model", "tdstore-test")) as eng:
         for seed, n in args.get("store", []):
             tokens, kv = sequence(n, seed)
             eng.store(tokens, kv_buffer=kv)
@@ -358,9 +358,10 @@ def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
     ("max_bytes", -5, "tdstore.max_bytes: expected a number of bytes"),
     ("max_bytes", True, "tdstore.max_bytes: expected a number of bytes"),
     ("cache_max_bytes", "x", "tdstore.cache_max_bytes: expected a number of bytes"),
-    ("writers", "four", "tdstore.writers: expected an int >= 1, got 'four'"),
-    ("writers", 0, "tdstore.writers: expected an int >= 1, got 0"),
-    ("writers", 2.5, "tdstore.writers: expected an int >= 1"),
+    ("writers", "four", "tdstore.writers: expected an int from 1 to 256, got 'four'"),
+    ("writers", 0, "tdstore.writers: expected an int from 1 to 256, got 0"),
+    ("writers", 2.5, "tdstore.writers: expected an int from 1 to 256"),
+    ("writers", "1e12", "tdstore.writers: expected an int from 1 to 256, got '1e12'"),
     ("verify_reads", "enabled",
      "tdstore.verify_reads: expected once, true or false, got 'enabled'"),
     ("direct_reads", "sometimes",
@@ -393,23 +394,152 @@ def test_settings_as_yaml_gives_them():
         "verify_reads": False, "direct_reads": "auto", "writers": 2}
 
 
-def test_the_engine_refuses_a_bad_setting_and_creates_nothing(tmp_path):
+@pytest.mark.parametrize("setting, expected", [
+    ({"writers": "four"}, "tdstore.writers: expected an int from 1 to 256, got 'four'"),
+    ({"url": "postgresql+psycopg://kv@127.0.0.1:1/kv"},
+     "the database server cannot be reached"),
+    ({"url": "sqlite:////nonexistent/dir/catalog.sqlite"}, "cannot be opened"),
+])
+def test_the_engine_refuses_a_bad_setting_and_creates_nothing(tmp_path, setting, expected):
+    """Refused before anything is made, or (a catalogue that cannot be reached) without
+    a trace: not even the store's directory, nor a parent of it."""
     code = textwrap.dedent("""
-        import sys
+        import json, sys
         from tdstore.dev.lmcache_engine import engine, tdstore_config
         try:
-            with engine(tdstore_config(sys.argv[1], writers="four")):
+            with engine(tdstore_config(sys.argv[1], **json.loads(sys.argv[2]))):
                 pass
         except RuntimeError as exc:
             print("refused:", exc)
     """)
-    loc = tmp_path / "kv"
-    out = subprocess.run([sys.executable, "-c", code, str(loc)], capture_output=True,
-                         text=True, timeout=600)
+    loc = tmp_path / "new" / "kv"
+    out = subprocess.run([sys.executable, "-c", code, str(loc), json.dumps(setting)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused: LMCache did not load the tdstore backend" in out.stdout
-    assert "tdstore.writers: expected an int >= 1, got 'four'" in out.stdout + out.stderr
-    assert not loc.exists()
+    assert expected in out.stdout + out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_name_with_a_slash_or_percent_stores_and_a_new_process_retrieves(tmp_path):
+    """vLLM puts its model's name (meta-llama/Llama-3.1-8B-Instruct, or a path) in every
+    key: a character tdstore names cannot hold is written %XX, and two models whose
+    names differ only so keep chunks of their own."""
+    loc = {"location": str(tmp_path / "kv")}
+    for model in ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama%2FLlama-3.1-8B-Instruct"):
+        wrote = run({**loc, "model": model, "store": [[1, 600]]})
+        assert wrote["failed"] == 0
+        got = run({**loc, "model": model, "check": [[1, 600]]})
+        assert got["found"] == [600] and got["exact"] == [[600, True]]
+    with tdstore.open(loc["location"]) as store:
+        names = store.chunks("lmcache").keys()
+        assert len(names) == 6  # 3 chunks of each model
+        assert {n.split("@")[0] for n in names} == {"meta-llama%2FLlama-3.1-8B-Instruct",
+                                                   "meta-llama%252FLlama-3.1-8B-Instruct"}
+        assert store.verify().ok
+
+
+def test_key_names_are_one_per_key_and_valid_names():
+    from tdstore.core.validate import check_name
+    from tdstore.integrations.lmcache import MAX_KEY_CHARS, NAMESPACE, key_name
+
+    keys = ["kv@m@1@0@ab@half", "kv@a/b@1", "kv@a%2Fb@1", "kv@a%252Fb@1", "kv@a\\b@1",
+            "kv@a\x00b@1", "kv@a\x85b@1", "kv@é/ü@1", "x" * 5000, "x" * 5000 + "y",
+            "/" * 3000, "%2F" * 1000]
+    names = [key_name(k) for k in keys]
+    assert len(set(names)) == len(keys)
+    assert names[0] == keys[0]  # the usual key is its own name
+    for n in names:
+        assert len(n) <= MAX_KEY_CHARS
+        check_name("group", f"{NAMESPACE}:{n}")
+
+
+def test_closing_with_chunks_still_queued_commits_them_first(tmp_path):
+    """LMCache closes its CPU backend, freeing the buffers of chunks still queued, before
+    it closes the plugin: the queue is committed first. The writers are held back by a
+    write lock another process holds on the catalogue until the engine is closing."""
+    import sqlite3
+
+    loc = str(tmp_path / "kv")
+    run({"location": loc})  # the store, empty
+    code = textwrap.dedent("""
+        import sys
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        with engine(tdstore_config(sys.argv[1])) as eng:
+            for seed in range(3):
+                tokens, kv = sequence(700, seed)
+                eng.store(tokens, kv_buffer=kv)
+            print("queued", len(backend_of(eng)._pending), flush=True)
+            sys.stdin.readline()  # then closing, while the writers wait for the lock
+        print("closed", flush=True)
+    """)
+    db = sqlite3.connect(tmp_path / "kv" / "catalog.sqlite", isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")  # the write lock: every commit of the child waits
+    child = subprocess.Popen([sys.executable, "-c", code, loc], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["queued", "9"]
+        child.stdin.write("\n")
+        child.stdin.flush()
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == 0, err[-3000:]
+    assert out.split() == ["closed"]
+    got = run({"location": loc, "check": [[0, 700], [1, 700], [2, 700]]})
+    assert got["exact"] == [[700, True]] * 3
+
+
+def test_a_store_after_close_is_refused_and_holds_no_buffer(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        with engine(tdstore_config(sys.argv[1])) as eng:
+            backend = backend_of(eng)
+            backend.close()
+            tokens, kv = sequence(700, 1)
+            eng.store(tokens, kv_buffer=kv)
+            print(len(backend._pending), backend.flush(0), eng.lookup(tokens=tokens))
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "True", "0"]
+    assert "backend closed; chunk" in out.stderr
+
+
+def test_a_chunk_stored_again_is_used_again_and_outlasts_older_ones(tmp_path):
+    """Requests sharing a prompt prefix all store its chunk: each time it counts as used,
+    so the budget evicts older chunks first and the newest request stays whole."""
+    chunk = 2 * 4 * 256 * 32 * 2
+    code = textwrap.dedent("""
+        import json, sys, torch
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        prefix, pkv = sequence(256, 1)
+        def with_prefix(seed):
+            tokens, kv = sequence(256, seed)
+            return torch.cat([prefix, tokens]), torch.cat([pkv, kv], dim=2)
+        with engine(tdstore_config(sys.argv[1], max_bytes=int(sys.argv[2]))) as eng:
+            def store(tokens, kv):
+                eng.store(tokens, kv_buffer=kv)
+                backend_of(eng).flush(300)
+            store(*with_prefix(2))                 # the prefix, then A
+            for seed in (10, 11, 12):
+                store(*sequence(256, seed))        # three other chunks
+            newest, kv = with_prefix(3)
+            store(newest, kv)                      # the prefix again, then B
+            store(*sequence(256, 99))              # one more: over the budget
+            got = torch.zeros_like(kv)
+            k = int(eng.retrieve(newest, kv_buffer=got).sum())
+            a = with_prefix(2)[0]
+            print(json.dumps([k, bool(torch.equal(got, kv)), eng.lookup(tokens=a)]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv"),
+                          str(6 * chunk + 4000)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the newest request whole; A, the oldest chunk used, evicted (its prefix stays)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [512, True, 256]
 
 
 DIRECT_CHILD = textwrap.dedent("""

@@ -134,7 +134,8 @@ class _Found:
             from tdstore.storage.integrity import checked_attrs
 
             self._attrs = checked_attrs(self.agent.attrs,
-                                        f"catalogue: chunk group {self.group.name!r}")
+                                        f"catalogue: chunk group {self.group.name!r}",
+                                        self.group.name, self.agent.name)
         return dict(self._attrs)
 
 
@@ -235,7 +236,8 @@ class Chunks:
             attrs: dict[str, Any] | None = None,
             share: tuple[str, int] | None = None) -> bool:
         """Store ``array`` under ``key`` (durable and visible on return); returns False
-        when the key was already stored (the existing chunk is kept: keys name content).
+        when the key was already stored (the existing chunk is kept, keys name content,
+        and counts as used now in the budget's LRU order).
         With ``share=(group, position)`` it is stored against the chunk other agents of
         ``group`` stored at ``position`` (see the module's documentation).
         """
@@ -246,7 +248,13 @@ class Chunks:
 
         name = self.group_name(key)
         dtype = logical_name(array.dtype, f"chunk {key!r}")
-        if self.contains(key):
+        stored = self._locate([key]).get(key)
+        if stored is not None:
+            # put again: used again, the newest in the budget's LRU order (a prompt
+            # prefix every request of a pipeline stores must outlast their own chunks)
+            if not self.store.readonly:
+                self.store.catalog.touch({stored.agent.id: stored.agent.last_access}, 0.0,
+                                         wait=True)
             return False
         a = np.ascontiguousarray(array)
         n_blocks, block = block_layout(a.shape, a.dtype.itemsize)

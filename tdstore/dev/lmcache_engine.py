@@ -85,11 +85,13 @@ def disk_config(path: str, *, max_gb: float = 5.0, cpu_gb: float = 0.2) -> dict[
 
 
 @contextmanager
-def engine(config: dict[str, Any], *, layers: int = LAYERS, hidden: int = HIDDEN) -> Any:
-    """A started standalone engine (stopped, and its backends closed, on exit)."""
+def engine(config: dict[str, Any], *, layers: int = LAYERS, hidden: int = HIDDEN,
+           model: str = "tdstore-test") -> Any:
+    """A started standalone engine (stopped, and its backends closed, on exit); ``model``
+    is the model name LMCache puts in every key (vLLM passes its model's name)."""
     cfg = LMCacheEngineConfig.from_dict(config)
     cfg.validate()
-    meta = LMCacheMetadata(model_name="tdstore-test", world_size=1, local_world_size=1,
+    meta = LMCacheMetadata(model_name=model, world_size=1, local_world_size=1,
                            worker_id=0, local_worker_id=0, kv_dtype=DTYPE,
                            kv_shape=(layers, 2, CHUNK, hidden // HEAD_SIZE, HEAD_SIZE),
                            use_mla=False,

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import math
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -46,6 +48,7 @@ from tdstore.api.store import Store
 from tdstore.api.store import open as open_store
 from tdstore.core.errors import CorruptionError, TdStoreError
 from tdstore.core.location import is_object_url
+from tdstore.core.validate import MAX_NAME_CHARS
 
 log = logging.getLogger("tdstore.lmcache")
 
@@ -60,14 +63,14 @@ def _setting(name: str, value: Any) -> Any:
     setting and what it expects."""
     key = f"tdstore.{name}"
     if name in ("max_bytes", "cache_max_bytes", "writers"):
-        what = ("an int >= 1" if name == "writers" else
+        what = (f"an int from 1 to {MAX_WRITERS}" if name == "writers" else
                 "a number of bytes (an int, or a float such as 2e11)")
         try:
             number = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
             number = math.nan
-        low = 1 if name == "writers" else 0
-        if not math.isfinite(number) or number != int(number) or number < low:
+        low, high = (1, MAX_WRITERS) if name == "writers" else (0, math.inf)
+        if not math.isfinite(number) or number != int(number) or not low <= number <= high:
             raise ValueError(f"tdstore LMCache backend: extra_config {key}: expected {what}, "
                              f"got {value!r}")
         return int(number)
@@ -144,8 +147,9 @@ GROUP_TAG = "tdstore_group"
 
 
 # writer threads: chunks of different keys are written (and fsynced) at once, so the
-# disk sees a deeper queue
+# disk sees a deeper queue; tdstore.writers takes at most MAX_WRITERS (each a thread)
 WRITERS = 4
+MAX_WRITERS = 256
 # the writers' nice value: write behind yields the CPU to the threads LMCache's caller
 # waits on (measured in the LMCache benchmark, 64 chunks of 8 MiB on 2 cores: the store
 # calls return in 0.47-0.53 s with the writers at the caller's priority, 0.18-0.30 s at
@@ -155,6 +159,27 @@ WRITER_NICE = 10
 # (measured in the LMCache benchmark, 8 retrieves of 8 chunks of 8 MiB: with a lookup
 # of their own the reads take 0.175-0.19 s, with the rows kept 0.135-0.145 s)
 LOCATED_KEEP = 4096
+
+
+# what a chunk key cannot hold as it is (tdstore names hold no path separator and no
+# control character), and '%' itself: written %XX (its UTF-8 bytes), as in a URL
+_UNSAFE = re.compile(r"[%/\\\x00-\x1f\x7f-\x9f]")
+# the longest chunk key: a chunk's group is named "lmcache:<key>"
+MAX_KEY_CHARS = MAX_NAME_CHARS - len(NAMESPACE) - 1
+
+
+def key_name(key: str) -> str:
+    """The chunk key of LMCache's key string ``key`` (``model@world_size@worker_id@
+    chunk_hash@dtype...``): the string itself when tdstore can name a chunk so, which is
+    the usual case; otherwise each character it cannot hold written %XX, so that vLLM's
+    model names (``meta-llama/Llama-3.1-8B-Instruct``, or a path) work, and one too long
+    for a name cut short with the SHA-256 of the whole string. Different keys never get
+    one name."""
+    name = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), key)
+    if len(name) > MAX_KEY_CHARS:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        name = f"{name[:MAX_KEY_CHARS - len(digest) - 1]}#{digest}"
+    return name
 
 
 class _Put:
@@ -203,6 +228,15 @@ class TdStoreBackend(StoragePluginInterface):
         except BaseException:
             self.store.close()
             raise
+        # LMCache closes its CPU backend, and frees the buffers queued chunks are still
+        # written from, before it closes its plugins: the queue is committed first
+        cpu_close = local_cpu_backend.close
+
+        def close_after_writes() -> None:
+            self._finish_writes()
+            cpu_close()
+
+        local_cpu_backend.close = close_after_writes
 
     def _start(self, writers: int) -> None:
         self.chunks = self.store.chunks(NAMESPACE)
@@ -210,6 +244,7 @@ class TdStoreBackend(StoragePluginInterface):
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Put | None] = queue.Queue()
         self._idle = threading.Condition(self._lock)
+        self._closing = False  # set once: later puts are refused
         self.failed = 0  # puts that did not commit (logged)
         # tdstore-bg-*: their writes run inline, not on the I/O pool that reads use
         self._writers = [threading.Thread(target=self._write_loop, daemon=True,
@@ -231,7 +266,7 @@ class TdStoreBackend(StoragePluginInterface):
 
     @staticmethod
     def _name(key: Any) -> str:
-        return str(key.to_string())
+        return key_name(str(key.to_string()))
 
     # ------------------------------------------------------------------ lookups
 
@@ -274,20 +309,22 @@ class TdStoreBackend(StoragePluginInterface):
         order, from its first)."""
         for position, (key, obj) in enumerate(zip(keys, objs, strict=True)):
             name = self._name(key)
-            with self._lock:
-                if name in self._pending:
-                    continue
             meta = obj.metadata
             shapes = [list(s) for s in (meta.shapes or [meta.shape])]
             dtypes = [_dtype_name(d) for d in (meta.dtypes or [meta.dtype])]
             tags = dict(getattr(key, "tags", None) or ())
             share = (str(tags[GROUP_TAG]), position) if tags.get(GROUP_TAG) else None
-            obj.ref_count_up()
             item = _Put(key, name, obj, shapes, dtypes, meta.fmt.name, on_complete_callback,
                         share)
-            with self._lock:
+            with self._lock:  # (queued ahead of the writers' stop, or not at all)
+                if self._closing:
+                    log.warning("tdstore: backend closed; chunk %s not stored", name)
+                    continue
+                if name in self._pending:
+                    continue
+                obj.ref_count_up()
                 self._pending[name] = item
-            self._queue.put(item)
+                self._queue.put(item)
         return None
 
     def _write_loop(self) -> None:
@@ -437,12 +474,21 @@ class TdStoreBackend(StoragePluginInterface):
     def get_allocator_backend(self) -> Any:
         return self.local_cpu_backend
 
-    def close(self) -> None:
-        """Commit what is queued, then release the store."""
+    def _finish_writes(self) -> None:
+        """Refuse further puts, commit what is queued and stop the writers (once)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         for _ in self._writers:
             self._queue.put(None)
         for t in self._writers:
             t.join()
+
+    def close(self) -> None:
+        """Commit what is queued, then release the store. Puts after this are refused
+        (logged; LMCache's buffers are not held)."""
+        self._finish_writes()
         self._stop.set()
         self._toucher.join()
         self.store.close()

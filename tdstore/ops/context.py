@@ -89,6 +89,25 @@ class StoreContext:
         if cache_max_bytes is not None:
             check_max_bytes(cache_max_bytes, "cache_max_bytes", allow_zero=True)
         self.readonly = readonly
+        self._created: list[Path] = []  # directories this open made, parents first
+        try:
+            self._open(path, url, readonly, verify_reads, direct_reads, max_bytes, create,
+                       upgrade, storage_options, cache_dir, cache_max_bytes)
+        except BaseException:
+            # an open that fails leaves no trace: the directories it made are removed
+            # while still empty (rmdir removes nothing else, so nothing any process put
+            # there can go)
+            for d in reversed(self._created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
+
+    def _open(self, path: str | os.PathLike[str], url: str | None, readonly: bool,
+              verify_reads: VerifyReads, direct_reads: bool, max_bytes: int | None,
+              create: bool, upgrade: bool, storage_options: Mapping[str, Any] | None,
+              cache_dir: str | os.PathLike[str] | None, cache_max_bytes: int | None) -> None:
         if is_object_url(path):
             url = url or os.environ.get("TDSTORE_URL") or None
             self.url_given = url is not None
@@ -238,6 +257,12 @@ class StoreContext:
                     f"store {self.location}: directory is not empty and holds no {CATALOG_FILE}; "
                     "refusing to turn it into a store"
                 )
+        missing, d = [], self._dir
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        self._created = [*reversed(missing)] + [
+            d for d in (self._dir / LOCK_DIR, self._dir / DATA_DIR) if not d.exists()]
         (self._dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
         (self._dir / DATA_DIR).mkdir(exist_ok=True)
 

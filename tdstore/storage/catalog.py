@@ -51,6 +51,8 @@ SQLITE_PRAGMAS = {
     "foreign_keys": "ON",
 }
 BUSY_TIMEOUT_S = 60.0
+# a best-effort access record gives up after this long when a writer holds the lock
+TOUCH_BUSY_MS = 20
 
 
 class Base(DeclarativeBase):
@@ -201,7 +203,7 @@ def _sqlite_engine(url: str, readonly: bool, foreign_keys: bool = True, **kw: An
         if options.get("tdstore_nowait"):
             # best-effort bookkeeping (access times): give up quickly if busy, and skip
             # the fsync at commit (WAL + NORMAL: lost only by a power cut, never torn)
-            conn.exec_driver_sql("PRAGMA busy_timeout = 20")
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {TOUCH_BUSY_MS}")
             conn.exec_driver_sql("PRAGMA synchronous = NORMAL")
         elif options.get("tdstore_write"):
             conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -322,7 +324,7 @@ class Catalog:
             self._version_epoch += 1
         return self._version_conn
 
-    def _touch_uncounted(self, ids: list[int], t: float) -> bool:
+    def _touch_uncounted(self, ids: list[int], t: float, busy_ms: int) -> bool:
         """SQLite: record accesses on the connection :meth:`change_counter` reads, whose
         own commits do not move its ``data_version`` (it counts other connections'): a
         read's access record then never ends what lookups kept (tdstore.api.chunks),
@@ -338,7 +340,7 @@ class Catalog:
                 self._drop_version_conn()
                 return True
             try:
-                cur.execute("PRAGMA busy_timeout = 20")
+                cur.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
                 cur.execute("PRAGMA synchronous = NORMAL")  # as touch: no fsync of its own
                 cur.execute("BEGIN IMMEDIATE")
             except sqlite3.Error:  # "database is locked": a writer is busy
@@ -467,9 +469,11 @@ class Catalog:
             row = s.get(MetaRow, key)
             return row.value if row else None
 
-    def touch(self, accessed: dict[int, float], resolution: float) -> None:
+    def touch(self, accessed: dict[int, float], resolution: float, *,
+              wait: bool = False) -> None:
         """Record an access of these agent rows, if their last one is older than
-        ``resolution`` seconds. Best effort: skipped when the writer lock is busy."""
+        ``resolution`` seconds. Best effort: skipped when the writer lock is busy, unless
+        ``wait`` (then it waits for the lock as a write does)."""
         from sqlalchemy import update
         from sqlalchemy.exc import OperationalError
 
@@ -478,14 +482,15 @@ class Catalog:
                  if not isinstance(last, (int, float)) or t - last >= resolution]
         if not stale:
             return
-        if self.counts_changes and self._touch_uncounted(stale, t):
+        if self.counts_changes and self._touch_uncounted(
+                stale, t, int(BUSY_TIMEOUT_S * 1000) if wait else TOUCH_BUSY_MS):
             return
         try:
             with self.engine.connect() as conn:
-                conn = conn.execution_options(tdstore_write=True, tdstore_nowait=True)
+                conn = conn.execution_options(tdstore_write=True, tdstore_nowait=not wait)
                 with conn.begin():
-                    if self.dialect == "postgresql":  # a writer holds the rows: skip
-                        conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+                    if self.dialect == "postgresql" and not wait:  # a writer holds the
+                        conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")  # rows
                     conn.execute(update(AgentRow).where(AgentRow.id.in_(stale))
                                  .values(last_access=t))
         except OperationalError:
