@@ -139,6 +139,20 @@ def test_chunk_rows_renamed_in_the_catalogue_are_misses_never_each_others_bytes(
         assert all("was stored as" in f.detail for f in report.findings)
 
 
+def test_a_chunk_row_whose_seal_was_removed_is_a_miss(store):
+    """Attributes that name their owner are always sealed: without the seal (removed so
+    that a swap of names would pass) the row is damaged."""
+    c = store.chunks("lmcache")
+    c.put(KEYS[0], chunk(0), fmt="KV_2LTD")
+    with store.catalog.write() as s:
+        row = s.scalars(select(AgentRow)).one()
+        row.attrs = {k: v for k, v in row.attrs.items() if k != "attrs_crc32c"}
+    c = store.chunks("lmcache")
+    with pytest.raises(tdstore.CorruptionError, match="have lost their checksum"):
+        c.meta(KEYS[0])
+    assert [f.kind for f in store.verify().findings] == ["bad-row"]
+
+
 def test_attributes_come_back_as_given_without_their_checksum(store):
     g = store.group("g")
     g.register_master("a", np.zeros((4, 8), np.float32), attrs={"tokens": [1, 2, 3], "é": 1.5})

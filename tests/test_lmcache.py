@@ -445,10 +445,13 @@ def test_key_names_are_one_per_key_and_valid_names():
 
     keys = ["kv@m@1@0@ab@half", "kv@a/b@1", "kv@a%2Fb@1", "kv@a%252Fb@1", "kv@a\\b@1",
             "kv@a\x00b@1", "kv@a\x85b@1", "kv@é/ü@1", "x" * 5000, "x" * 5000 + "y",
-            "/" * 3000, "%2F" * 1000]
+            "/" * 3000, "%2F" * 1000, "/models/bad\udcff@1", "kv@a\u202eb\u2028c\ufeff@1",
+            "kv@a\u200bb@1", "kv@ab@1"]
     names = [key_name(k) for k in keys]
     assert len(set(names)) == len(keys)
-    assert names[0] == keys[0]  # the usual key is its own name
+    assert names[0] == keys[0] and names[-1] == keys[-1]  # the usual key is its own name
+    assert names[12] == "%2Fmodels%2Fbad%ED%B3%BF@1"  # a path's undecodable byte
+    assert names[13] == "kv@a%E2%80%AEb%E2%80%A8c%EF%BB%BF@1"  # marks that garble ls
     for n in names:
         assert len(n) <= MAX_KEY_CHARS
         check_name("group", f"{NAMESPACE}:{n}")
@@ -507,6 +510,36 @@ def test_a_store_after_close_is_refused_and_holds_no_buffer(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["0", "True", "0"]
     assert "backend closed; chunk" in out.stderr
+
+
+def test_a_prefix_stored_by_a_burst_of_requests_outlasts_their_own_chunks(tmp_path):
+    """Requests stored one after another with no wait between them: the prefix each one
+    stores again is often still queued then, and each of those stores counts as a use
+    once it is committed (one writer, so that commits keep the order of the stores)."""
+    chunk = 2 * 4 * 256 * 32 * 2
+    code = textwrap.dedent("""
+        import json, sys, torch
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        prefix, pkv = sequence(512, 1)
+        def request(seed):
+            tokens, kv = sequence(600, seed)
+            return torch.cat([prefix, tokens]), torch.cat([pkv, kv], dim=2)
+        cfg = tdstore_config(sys.argv[1], max_bytes=int(sys.argv[2]), writers="1")
+        with engine(cfg) as eng:
+            for seed in range(2, 8):
+                tokens, kv = request(seed)
+                eng.store(tokens, kv_buffer=kv)
+            backend_of(eng).flush(300)
+            got = torch.zeros_like(kv)
+            k = int(eng.retrieve(tokens, kv_buffer=got).sum())
+            print(json.dumps([k, bool(torch.equal(got, kv)),
+                              eng.lookup(tokens=request(2)[0])]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv"),
+                          str(10 * chunk)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the newest request whole; the oldest one's own chunks gone, its prefix kept
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1112, True, 512]
 
 
 def test_a_chunk_stored_again_is_used_again_and_outlasts_older_ones(tmp_path):

@@ -248,13 +248,9 @@ class Chunks:
 
         name = self.group_name(key)
         dtype = logical_name(array.dtype, f"chunk {key!r}")
-        stored = self._locate([key]).get(key)
-        if stored is not None:
+        if self.touch(key):
             # put again: used again, the newest in the budget's LRU order (a prompt
             # prefix every request of a pipeline stores must outlast their own chunks)
-            if not self.store.readonly:
-                self.store.catalog.touch({stored.agent.id: stored.agent.last_access}, 0.0,
-                                         wait=True)
             return False
         a = np.ascontiguousarray(array)
         n_blocks, block = block_layout(a.shape, a.dtype.itemsize)
@@ -278,6 +274,16 @@ class Chunks:
                 pass
         g.register_mirror(key, blocks, attrs=meta)
         return True
+
+    def touch(self, key: str) -> bool:
+        """Record a use of the chunk now (the budget's LRU order), waiting for the
+        catalogue's write lock; returns whether it is stored."""
+        check_name("chunk key", key)
+        stored = self._locate([key]).get(key)
+        if stored is not None and not self.store.readonly:
+            self.store.catalog.touch({stored.agent.id: stored.agent.last_access}, 0.0,
+                                     wait=True)
+        return stored is not None
 
     def remove(self, key: str) -> bool:
         """Remove the chunk; returns whether it was there. A shared chunk that other

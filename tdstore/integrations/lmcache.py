@@ -161,9 +161,12 @@ WRITER_NICE = 10
 LOCATED_KEEP = 4096
 
 
-# what a chunk key cannot hold as it is (tdstore names hold no path separator and no
-# control character), and '%' itself: written %XX (its UTF-8 bytes), as in a URL
-_UNSAFE = re.compile(r"[%/\\\x00-\x1f\x7f-\x9f]")
+# what a chunk key cannot hold as it is (tdstore names hold no path separator, control
+# character or lone surrogate), characters that would garble or disguise a listing
+# (invisible formatting, line separators, direction overrides), and '%' itself: written
+# %XX (its UTF-8 bytes), as in a URL
+_UNSAFE = re.compile("[%/\\\\\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e"
+                     "\u2060-\u206f\ufeff\ud800-\udfff]")
 # the longest chunk key: a chunk's group is named "lmcache:<key>"
 MAX_KEY_CHARS = MAX_NAME_CHARS - len(NAMESPACE) - 1
 
@@ -175,7 +178,8 @@ def key_name(key: str) -> str:
     model names (``meta-llama/Llama-3.1-8B-Instruct``, or a path) work, and one too long
     for a name cut short with the SHA-256 of the whole string. Different keys never get
     one name."""
-    name = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), key)
+    name = _UNSAFE.sub(lambda m: "".join(
+        f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), key)
     if len(name) > MAX_KEY_CHARS:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         name = f"{name[:MAX_KEY_CHARS - len(digest) - 1]}#{digest}"
@@ -241,8 +245,9 @@ class TdStoreBackend(StoragePluginInterface):
     def _start(self, writers: int) -> None:
         self.chunks = self.store.chunks(NAMESPACE)
         self._pending: dict[str, _Put] = {}
+        self._again = 0  # chunks stored again while queued: uses still to record
         self._lock = threading.Lock()
-        self._queue: queue.Queue[_Put | None] = queue.Queue()
+        self._queue: queue.Queue[_Put | str | None] = queue.Queue()
         self._idle = threading.Condition(self._lock)
         self._closing = False  # set once: later puts are refused
         self.failed = 0  # puts that did not commit (logged)
@@ -321,6 +326,10 @@ class TdStoreBackend(StoragePluginInterface):
                     log.warning("tdstore: backend closed; chunk %s not stored", name)
                     continue
                 if name in self._pending:
+                    # stored again while still queued: a use, recorded in the queue's
+                    # order once the chunk is committed (see _write_loop)
+                    self._again += 1
+                    self._queue.put(name)
                     continue
                 obj.ref_count_up()
                 self._pending[name] = item
@@ -336,6 +345,9 @@ class TdStoreBackend(StoragePluginInterface):
             item = self._queue.get()
             if item is None:
                 return
+            if isinstance(item, str):
+                self._use_again(item)
+                continue
             try:
                 self.chunks.put(item.name, item.data(), fmt=item.fmt, share=item.share,
                                 attrs={"shapes": item.shapes, "dtypes": item.dtypes})
@@ -352,8 +364,23 @@ class TdStoreBackend(StoragePluginInterface):
                 item.obj.ref_count_down()
                 with self._lock:
                     self._pending.pop(item.name, None)
-                    if not self._pending:
-                        self._idle.notify_all()
+                    self._idle.notify_all()
+
+    def _use_again(self, name: str) -> None:
+        """A chunk stored again while it was queued: once its own write is done (another
+        writer's, taken from the queue before this), it counts as used now, so that a
+        prompt prefix every request of a burst stores stays the newest in the budget's
+        LRU order."""
+        try:
+            with self._lock:
+                self._idle.wait_for(lambda: name not in self._pending)
+            self.chunks.touch(name)
+        except Exception as exc:
+            log.warning("tdstore: use of chunk %s not recorded (%s)", name, exc)
+        finally:
+            with self._lock:
+                self._again -= 1
+                self._idle.notify_all()
 
     def _touch_loop(self) -> None:
         from tdstore.ops.groups import ACCESS_RESOLUTION_S
@@ -374,7 +401,8 @@ class TdStoreBackend(StoragePluginInterface):
         """Wait until every queued chunk is committed (or failed); returns whether the
         queue drained within ``timeout``."""
         with self._lock:
-            return self._idle.wait_for(lambda: not self._pending, timeout)
+            return self._idle.wait_for(lambda: not self._pending and not self._again,
+                                       timeout)
 
     # ------------------------------------------------------------------ reads
 

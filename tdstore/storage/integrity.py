@@ -114,6 +114,9 @@ def checked_attrs(attrs: object, where: str, group: str, agent: str) -> dict[str
     if not isinstance(attrs, dict):
         raise CorruptionError(f"{where}: attributes {str(attrs)[:60]!r} are not a JSON object")
     if ATTRS_SEAL not in attrs:
+        if ATTRS_OWNER in attrs:  # (tdstore seals every row it names the owner of)
+            raise CorruptionError(f"{where}: the attributes recorded with it have lost their "
+                                  "checksum (the catalogue row is damaged)")
         return dict(attrs)
     rest = {k: v for k, v in attrs.items() if k != ATTRS_SEAL}
     if attrs[ATTRS_SEAL] != _attrs_crc(rest):
