@@ -41,6 +41,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
+# bytes of one full chunk of the test model (2 x 4 layers x 256 tokens x 32 float16)
+CHUNK_BYTES = 2 * 4 * 256 * 32 * 2
+
+
 def run(args: dict, env: dict | None = None, check: bool = True) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True,
                           text=True, timeout=600, env=env)
@@ -80,8 +84,7 @@ def test_two_processes_store_and_retrieve_at_once(where):
 
 def test_the_budget_evicts_and_the_newest_sequence_stays(tmp_path):
     loc = str(tmp_path / "kv")
-    chunk = 2 * 4 * 256 * 32 * 2  # bytes of one full chunk of the test model
-    budget = 10 * chunk
+    budget = 10 * CHUNK_BYTES
     r = run({"location": loc, "max_bytes": budget,
              "store": [[s, 1024] for s in range(6)], "check": [[5, 1024], [0, 1024]]})
     assert r["failed"] == 0
@@ -323,9 +326,8 @@ def test_agents_tagged_as_one_group_share_their_common_prompt(tmp_path):
         assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True, True]
         sizes[group] = sum(p.stat().st_size for p in (loc / "data").rglob("*") if p.is_file())
     # 3 agents x 4 chunks; with the group the 3 prompt chunks are stored once, not 3 times
-    chunk = 2 * 4 * 256 * 32 * 2
-    assert sizes[""] >= 12 * chunk
-    assert sizes["pipeline"] < 7 * chunk  # 3 prompt chunks + 3 own chunks, + metadata
+    assert sizes[""] >= 12 * CHUNK_BYTES
+    assert sizes["pipeline"] < 7 * CHUNK_BYTES  # 3 prompt chunks + 3 own chunks, + metadata
 
 
 def test_the_lmcache_benchmark_runs_and_reports_every_target(tmp_path):
@@ -516,7 +518,6 @@ def test_a_prefix_stored_by_a_burst_of_requests_outlasts_their_own_chunks(tmp_pa
     """Requests stored one after another with no wait between them: the prefix each one
     stores again is often still queued then, and each of those stores counts as a use
     once it is committed (one writer, so that commits keep the order of the stores)."""
-    chunk = 2 * 4 * 256 * 32 * 2
     code = textwrap.dedent("""
         import json, sys, torch
         from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
@@ -536,7 +537,7 @@ def test_a_prefix_stored_by_a_burst_of_requests_outlasts_their_own_chunks(tmp_pa
                               eng.lookup(tokens=request(2)[0])]))
     """)
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv"),
-                          str(10 * chunk)], capture_output=True, text=True, timeout=600)
+                          str(10 * CHUNK_BYTES)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     # the newest request whole; the oldest one's own chunks gone, its prefix kept
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [1112, True, 512]
@@ -545,7 +546,6 @@ def test_a_prefix_stored_by_a_burst_of_requests_outlasts_their_own_chunks(tmp_pa
 def test_a_chunk_stored_again_is_used_again_and_outlasts_older_ones(tmp_path):
     """Requests sharing a prompt prefix all store its chunk: each time it counts as used,
     so the budget evicts older chunks first and the newest request stays whole."""
-    chunk = 2 * 4 * 256 * 32 * 2
     code = textwrap.dedent("""
         import json, sys, torch
         from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
@@ -569,7 +569,7 @@ def test_a_chunk_stored_again_is_used_again_and_outlasts_older_ones(tmp_path):
             print(json.dumps([k, bool(torch.equal(got, kv)), eng.lookup(tokens=a)]))
     """)
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv"),
-                          str(6 * chunk + 4000)], capture_output=True, text=True, timeout=600)
+                          str(6 * CHUNK_BYTES + 4000)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     # the newest request whole; A, the oldest chunk used, evicted (its prefix stays)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [512, True, 256]
