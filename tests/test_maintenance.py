@@ -155,6 +155,37 @@ def test_a_quarantined_master_is_restored_by_re_registering_it(rag):
         assert store.verify().ok
 
 
+def test_no_mirror_is_stored_against_a_quarantined_master(rag):
+    """A quarantined master's values may not be what was stored: a mirror diffed
+    against them would come back wrong once the master is restored. Refused, naming the
+    master, and nothing changes until it is re-registered."""
+    with rag.open("s") as store:
+        g = store.group("rag")
+        chunk = f"{rag.array_of(store, 'rag', 'retriever')}/c.0.0.0"
+        rag.write(chunk, b"\0" + rag.read(chunk, "s")[1:], "s")
+        store.verify(repair=True)
+        with pytest.raises(tdstore.CorruptionError,
+                           match="the group's master 'retriever' is quarantined"):
+            g.register_mirror("newcomer", kv(16, seed=5))
+        assert "newcomer" not in g.agents()
+        g.register_master("retriever", kv(16))
+        g.register_mirror("newcomer", kv(16, seed=5))
+        assert np.array_equal(g.reconstruct("newcomer"), kv(16, seed=5))
+        assert store.verify().ok
+
+
+def test_a_group_with_a_quarantined_master_can_be_discarded_and_only_then(rag):
+    with rag.open("s") as store:
+        assert not store.discard_quarantined_group("rag")  # healthy: left alone
+        chunk = f"{rag.array_of(store, 'rag', 'retriever')}/c.0.0.0"
+        rag.write(chunk, b"\0" + rag.read(chunk, "s")[1:], "s")
+        store.verify(repair=True)
+        assert store.discard_quarantined_group("rag")
+        assert "rag" not in store and store.verify().ok
+        with pytest.raises(tdstore.NotFoundError):
+            store.discard_quarantined_group("rag")
+
+
 def test_verify_reports_index_rows_out_of_range(rag):
     rag.sql("UPDATE diff_blocks SET block_index = 99 WHERE slot = 0 AND agent_id = "
             "(SELECT id FROM agents WHERE name = 'critic')", "s")

@@ -30,9 +30,10 @@ from collections.abc import Callable, Container, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import bindparam, select, union_all
+from sqlalchemy import bindparam, exists, select, union_all
+from sqlalchemy.orm import aliased
 
-from tdstore.core.errors import InvalidInputError, NotFoundError, StateError
+from tdstore.core.errors import InvalidInputError, NotFoundError, StateError, TdStoreError
 from tdstore.core.forking import renew_after_fork
 from tdstore.core.kinds import Role, Status
 from tdstore.core.validate import check_name
@@ -78,9 +79,14 @@ def _statements(*columns: Any) -> tuple[Any, Any]:
     join = select(*columns).join(AgentRow, AgentRow.group_id == GroupRow.id)
     own = join.where(GroupRow.name.in_(bindparam("groups", expanding=True)),
                      AgentRow.role == Role.MASTER, AgentRow.status == Status.OK)
+    # a chunk of a shared group is read through the group's master: none while that is
+    # quarantined (verify --repair found it damaged)
+    master = aliased(AgentRow)
+    master_ok = exists().where(master.group_id == GroupRow.id, master.role == Role.MASTER,
+                               master.status == Status.OK)
     shared = join.where(AgentRow.name.in_(bindparam("keys", expanding=True)),
                         AgentRow.status == Status.OK,
-                        GroupRow.name.like(bindparam("shared"), escape="\\"))
+                        GroupRow.name.like(bindparam("shared"), escape="\\"), master_ok)
     return own, shared
 
 
@@ -264,16 +270,42 @@ class Chunks:
             g = self.store.group(name, diff_threshold=0.0, chunk_blocks=n_blocks)
             g.register_master(AGENT, blocks, attrs=meta)
             return True
-        g = self.store.group(self.shared_group_name(share[0], share[1], a.shape, dtype),
-                             diff_threshold=0.0)
-        if g.master_id is None:
-            try:
-                g.register_master(key, blocks, attrs=meta, first=True)
-                return True
-            except StateError:  # another process put down the master meanwhile
-                pass
-        g.register_mirror(key, blocks, attrs=meta)
+        self._put_shared(self.shared_group_name(share[0], share[1], a.shape, dtype), key,
+                         blocks, meta)
         return True
+
+    def _put_shared(self, name: str, key: str, blocks: np.ndarray,
+                    meta: dict[str, Any]) -> None:
+        """Store a chunk in the shared group ``name``: its master if it has none yet,
+        else a mirror of it. A group whose master was quarantined (``verify --repair``
+        found it damaged) cannot be read or stored against: it is deleted, with the
+        chunks stored against it (misses already), and this chunk starts it anew."""
+        for attempt in range(3):
+            before = self._gid(name)
+            g = self.store.group(name, diff_threshold=0.0)
+            if g.master_id is None:
+                try:
+                    g.register_master(key, blocks, attrs=meta, first=True)
+                    return
+                except StateError:  # another process put down the master meanwhile
+                    pass
+            try:
+                g.register_mirror(key, blocks, attrs=meta)
+                return
+            except TdStoreError:
+                if attempt == 2:
+                    raise
+                try:
+                    gone = self.store.discard_quarantined_group(name)
+                except NotFoundError:  # deleted meanwhile
+                    gone = True
+                # (or another writer started it anew meanwhile)
+                if not gone and self._gid(name) == before:
+                    raise
+
+    def _gid(self, name: str) -> str | None:
+        with self.store.catalog.read() as s:
+            return s.scalars(select(GroupRow.gid).where(GroupRow.name == name)).first()
 
     def touch(self, key: str) -> bool:
         """Record a use of the chunk now (the budget's LRU order), waiting for the

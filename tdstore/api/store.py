@@ -173,6 +173,17 @@ class Store(ClosingContext):
             gid = self._ctx.group_row(s, name).gid
         return self._ctx.discard_if_empty(name, gid)
 
+    def discard_quarantined_group(self, name: str) -> bool:
+        """Delete group ``name`` if its master is quarantined (``verify --repair`` found
+        its data damaged), with its mirrors, which are read through the master; returns
+        whether it was deleted. A group whose master is healthy, or was re-registered
+        meanwhile, is left alone. For a cache, whose entries are stored again when
+        missed; a store of record re-registers the master instead."""
+        check_name("group", name)
+        with self.catalog.read() as s:
+            gid = self._ctx.group_row(s, name).gid
+        return self._ctx.discard_if_quarantined(name, gid)
+
     def delete_group(self, name: str) -> None:
         """Delete a group, its agents and their data. Raises NotFoundError if missing.
 

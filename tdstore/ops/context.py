@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tdstore.core.errors import (
     SchemaError,
     TdStoreError,
 )
-from tdstore.core.kinds import JournalOp
+from tdstore.core.kinds import JournalOp, Role, Status
 from tdstore.core.location import check_location, is_object_url
 from tdstore.core.validate import VerifyReads, check_max_bytes, check_name, check_verify_reads
 from tdstore.core.version import __version__
@@ -420,13 +420,33 @@ class StoreContext:
     def discard_if_empty(self, name: str, gid: str) -> bool:
         """Delete the group ``name`` if it is still the group ``gid`` and holds no agent
         (a group a failed command created): nothing was ever committed to it."""
+        return self._discard_if(name, gid, lambda rows: not rows)
+
+    def discard_if_quarantined(self, name: str, gid: str) -> bool:
+        """Delete the group ``name`` if it is still the group ``gid`` and its master is
+        quarantined (``verify --repair`` found its data damaged): its mirrors, read
+        through it, go with it. Decided under the group's lock, so a group whose master
+        was healed or replaced meanwhile is left alone."""
+        return self._discard_if(name, gid, lambda rows: any(
+            r.role == Role.MASTER and r.status == Status.QUARANTINED for r in rows))
+
+    def _discard_if(self, name: str, gid: str,
+                    condition: Callable[[list[AgentRow]], bool]) -> bool:
+        """Delete the group ``name`` if it is still the group ``gid`` and ``condition``
+        holds for its agents' rows, all under its lock; returns whether it did."""
+        self.check_writable()
         with self.locks.hold(gid), deferred_signals(), self.catalog.write() as s:
             g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
-            if g is None or g.name != name or s.scalars(
-                    select(AgentRow.id).where(AgentRow.group_id == g.id)).first() is not None:
+            if g is None or g.name != name:
                 return False
+            rows = list(s.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
+            if not condition(rows):
+                return False
+            delete_agents(s, [r.id for r in rows])
             s.delete(g)
-            journal.schedule_removals(s, gid, [(gid, 0)], JournalOp.REMOVE_GROUP)
+            journal.schedule_removals(s, gid, [(gid, sum(r.nbytes for r in rows))],
+                                      JournalOp.REMOVE_GROUP)
+            self.locks.confirm(s)
         journal.collect(self, gid)
         self.locks.forget(gid)
         return True

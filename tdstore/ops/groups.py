@@ -521,6 +521,11 @@ class GroupOps:
                 raise InvalidInputError(
                     f"{where} is the group's master; use register_master() to replace it"
                 )
+            if master.status != Status.OK:  # its values may not be what was stored
+                raise CorruptionError(
+                    f"{where}: the group's master {master.name!r} is {master.status}: its "
+                    "data is damaged; re-register it, or delete the group, before storing "
+                    "mirrors against it")
             what = f"{where}: kv_blocks"
             kv, dtype_name = self._prepare(kv_blocks, what, g, check=False)
             master_dtype, block_shape = group_layout(g)
