@@ -441,22 +441,187 @@ def test_a_model_name_with_a_slash_or_percent_stores_and_a_new_process_retrieves
         assert store.verify().ok
 
 
+def _key(model="kv", chunk_hash=0xAB, tags=None, layer=None, world_size=1, worker_id=0):
+    import torch
+    from lmcache.utils import CacheEngineKey, LayerCacheEngineKey
+
+    configs = {f"lmcache.tag.{k}": v for k, v in (tags or {}).items()}
+    if layer is None:
+        return CacheEngineKey(model, world_size, worker_id, chunk_hash, torch.float16, configs)
+    return LayerCacheEngineKey(model, world_size, worker_id, chunk_hash, torch.float16,
+                               configs, layer_id=layer)
+
+
 def test_key_names_are_one_per_key_and_valid_names():
+    """Every two keys LMCache tells apart get two names, also where LMCache's own
+    ``to_string()`` gives them one (tag values holding '@' or '%', 1 and "1", a hash as
+    bytes or as an int), and every name is a valid tdstore name."""
     from tdstore.core.validate import check_name
     from tdstore.integrations.lmcache import MAX_KEY_CHARS, NAMESPACE, key_name
 
-    keys = ["kv@m@1@0@ab@half", "kv@a/b@1", "kv@a%2Fb@1", "kv@a%252Fb@1", "kv@a\\b@1",
-            "kv@a\x00b@1", "kv@a\x85b@1", "kv@é/ü@1", "x" * 5000, "x" * 5000 + "y",
-            "/" * 3000, "%2F" * 1000, "/models/bad\udcff@1", "kv@a\u202eb\u2028c\ufeff@1",
-            "kv@a\u200bb@1", "kv@ab@1"]
+    keys = [_key(), _key("a/b"), _key("a%2Fb"), _key("a%252Fb"), _key("a\\b"),
+            _key("a\x00b"), _key("a\x85b"), _key("é/ü"), _key("x" * 5000),
+            _key("x" * 5000 + "y"), _key("/" * 3000), _key("%2F" * 1000),
+            _key("/models/bad\udcff"), _key("a\u202eb\u2028c\ufeff"), _key("a\u200bb"),
+            _key("a@1@0@ab@half"), _key(tags={"agent": "a@b%c"}),
+            _key(tags={"agent": "a", "b": "c"}), _key(tags={"agent": 1}),
+            _key(tags={"agent": "1"}), _key(tags={"agent": "~int:1"}),
+            _key(tags={"agent": "a=b"}), _key(tags={"agent=a": "b"}), _key(chunk_hash=b"\xab"),
+            _key(chunk_hash=-0xAB), _key(layer=0), _key(layer=1), _key(tags={"0": "0"}),
+            _key(world_size=2), _key(worker_id=1), _key(tags={"agent": "a", "x": "y"}),
+            _key(tags={"x": "y", "agent": "a"})]
+    assert len({(type(k), k) for k in keys}) == len(keys)  # all different for LMCache
     names = [key_name(k) for k in keys]
     assert len(set(names)) == len(keys)
-    assert names[0] == keys[0] and names[-1] == keys[-1]  # the usual key is its own name
-    assert names[12] == "%2Fmodels%2Fbad%ED%B3%BF@1"  # a path's undecodable byte
-    assert names[13] == "kv@a%E2%80%AEb%E2%80%A8c%EF%BB%BF@1"  # marks that garble ls
+    assert names[0] == keys[0].to_string() == "kv@1@0@ab@half"  # the usual key as it is
+    assert names[1] == "a%2Fb@1@0@ab@half"  # a vLLM model name
+    assert names[12] == "%2Fmodels%2Fbad%ED%B3%BF@1@0@ab@half"  # a path's undecodable byte
+    assert names[13] == "a%E2%80%AEb%E2%80%A8c%EF%BB%BF@1@0@ab@half"  # marks that garble ls
+    assert names[16] == "kv@1@0@ab@half@agent=a%40b%25c"
+    assert names[18] == "kv@1@0@ab@half@agent=~int:1"
     for n in names:
         assert len(n) <= MAX_KEY_CHARS
         check_name("group", f"{NAMESPACE}:{n}")
+
+
+TAGGED = textwrap.dedent("""
+    import json, sys, torch
+    from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+    args = json.loads(sys.argv[1])
+    out = {"checks": []}
+    with engine(tdstore_config(args["location"])) as eng:
+        for op, seed, n, tags in args["ops"]:
+            tokens, kv = sequence(n, 0)
+            kv = sequence(n, seed)[1]  # the same tokens, KV of its own per seed
+            if op == "store":
+                eng.store(tokens, kv_buffer=kv, request_configs=tags)
+                backend_of(eng).flush(300)
+                continue
+            got = torch.zeros_like(kv)
+            k = int(eng.retrieve(tokens, kv_buffer=got, request_configs=tags).sum())
+            out["checks"].append([eng.lookup(tokens=tokens, request_configs=tags), k,
+                                  bool(torch.equal(got[:, :, :k], kv[:, :, :k]))])
+        out["failed"] = backend_of(eng).failed
+    print(json.dumps(out))
+""")
+
+
+def tagged(loc: str, ops: list) -> dict:
+    proc = subprocess.run([sys.executable, "-c", TAGGED, json.dumps({"location": loc,
+                                                                      "ops": ops})],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_requests_whose_tags_print_alike_keep_chunks_of_their_own(tmp_path):
+    """LMCache's key string joins tags as @name%value, so {agent: "a@b%c"} and {agent:
+    "a", b: "c"} print alike, as do the values 1 and "1"; LMCache tells them apart, and
+    so must the backend: a miss until stored, then each its own bytes."""
+    loc = str(tmp_path / "kv")
+    pairs = [({"lmcache.tag.agent": "a@b%c"}, {"lmcache.tag.agent": "a", "lmcache.tag.b": "c"}),
+             ({"lmcache.tag.agent": 1}, {"lmcache.tag.agent": "1"})]
+    for first, second in pairs:
+        got = tagged(loc, [["store", 1, 512, first], ["check", 2, 512, second],
+                           ["store", 2, 512, second], ["check", 1, 512, first],
+                           ["check", 2, 512, second]])
+        assert got["checks"] == [[0, 0, True], [512, 512, True], [512, 512, True]]
+        assert got["failed"] == 0
+
+
+def test_a_group_whose_master_chunk_was_quarantined_is_stored_anew(tmp_path):
+    """Agents A (the master at a position) and B (a mirror of it) of one group: A's chunk
+    file is damaged and verify --repair quarantines it. Both are misses then (B is read
+    through A), and storing them again stores them anew, exact, with verify clean."""
+    loc = str(tmp_path / "kv")
+    a = {"lmcache.tag.tdstore_group": "rag/v1", "lmcache.tag.agent": "A"}
+    b = {"lmcache.tag.tdstore_group": "rag/v1", "lmcache.tag.agent": "B"}
+    got = tagged(loc, [["store", 1, 512, a], ["store", 2, 512, b],
+                       ["check", 1, 512, a], ["check", 2, 512, b]])
+    assert got["checks"] == [[512, 512, True]] * 2 and got["failed"] == 0
+    with tdstore.open(loc) as store:
+        groups = sorted(g for g in store.groups() if g.startswith("lmcache-shared:rag%2Fv1:"))
+        # positions 0 and 1, each with A's chunk as master and B's as a mirror of it
+        assert [g.split(":")[2] for g in groups] == ["0", "1"]
+        ls = store.group(groups[0]).ls()
+        master = next(r for r in ls if r["role"] == "master")
+        assert master["agent"].endswith("@agent=A")
+    chunk_file = next((tmp_path / "kv" / "data").glob(f"*/{_array_of(loc, groups[0])}/c.*"))
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk_file.write_bytes(bytes(data))
+    with tdstore.open(loc) as store:
+        assert any("quarantined" in line for line in store.verify(repair=True).repaired)
+    got = tagged(loc, [["check", 1, 512, a], ["check", 2, 512, b],
+                       ["store", 2, 512, b], ["store", 1, 512, a],
+                       ["check", 1, 512, a], ["check", 2, 512, b]])
+    assert got["checks"] == [[0, 0, True], [0, 0, True], [512, 512, True], [512, 512, True]]
+    assert got["failed"] == 0
+    with tdstore.open(loc) as store:
+        assert store.verify().ok
+
+
+def _array_of(loc: str, group: str) -> str:
+    """The array directory name of ``group``'s master."""
+    from sqlalchemy import select
+
+    from tdstore.storage.catalog import AgentRow, GroupRow
+
+    with tdstore.open(loc) as store, store.catalog.read() as s:
+        path = s.scalars(select(AgentRow.array).join(GroupRow, AgentRow.group_id == GroupRow.id)
+                         .where(GroupRow.name == group, AgentRow.role == "master")).one()
+    return path.split("/")[-1]
+
+
+def test_lookups_while_the_catalogue_is_down_are_misses_not_errors(tmp_path, pg_server):
+    """The catalogue's PostgreSQL server stops under a running engine: lookups and
+    retrieves are misses (logged), never an exception into LMCache's caller; once the
+    server is back every chunk is found again, exact."""
+    url = pg_server.new_database()
+    code = textwrap.dedent("""
+        import json, sys, torch
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        tokens, kv = sequence(600, 1)
+        with engine(tdstore_config(sys.argv[1], url=sys.argv[2])) as eng:
+            eng.store(tokens, kv_buffer=kv)
+            backend_of(eng).flush(300)
+            for line in sys.stdin:
+                got = torch.zeros_like(kv)
+                k = int(eng.retrieve(tokens, kv_buffer=got).sum())
+                print(json.dumps([eng.lookup(tokens=tokens), k,
+                                  bool(torch.equal(got[:, :, :k], kv[:, :, :k]))]), flush=True)
+        print("closed", flush=True)
+    """)
+    log = tmp_path / "child.log"  # (LMCache logs much: a pipe could fill and block it)
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "kv"), url],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=log.open("w"), text=True)
+
+    def check() -> list:
+        child.stdin.write("\n")
+        child.stdin.flush()
+        return json.loads(child.stdout.readline())
+
+    try:
+        assert check() == [600, 600, True]
+        pg_server.stop("immediate")
+        try:
+            assert check() == [0, 0, True]
+            assert check() == [0, 0, True]
+        finally:
+            pg_server.start()
+        assert check() == [600, 600, True]
+        child.stdin.close()
+        out = child.stdout.read()
+        child.wait(timeout=600)
+    finally:
+        child.kill()
+    err = log.read_text()
+    assert child.returncode == 0, err[-3000:]
+    assert out.split() == ["closed"]
+    # one line for the outage, not one per lookup
+    assert err.count("lookup failed, answered as a miss") == 1, err[-3000:]
+    assert "Traceback" not in err
 
 
 def test_closing_with_chunks_still_queued_commits_them_first(tmp_path):

@@ -35,6 +35,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -155,35 +156,83 @@ MAX_WRITERS = 256
 # calls return in 0.47-0.53 s with the writers at the caller's priority, 0.18-0.30 s at
 # nice 10, with the time until all are committed unchanged, about 2 s)
 WRITER_NICE = 10
+# while lookups fail (the catalogue or object store down), one log line per this many
+# seconds
+OUTAGE_LOG_S = 60.0
 # rows located by lookups, kept for the reads that follow them, at most this many
 # (measured in the LMCache benchmark, 8 retrieves of 8 chunks of 8 MiB: with a lookup
 # of their own the reads take 0.175-0.19 s, with the rows kept 0.135-0.145 s)
 LOCATED_KEEP = 4096
 
 
-# what a chunk key cannot hold as it is (tdstore names hold no path separator, control
-# character or lone surrogate), characters that would garble or disguise a listing
-# (invisible formatting, line separators, direction overrides), and '%' itself: written
-# %XX (its UTF-8 bytes), as in a URL
-_UNSAFE = re.compile("[%/\\\\\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e"
+# what a part of a chunk key cannot hold as it is (tdstore names hold no path separator,
+# control character or lone surrogate), characters that would garble or disguise a
+# listing (invisible formatting, line separators, direction overrides), '%' itself, and
+# the characters that separate the parts ('@', '='; '~' marks a value not a string):
+# written %XX (its UTF-8 bytes), as in a URL
+_UNSAFE = re.compile("[%/\\\\@=~\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e"
                      "\u2060-\u206f\ufeff\ud800-\udfff]")
 # the longest chunk key: a chunk's group is named "lmcache:<key>"
 MAX_KEY_CHARS = MAX_NAME_CHARS - len(NAMESPACE) - 1
+# the longest group tag as it goes into the names of the group's shared groups
+# ("lmcache-shared:<group>:<position>:<shape>:<dtype>")
+MAX_GROUP_CHARS = 256
 
 
-def key_name(key: str) -> str:
-    """The chunk key of LMCache's key string ``key`` (``model@world_size@worker_id@
-    chunk_hash@dtype...``): the string itself when tdstore can name a chunk so, which is
-    the usual case; otherwise each character it cannot hold written %XX, so that vLLM's
-    model names (``meta-llama/Llama-3.1-8B-Instruct``, or a path) work, and one too long
-    for a name cut short with the SHA-256 of the whole string. Different keys never get
-    one name."""
-    name = _UNSAFE.sub(lambda m: "".join(
-        f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), key)
-    if len(name) > MAX_KEY_CHARS:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        name = f"{name[:MAX_KEY_CHARS - len(digest) - 1]}#{digest}"
-    return name
+def _escaped(text: str) -> str:
+    return _UNSAFE.sub(lambda m: "".join(
+        f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), text)
+
+
+def _text(value: Any) -> str:
+    """A string as itself (escaped), any other value as ``~<type>:<repr>``: LMCache tells
+    a tag value 1 from "1", and so do the names."""
+    if isinstance(value, str):
+        return _escaped(value)
+    return "~" + _escaped(f"{type(value).__name__}:{value!r}")
+
+
+def _number(value: Any) -> str:
+    return str(value) if type(value) is int else _text(value)
+
+
+def _cut(name: str, limit: int) -> str:
+    """``name``, or when longer than ``limit`` its start and the SHA-256 of all of it."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{name[:limit - len(digest) - 1]}#{digest}"
+
+
+def key_name(key: Any) -> str:
+    """The chunk key of LMCache's key ``key`` (a ``CacheEngineKey``, or a
+    ``LayerCacheEngineKey``): its fields as LMCache's ``to_string()`` writes them,
+    ``model@world_size@worker_id@chunk_hash@dtype[@layer][@tag=value...]``, each
+    written so that different keys never get one name (LMCache's own string gives tag
+    values holding ``@`` or ``%``, and 1 and "1", one string). Characters a name cannot
+    hold are written %XX, so vLLM's model names (``meta-llama/Llama-3.1-8B-Instruct``,
+    or a path) work, and a name too long is cut short with the SHA-256 of all of it."""
+    chunk_hash = key.chunk_hash
+    if type(chunk_hash) is int:
+        hash_text = f"{chunk_hash:x}"
+    elif isinstance(chunk_hash, bytes):
+        hash_text = "x" + chunk_hash.hex()
+    else:
+        hash_text = _text(chunk_hash)
+    dtype = getattr(key, "_dtype_str", None) or _dtype_name(key.dtype)
+    parts = [_text(key.model_name), _number(key.world_size), _number(key.worker_id),
+             hash_text, _text(dtype)]
+    layer = getattr(key, "layer_id", None)
+    if layer is not None:
+        parts.append(_number(layer))
+    parts += [f"{_text(k)}={_text(v)}" for k, v in key.tags or ()]
+    return _cut("@".join(parts), MAX_KEY_CHARS)
+
+
+def group_name(tag: Any) -> str:
+    """The sharing group a request's ``tdstore_group`` tag names, as it goes into the
+    names of that group's chunks (escaped like a key, and at most MAX_GROUP_CHARS)."""
+    return _cut(_text(tag), MAX_GROUP_CHARS)
 
 
 class _Put:
@@ -265,24 +314,45 @@ class TdStoreBackend(StoragePluginInterface):
                                          name="tdstore-lmcache-access")
         self._toucher.start()
         self._located: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._outage_logged = -math.inf  # when a failed lookup was last logged
 
     def __str__(self) -> str:
         return f"TdStoreBackend({self.store.path})"
 
     @staticmethod
     def _name(key: Any) -> str:
-        return key_name(str(key.to_string()))
+        return key_name(key)
 
     # ------------------------------------------------------------------ lookups
 
+    def _unreachable(self, what: str, exc: TdStoreError) -> None:
+        """A lookup or removal that failed on the store (its catalogue or object store
+        down): logged, once per OUTAGE_LOG_S while it lasts; LMCache is answered with a
+        miss, never an exception."""
+        at = time.monotonic()
+        with self._lock:
+            quiet = at - self._outage_logged < OUTAGE_LOG_S
+            if not quiet:
+                self._outage_logged = at
+        if not quiet:
+            log.warning("tdstore: %s failed, answered as a miss (%s)", what, exc)
+
     def contains(self, key: Any, pin: bool = False) -> bool:
-        return self.chunks.contains(self._name(key))
+        try:
+            return self.chunks.contains(self._name(key))
+        except TdStoreError as exc:
+            self._unreachable("lookup", exc)
+            return False
 
     def batched_contains(self, keys: list[Any], pin: bool = False) -> int:
         """How many of ``keys``, from the first, are committed (one catalogue
         transaction). Their rows are kept for the read that follows (a retrieve looks its
         chunks up, then reads them), which then needs no lookup of its own."""
-        found = self.chunks.locate_prefix([self._name(k) for k in keys])
+        try:
+            found = self.chunks.locate_prefix([self._name(k) for k in keys])
+        except TdStoreError as exc:
+            self._unreachable("lookup", exc)
+            return 0
         with self._lock:
             for name, at in found.items():
                 self._located[name] = at
@@ -318,7 +388,8 @@ class TdStoreBackend(StoragePluginInterface):
             shapes = [list(s) for s in (meta.shapes or [meta.shape])]
             dtypes = [_dtype_name(d) for d in (meta.dtypes or [meta.dtype])]
             tags = dict(getattr(key, "tags", None) or ())
-            share = (str(tags[GROUP_TAG]), position) if tags.get(GROUP_TAG) else None
+            group = tags.get(GROUP_TAG)
+            share = None if group is None or group == "" else (group_name(group), position)
             item = _Put(key, name, obj, shapes, dtypes, meta.fmt.name, on_complete_callback,
                         share)
             with self._lock:  # (queued ahead of the writers' stop, or not at all)
@@ -497,7 +568,11 @@ class TdStoreBackend(StoragePluginInterface):
         return True
 
     def remove(self, key: Any, force: bool = True) -> bool:
-        return self.chunks.remove(self._name(key))
+        try:
+            return self.chunks.remove(self._name(key))
+        except TdStoreError as exc:
+            self._unreachable("remove", exc)
+            return False
 
     def get_allocator_backend(self) -> Any:
         return self.local_cpu_backend
