@@ -149,3 +149,21 @@ def test_an_open_that_fails_on_its_catalogue_leaves_no_directory(tmp_path, url, 
         tdstore.open(tmp_path / "kv", url=url)
     assert [p.name for p in tmp_path.iterdir()] == ["kv"]
     assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_a_store_whose_locks_directory_is_gone_refuses_writes_naming_it(tmp_path):
+    """locks/ removed (or the store moved) under an open store: a write is one clear
+    StorageError naming the lock directory, and nothing is recreated or changed."""
+    import shutil
+
+    with tdstore.open(tmp_path / "s") as store:
+        g = store.group("g")
+        g.register_master("m", np.ones((4, 8), np.float32))
+        shutil.rmtree(tmp_path / "s" / "locks")
+        with pytest.raises(tdstore.StorageError, match="locks/ directory was removed"):
+            g.register_mirror("a", np.zeros((4, 8), np.float32))
+        with pytest.raises(tdstore.StorageError, match="locks/ directory was removed"):
+            store.delete_group("g")
+        assert not (tmp_path / "s" / "locks").exists()
+        assert g.agents() == ["m"]
+        assert np.array_equal(g.reconstruct("m"), np.ones((4, 8), np.float32))

@@ -708,6 +708,56 @@ def test_a_prefix_stored_by_a_burst_of_requests_outlasts_their_own_chunks(tmp_pa
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [1112, True, 512]
 
 
+def test_one_request_stored_again_and_again_never_stalls_the_writers(tmp_path):
+    """A burst of requests storing one prompt: stores of chunks whose first store is
+    queued, or being written, or already done, interleave with new puts of them. No
+    writer ever waits for another (all four once waited for puts queued behind them, and
+    nothing was ever written again): the queue drains, later chunks are stored and the
+    engine closes."""
+    code = textwrap.dedent("""
+        import sys, time
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        tokens, kv = sequence(2048, 1)
+        other, other_kv = sequence(600, 2)
+        with engine(tdstore_config(sys.argv[1])) as eng:
+            for _ in range(40):
+                eng.store(tokens, kv_buffer=kv)
+                time.sleep(0.005)
+            print("drained", backend_of(eng).flush(), flush=True)
+            eng.store(other, kv_buffer=other_kv)
+            print("drained", backend_of(eng).flush(), flush=True)
+            print("found", eng.lookup(tokens=tokens), eng.lookup(tokens=other), flush=True)
+        print("closed", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["drained", "True", "drained", "True", "found", "2048",
+                                  "600", "closed"]
+
+
+def test_a_remove_that_fails_on_the_store_is_a_logged_miss(tmp_path):
+    """LMCache's clear (and remove_after_retrieve) remove chunks through the backend:
+    with the store's locks/ directory gone, that is a logged failure, never an exception
+    into LMCache's caller, and the chunk stays."""
+    code = textwrap.dedent("""
+        import shutil, sys
+        from tdstore.dev.lmcache_engine import engine, tdstore_config, sequence, backend_of
+        tokens, kv = sequence(600, 1)
+        with engine(tdstore_config(sys.argv[1])) as eng:
+            eng.store(tokens, kv_buffer=kv)
+            backend_of(eng).flush()
+            shutil.rmtree(sys.argv[1] + "/locks")
+            print("cleared", eng.clear(tokens), "found", eng.lookup(tokens=tokens), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kv")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["cleared", "0", "found", "600"]
+    assert "remove failed, answered as a miss" in out.stderr
+    assert "locks/ directory was removed" in out.stderr
+
+
 def test_a_chunk_stored_again_is_used_again_and_outlasts_older_ones(tmp_path):
     """Requests sharing a prompt prefix all store its chunk: each time it counts as used,
     so the budget evicts older chunks first and the newest request stays whole."""

@@ -145,6 +145,25 @@ def test_a_downgrade_stays_until_migrate_upgrades_again(path):
         assert store.verify().ok
 
 
+def test_a_downgrade_that_would_drop_agents_attributes_is_refused(path):
+    """Revision 0001 has no agents' attributes: a downgrade there would drop them (a
+    keyed chunk's shape and dtype among them), so it is refused while any agent has
+    some, and the store is left as it was."""
+    with tdstore.open(path) as store:
+        store.chunks("kv").put("k", np.arange(6, dtype=np.float32).reshape(2, 3))
+    before = fingerprint(path)
+    one_line_error(CliRunner().invoke(cli, ["migrate", str(path), "--to", "0001"]),
+                   "downgrading to 0001 would drop the attributes of 1 agents")
+    assert fingerprint(path) == before
+    result = CliRunner().invoke(cli, ["migrate", str(path), "--to", "0002"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["migrate", str(path)])
+    assert result.exit_code == 0, result.output
+    with tdstore.open(path) as store:
+        array, meta = store.chunks("kv").get("k")
+        assert np.array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
 def test_migrate_to_base_is_refused(path):
     before = fingerprint(path)
     one_line_error(CliRunner().invoke(cli, ["migrate", str(path), "--to", "base"]),

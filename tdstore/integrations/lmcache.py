@@ -236,7 +236,8 @@ def group_name(tag: Any) -> str:
 
 
 class _Put:
-    __slots__ = ("callback", "dtypes", "fmt", "key", "name", "obj", "shapes", "share")
+    __slots__ = ("again", "callback", "dtypes", "fmt", "key", "name", "obj", "shapes",
+                 "share")
 
     def __init__(self, key: Any, name: str, obj: Any, shapes: list, dtypes: list,
                  fmt: str, callback: Callable[[Any], None] | None,
@@ -244,6 +245,7 @@ class _Put:
         self.key, self.name, self.obj = key, name, obj
         self.shapes, self.dtypes, self.fmt, self.callback = shapes, dtypes, fmt, callback
         self.share = share
+        self.again = 0  # stores of this chunk again, while it was written, to record
 
     def data(self) -> np.ndarray:
         """The chunk's bytes in LMCache's buffer (held until written), as rows of the
@@ -325,10 +327,10 @@ class TdStoreBackend(StoragePluginInterface):
 
     # ------------------------------------------------------------------ lookups
 
-    def _unreachable(self, what: str, exc: TdStoreError) -> None:
+    def _unreachable(self, what: str, exc: Exception) -> None:
         """A lookup or removal that failed on the store (its catalogue or object store
-        down): logged, once per OUTAGE_LOG_S while it lasts; LMCache is answered with a
-        miss, never an exception."""
+        down, its directory moved): logged, once per OUTAGE_LOG_S while it lasts;
+        LMCache is answered with a miss, never an exception."""
         at = time.monotonic()
         with self._lock:
             quiet = at - self._outage_logged < OUTAGE_LOG_S
@@ -340,7 +342,7 @@ class TdStoreBackend(StoragePluginInterface):
     def contains(self, key: Any, pin: bool = False) -> bool:
         try:
             return self.chunks.contains(self._name(key))
-        except TdStoreError as exc:
+        except (TdStoreError, OSError) as exc:
             self._unreachable("lookup", exc)
             return False
 
@@ -350,7 +352,7 @@ class TdStoreBackend(StoragePluginInterface):
         chunks up, then reads them), which then needs no lookup of its own."""
         try:
             found = self.chunks.locate_prefix([self._name(k) for k in keys])
-        except TdStoreError as exc:
+        except (TdStoreError, OSError) as exc:
             self._unreachable("lookup", exc)
             return 0
         with self._lock:
@@ -397,8 +399,8 @@ class TdStoreBackend(StoragePluginInterface):
                     log.warning("tdstore: backend closed; chunk %s not stored", name)
                     continue
                 if name in self._pending:
-                    # stored again while still queued: a use, recorded in the queue's
-                    # order once the chunk is committed (see _write_loop)
+                    # stored again while still queued: a use, recorded when the
+                    # queue reaches it, or once the chunk is committed (_use_again)
                     self._again += 1
                     self._queue.put(name)
                     continue
@@ -419,9 +421,11 @@ class TdStoreBackend(StoragePluginInterface):
             if isinstance(item, str):
                 self._use_again(item)
                 continue
+            committed = False
             try:
                 self.chunks.put(item.name, item.data(), fmt=item.fmt, share=item.share,
                                 attrs={"shapes": item.shapes, "dtypes": item.dtypes})
+                committed = True
             except Exception as exc:  # not committed: LMCache will not find it
                 self.failed += 1
                 log.warning("tdstore: chunk %s was not stored (%s)", item.name, exc)
@@ -433,25 +437,45 @@ class TdStoreBackend(StoragePluginInterface):
                         log.warning("tdstore: on_complete_callback failed: %s", exc)
             finally:
                 item.obj.ref_count_down()
-                with self._lock:
+                self._done(item, committed)
+
+    def _done(self, item: _Put, committed: bool) -> None:
+        """A put is done: the uses left to it by stores of its chunk while it was being
+        written (see _use_again) are recorded, then it leaves the queue's pending set."""
+        while True:
+            with self._lock:
+                again, item.again = item.again, 0
+                if not again:
                     self._pending.pop(item.name, None)
                     self._idle.notify_all()
+                    return
+            if committed:
+                self._touch(item.name)
 
     def _use_again(self, name: str) -> None:
-        """A chunk stored again while it was queued: once its own write is done (another
-        writer's, taken from the queue before this), it counts as used now, so that a
-        prompt prefix every request of a burst stores stays the newest in the budget's
-        LRU order."""
+        """A chunk stored again while it was queued counts as used when the queue reaches
+        that store, so that a prompt prefix every request of a burst stores stays the
+        newest in the budget's LRU order: now, or, while its own write is still going on
+        (on another writer), as soon as that is done (a writer never waits for another:
+        with every writer waiting, no put would be left to finish)."""
+        with self._lock:
+            pending = self._pending.get(name)
+            if pending is not None:  # (flush waits for it to leave _pending)
+                pending.again += 1
+                self._again -= 1
+                return
         try:
-            with self._lock:
-                self._idle.wait_for(lambda: name not in self._pending)
-            self.chunks.touch(name)
-        except Exception as exc:
-            log.warning("tdstore: use of chunk %s not recorded (%s)", name, exc)
+            self._touch(name)
         finally:
             with self._lock:
                 self._again -= 1
                 self._idle.notify_all()
+
+    def _touch(self, name: str) -> None:
+        try:
+            self.chunks.touch(name)
+        except Exception as exc:
+            log.warning("tdstore: use of chunk %s not recorded (%s)", name, exc)
 
     def _touch_loop(self) -> None:
         from tdstore.ops.groups import ACCESS_RESOLUTION_S
@@ -570,7 +594,7 @@ class TdStoreBackend(StoragePluginInterface):
     def remove(self, key: Any, force: bool = True) -> bool:
         try:
             return self.chunks.remove(self._name(key))
-        except TdStoreError as exc:
+        except (TdStoreError, OSError) as exc:
             self._unreachable("remove", exc)
             return False
 

@@ -56,6 +56,10 @@ PINNED_KEY = "pinned_revision"
 LOCATION_KEY = "data_location"
 
 
+# the schema revision that added agents' attributes (revision ids are ordered numbers)
+ATTRS_REVISION = "0002"
+
+
 class StoreContext:
     """A tdstore directory opened: ``catalog.sqlite`` (or the catalogue at ``url``), the
     zarr hierarchy under ``data/`` and the locks under ``locks/``."""
@@ -467,6 +471,15 @@ class StoreContext:
         with self.locks.hold("store"):
             if not check_not_newer(self.catalog, self.location)[0]:
                 self._refuse_schema_over_data()
+            if revision != "head" and revision < ATTRS_REVISION and any(
+                    r >= ATTRS_REVISION for r in schema_status(self.catalog)[0]):
+                with self.catalog.read() as s:
+                    kept = sum(1 for a in s.scalars(select(AgentRow.attrs)) if a)
+                if kept:
+                    raise InvalidInputError(
+                        f"store {self.location}: downgrading to {revision} would drop the "
+                        f"attributes of {kept} agents (keyed chunks need theirs to be "
+                        "read); refused")
             upgrade(self.catalog, revision)
             current, heads = schema_status(self.catalog)
             with self.catalog.write() as s:

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+from tdstore.core.errors import StorageError
 from tdstore.core.ids import check_gid
 
 
@@ -27,6 +28,10 @@ def file_lock(path: Path, *, shared: bool = False, wait: bool = True) -> Iterato
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:  # not recreated: the store may have been moved
+            raise StorageError(f"lock file {path}: its directory is missing (the "
+                               "store's locks/ directory was removed, or the store moved "
+                               "or deleted)") from None
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         # a directory this process cannot write: only reads happen here, and a writer
