@@ -281,9 +281,9 @@ class Chunks:
         found it damaged) cannot be read or stored against: it is deleted, with the
         chunks stored against it (misses already), and this chunk starts it anew."""
         for attempt in range(3):
-            before = self._gid(name)
+            before, master = self._group_state(name)
             g = self.store.group(name, diff_threshold=0.0)
-            if g.master_id is None:
+            if master is None:
                 try:
                     g.register_master(key, blocks, attrs=meta, first=True)
                     return
@@ -300,12 +300,18 @@ class Chunks:
                 except NotFoundError:  # deleted meanwhile
                     gone = True
                 # (or another writer started it anew meanwhile)
-                if not gone and self._gid(name) == before:
+                if not gone and self._group_state(name)[0] == before:
                     raise
 
-    def _gid(self, name: str) -> str | None:
+    def _group_state(self, name: str) -> tuple[str | None, str | None]:
+        """The id of group ``name`` and its master's name (None where there is none), in
+        one query."""
+        master = aliased(AgentRow)
         with self.store.catalog.read() as s:
-            return s.scalars(select(GroupRow.gid).where(GroupRow.name == name)).first()
+            row = s.execute(select(GroupRow.gid, master.name).outerjoin(
+                master, (master.group_id == GroupRow.id) & (master.role == Role.MASTER))
+                .where(GroupRow.name == name)).first()
+        return (None, None) if row is None else (row[0], row[1])
 
     def touch(self, key: str) -> bool:
         """Record a use of the chunk now (the budget's LRU order), waiting for the

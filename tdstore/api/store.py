@@ -168,10 +168,7 @@ class Store(ClosingContext):
     def discard_empty_group(self, name: str) -> bool:
         """Delete group ``name`` if it holds no agent (e.g. one a failed import created);
         returns whether it was deleted. A group with any agent is left alone."""
-        check_name("group", name)
-        with self.catalog.read() as s:
-            gid = self._ctx.group_row(s, name).gid
-        return self._ctx.discard_if_empty(name, gid)
+        return self._ctx.discard_if_empty(name, self._gid(name))
 
     def discard_quarantined_group(self, name: str) -> bool:
         """Delete group ``name`` if its master is quarantined (``verify --repair`` found
@@ -179,10 +176,12 @@ class Store(ClosingContext):
         whether it was deleted. A group whose master is healthy, or was re-registered
         meanwhile, is left alone. For a cache, whose entries are stored again when
         missed; a store of record re-registers the master instead."""
-        check_name("group", name)
+        return self._ctx.discard_if_quarantined(name, self._gid(name))
+
+    def _gid(self, name: str) -> str:
+        """The id of group ``name`` (NotFoundError when there is none)."""
         with self.catalog.read() as s:
-            gid = self._ctx.group_row(s, name).gid
-        return self._ctx.discard_if_quarantined(name, gid)
+            return self._ctx.group_row(s, name).gid
 
     def delete_group(self, name: str) -> None:
         """Delete a group, its agents and their data. Raises NotFoundError if missing.

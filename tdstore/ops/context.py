@@ -406,20 +406,9 @@ class StoreContext:
         while True:
             with self.catalog.read() as s:
                 gid = self.group_row(s, name).gid
-            with self.locks.hold(gid):
-                with deferred_signals(), self.catalog.write() as s:
-                    g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
-                    if g is None or g.name != name:
-                        continue  # deleted (and perhaps re-created) meanwhile: look again
-                    rows = list(s.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
-                    nbytes = sum(r.nbytes for r in rows)
-                    delete_agents(s, [r.id for r in rows])
-                    s.delete(g)
-                    journal.schedule_removals(s, gid, [(gid, nbytes)], JournalOp.REMOVE_GROUP)
-                    self.locks.confirm(s)
-                journal.collect(self, gid)
-            self.locks.forget(gid)
-            return
+            if self._discard_if(name, gid, lambda rows: True):
+                return
+            # deleted (and perhaps re-created) meanwhile: look again
 
     def discard_if_empty(self, name: str, gid: str) -> bool:
         """Delete the group ``name`` if it is still the group ``gid`` and holds no agent
@@ -439,19 +428,20 @@ class StoreContext:
         """Delete the group ``name`` if it is still the group ``gid`` and ``condition``
         holds for its agents' rows, all under its lock; returns whether it did."""
         self.check_writable()
-        with self.locks.hold(gid), deferred_signals(), self.catalog.write() as s:
-            g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
-            if g is None or g.name != name:
-                return False
-            rows = list(s.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
-            if not condition(rows):
-                return False
-            delete_agents(s, [r.id for r in rows])
-            s.delete(g)
-            journal.schedule_removals(s, gid, [(gid, sum(r.nbytes for r in rows))],
-                                      JournalOp.REMOVE_GROUP)
-            self.locks.confirm(s)
-        journal.collect(self, gid)
+        with self.locks.hold(gid):
+            with deferred_signals(), self.catalog.write() as s:
+                g = s.scalars(select(GroupRow).where(GroupRow.gid == gid)).one_or_none()
+                if g is None or g.name != name:
+                    return False
+                rows = list(s.scalars(select(AgentRow).where(AgentRow.group_id == g.id)))
+                if not condition(rows):
+                    return False
+                delete_agents(s, [r.id for r in rows])
+                s.delete(g)
+                journal.schedule_removals(s, gid, [(gid, sum(r.nbytes for r in rows))],
+                                          JournalOp.REMOVE_GROUP)
+                self.locks.confirm(s)
+            journal.collect(self, gid)
         self.locks.forget(gid)
         return True
 
