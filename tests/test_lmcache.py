@@ -839,3 +839,142 @@ def test_direct_reads_follow_lmcaches_cpu_tier_unless_set(tmp_path, local_cpu, s
         assert r["cached"] <= 2 * r["files"]
     else:
         assert r["cached"] == r["pages"]
+
+
+LAYERWISE = textwrap.dedent("""
+    import json, sys, torch, tdstore
+    from tdstore.dev.lmcache_engine import (engine, tdstore_config, sequence, backend_of,
+                                            store_layerwise, retrieve_layerwise)
+    from tdstore.integrations.lmcache import key_name
+    args = json.loads(sys.argv[1])
+    cfg = tdstore_config(args["location"], url=args.get("url"))
+    cfg["use_layerwise"] = True
+    out = {"exact": [], "keys": []}
+    with engine(cfg) as eng:
+        for seed, n, tags in args.get("store", []):
+            tokens, kv = sequence(n, seed)
+            store_layerwise(eng, tokens, kv, request_configs=tags)
+        backend_of(eng).flush(300)
+        out["failed"] = backend_of(eng).failed
+        for seed, n, tags in args.get("check", []):
+            tokens, kv = sequence(n, seed)
+            # its chunks' keys in token order, each as its layers' keys
+            out["keys"].append([[key_name(k) for k in key.split_layers(4)] for _, _, key
+                                in eng.token_database.process_tokens(tokens=tokens)])
+            got = torch.zeros_like(kv)
+            k = retrieve_layerwise(eng, tokens, got, request_configs=tags)
+            # what the retrieve counts came back exactly; nothing else was written
+            out["exact"].append([k, bool(torch.equal(got[:, :, :k], kv[:, :, :k]))
+                                 and not bool(got[:, :, k:].any())])
+    print(json.dumps(out))
+""")
+
+
+def layerwise(args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LAYERWISE, json.dumps(args)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_layerwise_chunks_come_back_exact_in_a_new_process(where):
+    """use_layerwise: true (vLLM's layer-by-layer loading): a chunk per layer; a new
+    process retrieves every token, layer by layer, bit-exact."""
+    assert layerwise({**where, "store": [[1, 1000, None], [2, 300, None]]})["failed"] == 0
+    got = layerwise({**where, "check": [[1, 1000, None], [2, 300, None], [3, 500, None]]})
+    assert got["exact"] == [[1000, True], [300, True], [0, True]]
+    with tdstore.open(where["location"], url=where.get("url")) as store:
+        keys = store.chunks("lmcache").keys()
+    assert len(keys) == (4 + 2) * 4  # a chunk per layer (the test model has 4 layers)
+    assert {k.rsplit("@", 1)[1] for k in keys} == {"0", "1", "2", "3"}
+
+
+def test_layerwise_a_chunk_missing_a_layer_is_a_miss_never_unloaded_kv(tmp_path):
+    """LMCache's layerwise retrieve looks each chunk up by its first layer's key alone,
+    counts the tokens, then reads one layer of every chunk at a time and loads them by
+    position: a chunk with a layer missing counted as found would leave that layer's
+    tokens unloaded in a retrieve that counts them. A layer missing before the lookup
+    (removed, evicted, quarantined, not yet committed) makes its chunk a miss; one lost
+    after it fails the retrieve, naming the chunk."""
+    import torch
+
+    from tdstore.core.errors import NotFoundError
+    from tdstore.dev.lmcache_engine import engine, retrieve_layerwise, sequence, tdstore_config
+
+    loc = str(tmp_path / "kv")
+    r = layerwise({"location": loc, "store": [[1, 1000, None]], "check": [[1, 1000, None]]})
+    assert r["exact"] == [[1000, True]]
+    keys = r["keys"][0]  # [chunk][layer]
+    cfg = tdstore_config(loc)
+    cfg["use_layerwise"] = True
+    tokens, kv = sequence(1000, 1)
+    with engine(cfg) as eng, tdstore.open(loc) as store:
+        # lost after the lookup: the second chunk's layer 2, once the retrieve counted it
+        out = torch.zeros_like(kv)
+        steps = iter(eng.retrieve_layer(tokens, kv_buffer=out))
+        assert int(next(steps).sum()) == 1000  # counted, layer 0 on its way
+        assert store.chunks("lmcache").remove(keys[1][2])
+        with pytest.raises(NotFoundError, match=re.escape(keys[1][2])):
+            for _ in steps:
+                pass
+        assert torch.equal(out[:, :2], kv[:, :2])  # the layers before it are whole
+        # missing before the lookup: the first chunk, exact; the rest missed
+        out = torch.zeros_like(kv)
+        assert retrieve_layerwise(eng, tokens, out) == 256
+        assert torch.equal(out[:, :, :256], kv[:, :, :256]) and not out[:, :, 256:].any()
+
+
+def test_layerwise_agents_of_one_group_share_layer_by_layer(tmp_path):
+    """Tagged agents of one tdstore group in layerwise mode: each layer's chunk is stored
+    against the same layer of the others (3 agents sharing 768 of 1024 tokens: half the
+    bytes; against the first layer alone, as every layer once was, 0.87)."""
+    from tdstore.dev.bench import du
+
+    sizes = {}
+    for label, group in (("tagged", None), ("group", "rag/v1")):
+        loc = str(tmp_path / label)
+        ops = []
+        for a in range(3):
+            tags = {"lmcache.tag.agent": f"a{a}"}
+            if group:
+                tags["lmcache.tag.tdstore_group"] = group
+            ops.append([a, tags])
+        script_args = {"location": loc, "agents": ops}
+        proc = subprocess.run([sys.executable, "-c", SHARED_LAYERWISE,
+                               json.dumps(script_args)], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, True, True]
+        sizes[label] = du(tmp_path / label / "data")
+    assert sizes["group"] < 0.6 * sizes["tagged"]
+    with tdstore.open(str(tmp_path / "group")) as store:
+        shared = [g for g in store.groups() if g.startswith("lmcache-shared:")]
+    # a group per position and layer: rag%2Fv1@<layer>:<position>:...
+    assert len(shared) == 4 * 4 and {g.split(":")[1] for g in shared} == {
+        f"rag%2Fv1@{layer}" for layer in range(4)}
+
+
+SHARED_LAYERWISE = textwrap.dedent("""
+    import json, sys, torch
+    from tdstore.dev.lmcache_engine import (engine, tdstore_config, sequence, backend_of,
+                                            store_layerwise, retrieve_layerwise)
+    args = json.loads(sys.argv[1])
+    cfg = tdstore_config(args["location"])
+    cfg["use_layerwise"] = True
+    prompt, prompt_kv = sequence(768, 100)
+    seqs = {}
+    for a, _ in args["agents"]:
+        t, kv = sequence(256, 200 + a)
+        seqs[a] = (torch.cat([prompt, t]), torch.cat([prompt_kv, kv], dim=2))
+    with engine(cfg) as eng:
+        for a, tags in args["agents"]:
+            store_layerwise(eng, *seqs[a], request_configs=tags)
+        backend_of(eng).flush(300)
+        exact = []
+        for a, tags in args["agents"]:
+            tokens, kv = seqs[a]
+            got = torch.zeros_like(kv)
+            exact.append(retrieve_layerwise(eng, tokens, got, request_configs=tags) == 1024
+                         and bool(torch.equal(got, kv)))
+    print(json.dumps(exact))
+""")

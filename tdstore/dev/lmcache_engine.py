@@ -4,7 +4,8 @@ what the tests and the benchmark drive (no vLLM, no GPU).
 The engine moves KV between its chunk buffers and the model's KV through a "GPU
 connector"; LMCache's own CPU stand-in copies nothing, so :class:`CPUConnector` copies
 between the buffers and a plain tensor ``[2, layers, tokens, heads * head_size]`` (the
-``KV_2LTD`` layout of LMCache's chunks).
+``KV_2LTD`` layout of LMCache's chunks), and :class:`CPULayerwiseConnector` does the
+same one layer at a time (``use_layerwise: true``: a chunk per layer, ``KV_T2D``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any
 import torch
 from lmcache.utils import mock_up_broadcast_fn, mock_up_broadcast_object_fn
 from lmcache.v1.config import LMCacheEngineConfig
-from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
+from lmcache.v1.gpu_connector.gpu_connectors import (
+    GPUConnectorInterface,
+    VLLMPagedMemLayerwiseGPUConnector,
+)
 from lmcache.v1.metadata import LMCacheMetadata
 from lmcache.v1.standalone.manager import StandaloneLMCacheManager
 
@@ -56,6 +60,45 @@ class CPUConnector(GPUConnectorInterface):
                        **kwargs: Any) -> None:
         for m, s, e in zip(memory_objs, starts, ends, strict=True):
             self.to_gpu(m, s, e, **kwargs)
+
+
+class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
+    """Layerwise mode's connector (LMCache accepts only its own layerwise classes, hence
+    the base; nothing of it runs): generators that copy one layer of every chunk per
+    step between the chunks' buffers (``[tokens, 2, heads * head_size]``) and
+    ``kv_buffer[:, layer, start:end, :]``. Loading pairs each chunk's place with the
+    buffer at its position, as vLLM's connector does (``zip``, not strict): a layer
+    handed fewer buffers than chunks leaves the rest unloaded."""
+
+    def __init__(self, kv_shape: tuple[int, ...]):  # (no GPU to set up)
+        self.kv_shape = kv_shape
+        self.num_layers = kv_shape[0]
+        self.hidden_dim_size = kv_shape[3] * kv_shape[4]
+        self.use_mla = False
+        self.kvcaches = None
+
+    def get_shape(self, num_tokens: int) -> torch.Size:
+        return torch.Size([num_tokens, 2, self.hidden_dim_size])
+
+    def batched_from_gpu(self, memory_objs: Any, starts: list[int], ends: list[int],
+                         **kwargs: Any) -> Any:
+        """Layer 0 at the first step, each next layer at the next (layers + 1 steps)."""
+        kv = kwargs["kv_buffer"]
+        for layer in range(self.num_layers):
+            for s, e, m in zip(starts, ends, memory_objs[layer], strict=True):
+                m.tensor.copy_(kv[:, layer, s:e, :].transpose(0, 1))
+            yield
+        yield
+
+    def batched_to_gpu(self, starts: list[int], ends: list[int], **kwargs: Any) -> Any:
+        """Takes one layer's buffers per step (``send``); layers + 2 steps."""
+        kv = kwargs["kv_buffer"]
+        for layer in range(self.num_layers):
+            objs = yield
+            for s, e, m in zip(starts, ends, objs, strict=False):
+                kv[:, layer, s:e, :].copy_(m.tensor.transpose(0, 1))
+        yield
+        yield
 
 
 def tdstore_config(location: str, *, url: str | None = None, max_bytes: int | None = None,
@@ -96,8 +139,9 @@ def engine(config: dict[str, Any], *, layers: int = LAYERS, hidden: int = HIDDEN
                            kv_shape=(layers, 2, CHUNK, hidden // HEAD_SIZE, HEAD_SIZE),
                            use_mla=False,
                            role="worker", chunk_size=CHUNK)
-    manager = StandaloneLMCacheManager(config=cfg, metadata=meta,
-                                       gpu_connector=CPUConnector(meta.kv_shape),
+    connector = (CPULayerwiseConnector if config.get("use_layerwise") else
+                 CPUConnector)(meta.kv_shape)
+    manager = StandaloneLMCacheManager(config=cfg, metadata=meta, gpu_connector=connector,
                                        broadcast_fn=mock_up_broadcast_fn,
                                        broadcast_object_fn=mock_up_broadcast_object_fn)
     manager.post_init()
@@ -129,3 +173,24 @@ def sequence(n_tokens: int, seed: int = 0, *, layers: int = LAYERS, hidden: int 
 
 def keys_of(eng: Any, tokens: torch.Tensor) -> list[str]:
     return [k.to_string() for _, _, k in eng.token_database.process_tokens(tokens=tokens)]
+
+
+def store_layerwise(eng: Any, tokens: torch.Tensor, kv: torch.Tensor, **kwargs: Any) -> None:
+    """``eng.store_layer`` run to its end (an engine with ``use_layerwise: true``)."""
+    for _ in eng.store_layer(tokens, kv_buffer=kv, **kwargs):
+        pass
+
+
+def retrieve_layerwise(eng: Any, tokens: torch.Tensor, out: torch.Tensor,
+                       **kwargs: Any) -> int:
+    """``eng.retrieve_layer`` run to its end; returns the tokens it counts as retrieved
+    (what it yields first). As vLLM does, only after a lookup found some: LMCache's
+    ``retrieve_layer`` fails when it finds nothing (UnboundLocalError, LMCache 0.5.6)."""
+    configs = kwargs.get("request_configs")
+    if not eng.lookup(tokens=tokens, **({"request_configs": configs} if configs else {})):
+        return 0
+    steps = iter(eng.retrieve_layer(tokens, kv_buffer=out, **kwargs))
+    first = next(steps)
+    for _ in steps:
+        pass
+    return int(first.sum()) if first is not None and first.dim() else int(first or 0)

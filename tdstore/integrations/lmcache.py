@@ -17,8 +17,8 @@ LMCache loads it from its own configuration (no code of ours in vLLM)::
                                                  # the page cache (auto: with local_cpu)
 
 Each LMCache chunk is a keyed chunk of the store (:class:`tdstore.api.chunks.Chunks`,
-namespace ``lmcache``) under ``CacheEngineKey.to_string()``, with the shapes, dtypes and
-memory format LMCache gave it. Writes are behind, like LMCache's own disk backend: a put
+namespace ``lmcache``) under a name made of its key's fields (:func:`key_name`), with the
+shapes, dtypes and memory format LMCache gave it; in layerwise mode a chunk per layer. Writes are behind, like LMCache's own disk backend: a put
 copies the chunk and returns, a writer thread commits it; ``contains`` and lookups count
 only chunks whose commit is done, so LMCache is never told of a chunk a crash could
 lose. Reads fill buffers LMCache allocates. A damaged chunk is a miss, never wrong bytes.
@@ -47,7 +47,7 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from tdstore.api.store import Store
 from tdstore.api.store import open as open_store
-from tdstore.core.errors import CorruptionError, TdStoreError
+from tdstore.core.errors import CorruptionError, NotFoundError, TdStoreError
 from tdstore.core.location import is_object_url
 from tdstore.core.validate import MAX_NAME_CHARS
 
@@ -272,6 +272,10 @@ class TdStoreBackend(StoragePluginInterface):
                              "(max_local_cpu_size > 0) to allocate the chunks it reads")
         extra = dict(getattr(config, "extra_config", None) or {})
         opts = settings_from(extra)  # all checked before the store is opened
+        # layerwise mode (use_layerwise: true) keys each layer of a chunk on its own, and
+        # LMCache looks a chunk up by its first layer's key alone (see contains)
+        kv_shape = getattr(metadata, "kv_shape", None)
+        self.num_layers: int | None = int(kv_shape[0]) if kv_shape else None
         location = opts.pop("location")
         writers = opts.pop("writers")
         if opts["direct_reads"] == "auto":  # see DIRECT_READS
@@ -339,9 +343,23 @@ class TdStoreBackend(StoragePluginInterface):
         if not quiet:
             log.warning("tdstore: %s failed, answered as a miss (%s)", what, exc)
 
+    def _layers_of(self, key: Any) -> list[str] | None:
+        """For a layer's key (layerwise mode), the names of every layer of its chunk;
+        else None."""
+        if getattr(key, "layer_id", None) is None or not self.num_layers:
+            return None
+        return [self._name(k) for k in key.split_layers(self.num_layers)]
+
     def contains(self, key: Any, pin: bool = False) -> bool:
+        """Whether the chunk is committed. For a layer's key, whether every layer of its
+        chunk is: LMCache's layerwise retrieve asks for the first layer's key alone, then
+        loads each layer of every chunk it found, by position (a layer missing there
+        would leave its tokens unloaded while the retrieve counts them)."""
         try:
-            return self.chunks.contains(self._name(key))
+            layers = self._layers_of(key)
+            if layers is None:
+                return self.chunks.contains(self._name(key))
+            return self._locate_kept(layers) == len(layers)
         except (TdStoreError, OSError) as exc:
             self._unreachable("lookup", exc)
             return False
@@ -351,10 +369,14 @@ class TdStoreBackend(StoragePluginInterface):
         transaction). Their rows are kept for the read that follows (a retrieve looks its
         chunks up, then reads them), which then needs no lookup of its own."""
         try:
-            found = self.chunks.locate_prefix([self._name(k) for k in keys])
+            return self._locate_kept([self._name(k) for k in keys])
         except (TdStoreError, OSError) as exc:
             self._unreachable("lookup", exc)
             return 0
+
+    def _locate_kept(self, names: list[str]) -> int:
+        """How many of ``names``, from the first, are committed; their rows kept."""
+        found = self.chunks.locate_prefix(names)
         with self._lock:
             for name, at in found.items():
                 self._located[name] = at
@@ -391,7 +413,12 @@ class TdStoreBackend(StoragePluginInterface):
             dtypes = [_dtype_name(d) for d in (meta.dtypes or [meta.dtype])]
             tags = dict(getattr(key, "tags", None) or ())
             group = tags.get(GROUP_TAG)
-            share = None if group is None or group == "" else (group_name(group), position)
+            share = None
+            if group is not None and group != "":
+                # (layerwise mode: each layer shares with the same layer of the others)
+                layer = getattr(key, "layer_id", None)
+                share = (group_name(group) + ("" if layer is None else f"@{_number(layer)}"),
+                         position)
             item = _Put(key, name, obj, shapes, dtypes, meta.fmt.name, on_complete_callback,
                         share)
             with self._lock:  # (queued ahead of the writers' stop, or not at all)
@@ -574,9 +601,25 @@ class TdStoreBackend(StoragePluginInterface):
 
     async def batched_get_non_blocking(self, lookup_id: str, keys: list[Any],
                                        transfer_spec: Any = None) -> list[Any]:
+        """The chunks of ``keys`` from the first, until one is not read (LMCache's
+        prefetch takes what came). In layerwise mode (one layer of a request's chunks)
+        all of them or an error: LMCache loads them into the KV cache by position, after
+        the retrieve has counted every chunk its lookup found, so a chunk gone since (or
+        damaged) must fail the retrieve, not leave its tokens unloaded."""
         got = await asyncio.get_running_loop().run_in_executor(
             None, self.batched_get_blocking, keys)
-        return [o for o in got if o is not None]
+        objs = [o for o in got if o is not None]
+        if len(objs) < len(keys) and getattr(keys[0], "layer_id", None) is not None:
+            for obj in objs:
+                obj.ref_count_down()
+            name = self._name(keys[len(objs)])
+            log.warning("tdstore: layer chunk %s cannot be read: the layerwise retrieve "
+                        "fails", name)
+            raise NotFoundError(
+                f"tdstore: layer chunk {name} is gone or damaged since LMCache's lookup "
+                "found its chunk; a layerwise retrieve cannot load part of a layer (LMCache "
+                "would count the tokens of the missing chunk as loaded)")
+        return objs
 
     def get_non_blocking(self, key: Any) -> Future | None:
         future: Future = Future()
