@@ -112,6 +112,56 @@ def test_the_budget_persists_and_can_change(backend):
         backend.open("s", max_bytes=-1)
 
 
+
+def test_a_process_opening_with_another_budget_sets_it_for_all_and_says_so(backend, caplog):
+    """The budget is the store's, one for every process: opening with another
+    max_bytes replaces it for all of them (the last to open sets it), with a warning
+    naming both; opening with the same one, or none, says nothing."""
+    with backend.open("s", max_bytes=2 * MiB) as first:
+        with caplog.at_level("WARNING", logger="tdstore"):
+            with backend.open("s", max_bytes=2 * MiB):
+                pass
+            assert not caplog.records
+            with backend.open("s", max_bytes=6 * MiB):
+                pass
+        (record,) = caplog.records
+        assert f"max_bytes {6 * MiB} replaces the budget of {2 * MiB} bytes" in \
+            record.getMessage()
+        assert first.max_bytes == 6 * MiB  # the other process's open set it here too
+
+
+def test_setting_a_budget_waits_for_writes_that_began_without_one(backend):
+    """A write that began while the store had no budget never reserves against one set
+    meanwhile (two such writes would both count on the same free bytes): setting a
+    budget waits until the writes in flight are done, and writes that begin after it
+    take their turns under it."""
+    import threading
+
+    from tdstore.ops.budget import budget_turn
+
+    with backend.open("s") as store, backend.open("s") as other:
+        inside, release, done = threading.Event(), threading.Event(), threading.Event()
+
+        def write() -> None:  # a write's turn, begun with no budget, held open
+            with budget_turn(store._ctx):
+                inside.set()
+                release.wait(120)
+
+        def set_budget() -> None:
+            other.set_max_bytes(MiB)
+            done.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert inside.wait(120)
+        setter = threading.Thread(target=set_budget)
+        setter.start()
+        held = not done.wait(1.0)  # (a budget set while the write is in its turn fails)
+        release.set()
+        writer.join(120)
+        setter.join(120)
+        assert held and done.is_set() and store.max_bytes == MiB
+
 WRITER = textwrap.dedent("""
     import os, sys, numpy as np, tdstore
     path, name, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])

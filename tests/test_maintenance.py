@@ -186,6 +186,57 @@ def test_a_group_with_a_quarantined_master_can_be_discarded_and_only_then(rag):
             store.discard_quarantined_group("rag")
 
 
+def test_a_quarantined_master_is_restored_only_with_its_own_values(rag):
+    """Its mirrors were stored against its lost values: re-registering it with those
+    values (its recorded checksums) heals the group; with any other values they would
+    reconstruct to what was never written for them, so that is refused."""
+    with rag.open("s") as store:
+        g = store.group("rag")
+        want = {a: g.reconstruct(a) for a in ("reranker", "critic", "responder")}
+        chunk = f"{rag.array_of(store, 'rag', 'retriever')}/c.1.0.0"
+        data = bytearray(rag.read(chunk, "s"))
+        data[5] ^= 0x01
+        rag.write(chunk, bytes(data), "s")
+        store.verify(repair=True)
+        other = kv(16)
+        other[2] += 1  # (block 2 lies in the damaged chunk 0; any block would do)
+        with pytest.raises(tdstore.StateError, match="the master is quarantined"):
+            g.register_master("retriever", other)
+        with pytest.raises(tdstore.CorruptionError):  # still read through it
+            g.reconstruct("critic")
+        g.register_master("retriever", kv(16))
+        assert all(np.array_equal(g.reconstruct(a), x) for a, x in want.items())
+        assert store.verify().ok
+
+
+@pytest.mark.parametrize("rewrite", ["compact", "rebase", "register_master"])
+def test_a_rewrite_never_copies_a_damaged_chunk(rag, rewrite):
+    """compact, rebase and re-registering the master read every agent and write it anew
+    with checksums of its own: a flipped bit they copied unchecked (reads check only
+    with verify_reads) would become wrong values that verify calls clean. They check
+    every chunk they copy: the rewrite is refused naming it, and the store is as it
+    was, damage and all, for verify --repair to find."""
+    with rag.open("s") as store:
+        chunk = f"{rag.array_of(store, 'rag', 'retriever')}/c.1.0.0"
+    data = bytearray(rag.read(chunk, "s"))
+    data[9] ^= 0x10
+    rag.write(chunk, bytes(data), "s")
+    before = fingerprint(rag)
+    with rag.open("s") as store:
+        g = store.group("rag")
+        with pytest.raises(tdstore.CorruptionError, match="crc32c"):
+            if rewrite == "compact":
+                g.compact()
+            elif rewrite == "rebase":
+                g.rebase(master="critic")
+            else:
+                g.register_master("retriever", kv(16, seed=3))
+    assert fingerprint(rag) == before
+    with rag.open("s") as store:
+        (finding,) = store.verify().findings
+        assert finding.agent == "retriever" and finding.kind.is_damage
+
+
 def test_verify_reports_index_rows_out_of_range(rag):
     rag.sql("UPDATE diff_blocks SET block_index = 99 WHERE slot = 0 AND agent_id = "
             "(SELECT id FROM agents WHERE name = 'critic')", "s")

@@ -18,7 +18,8 @@ LMCache loads it from its own configuration (no code of ours in vLLM)::
 
 Each LMCache chunk is a keyed chunk of the store (:class:`tdstore.api.chunks.Chunks`,
 namespace ``lmcache``) under a name made of its key's fields (:func:`key_name`), with the
-shapes, dtypes and memory format LMCache gave it; in layerwise mode a chunk per layer. Writes are behind, like LMCache's own disk backend: a put
+shapes, dtypes and memory format LMCache gave it; in layerwise mode a chunk per layer.
+Writes are behind, like LMCache's own disk backend: a put
 copies the chunk and returns, a writer thread commits it; ``contains`` and lookups count
 only chunks whose commit is done, so LMCache is never told of a chunk a crash could
 lose. Reads fill buffers LMCache allocates. A damaged chunk is a miss, never wrong bytes.

@@ -62,9 +62,10 @@ def get_max_bytes(store: Store) -> int | None:
 
 
 def set_max_bytes(store: Store, value: int | None) -> None:
-    """Persist the budget (None removes it)."""
+    """Persist the budget (None removes it), once no write is in its turn (see
+    :func:`budget_turn`)."""
     store.check_writable()
-    with store.catalog.write() as s:
+    with store.locks.hold("budget"), store.catalog.write() as s:
         if value is None:
             row = s.get(MetaRow, META_KEY)
             if row is not None:
@@ -247,9 +248,14 @@ def collect_stale(store: Store, held_gid: str | None = None) -> int:
 
 @contextlib.contextmanager
 def budget_turn(store: Store) -> Iterator[None]:
-    """Budgeted writes take turns, so two of them cannot both use the same free bytes."""
+    """Budgeted writes take turns, so two of them cannot both use the same free bytes.
+    Writes without a budget hold the lock shared (they run at once), so that setting a
+    budget (which holds it alone: :func:`set_max_bytes`) waits for those in flight: a
+    write that began without a budget never reserves against one set meanwhile."""
     if get_max_bytes(store) is None:
-        yield
-        return
+        with store.locks.hold("budget", shared=True):
+            if get_max_bytes(store) is None:
+                yield
+                return
     with store.locks.hold("budget"):
         yield

@@ -7,6 +7,7 @@ schema check at open, and the group-level operations (create, update, delete, mi
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -58,6 +59,8 @@ LOCATION_KEY = "data_location"
 
 # the schema revision that added agents' attributes (revision ids are ordered numbers)
 ATTRS_REVISION = "0002"
+
+log = logging.getLogger("tdstore")
 
 
 class StoreContext:
@@ -139,8 +142,16 @@ class StoreContext:
                 self._check_location()
             if not readonly:
                 self.arrays.ensure_root()
-            if max_bytes is not None and max_bytes != budget.get_max_bytes(self):
-                budget.set_max_bytes(self, max_bytes)
+            if max_bytes is not None:
+                was = budget.get_max_bytes(self)
+                if max_bytes != was:
+                    # the budget is the store's, shared by every process: say so when
+                    # this one changes what another set
+                    if was is not None:
+                        log.warning("store %s: max_bytes %d replaces the budget of %d "
+                                    "bytes every process of this store shares", self.location,
+                                    max_bytes, was)
+                    budget.set_max_bytes(self, max_bytes)
         except BaseException:
             self.catalog.close()
             raise

@@ -414,10 +414,19 @@ class GroupOps:
             mref = ArrayRef(path, spec, kv.shape[0], tuple(crcs))
             rederived = []
             # a quarantined master is being restored: its mirrors' own blocks are
-            # intact and stay as stored (they cannot be rebuilt through damaged data)
+            # intact and stay as stored (they cannot be rebuilt through damaged data),
+            # which is right only for the master's own values (its recorded checksums)
+            if (master is not None and same_master and mirrors and master.status != Status.OK
+                    and (master.chunk_blocks != spec.chunk_blocks
+                         or list(master.chunk_crcs or ()) != list(crcs))):
+                raise StateError(
+                    f"{where}: the master is quarantined, and its {len(mirrors)} mirror(s) "
+                    "were stored against its lost values: registering other values would "
+                    "change what they reconstruct to. Register the master's own values, or "
+                    "delete the mirrors (or the group: Store.discard_quarantined_group) first")
             if master is not None and same_master and mirrors and master.status == Status.OK:
-                for m in mirrors:
-                    old = self.read(m.name, self.full, touch=False)
+                for m in mirrors:  # (checked: see _full_checked)
+                    old = self.read(m.name, self._full_checked, touch=False)
                     rederived.append((m, self._write_diff(g, mref, old, w, room=room)))
             kept_mirrors = same_master and not rederived
             t = now()
@@ -448,6 +457,17 @@ class GroupOps:
         out = np.empty(snap.shape, snap.dtype)
         reconstruct_into(self.ctx.arrays, snap, out)
         return out
+
+    def _full_checked(self, snap: AgentSnapshot) -> np.ndarray:
+        """:meth:`full` for a rewrite, every chunk it reads checksummed first whatever
+        ``verify_reads`` says: a rewrite gives what it copies checksums of its own, so a
+        damaged chunk it copied would become wrong values that ``verify`` calls clean.
+        A damaged chunk raises CorruptionError naming it (nothing is rewritten)."""
+        for ref in (snap.master, snap.diff):
+            if ref is not None:
+                for c in ref.spec.chunks_of(0, ref.rows):
+                    self.ctx.arrays.check_chunk(ref, c, f"{snap.label}: array {ref.path}")
+        return self.full(snap)
 
     def _diff_indices(self, g: GroupRow, mref: ArrayRef, kv: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -654,7 +674,7 @@ class GroupOps:
             names = [a.name for a in agents]
             if new_master not in names:
                 raise NotFoundError(f"group {self.name!r}: unknown agent {new_master!r}")
-            master_kv = self.read(new_master, self.full, touch=False)
+            master_kv = self.read(new_master, self._full_checked, touch=False)
             spec = ArraySpec(master_kv.shape[1:], stored_dtype(group_layout(g)[0]), 1,
                              g.compressor)
             spec = replace(spec, chunk_blocks=self.chunk_for(g, spec, master_kv.shape[0]))
@@ -667,7 +687,7 @@ class GroupOps:
             diffs = {}
             for a in agents:
                 if a.name != new_master:
-                    kv = self.read(a.name, self.full, touch=False)
+                    kv = self.read(a.name, self._full_checked, touch=False)
                     diffs[a.id] = self._write_diff(g, mref, kv, w, room=room)
             t = now()
             with w.commit() as (s, _):

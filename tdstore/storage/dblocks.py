@@ -44,15 +44,17 @@ class AdvisoryLocks:
         return held
 
     @contextlib.contextmanager
-    def hold(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+    def hold(self, name: str, *, wait: bool = True, shared: bool = False) -> Iterator[bool]:
         if name not in ("budget", "store"):
             check_gid(name)
         key = lock_key(name)
+        kind = "_shared" if shared else ""
         with self.engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             if wait:
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            elif not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                conn.execute(text(f"SELECT pg_advisory_lock{kind}(:k)"), {"k": key})
+            elif not conn.execute(text(f"SELECT pg_try_advisory_lock{kind}(:k)"),
+                                  {"k": key}).scalar():
                 yield False
                 return
             mine = self._mine()
@@ -67,7 +69,7 @@ class AdvisoryLocks:
                     mine[name] = outer
                 # a connection that broke meanwhile has lost the lock with its session
                 with contextlib.suppress(Exception):
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.execute(text(f"SELECT pg_advisory_unlock{kind}(:k)"), {"k": key})
 
     def confirm(self, session: Any) -> None:
         """In a commit's transaction: every lock this thread holds is still held by the

@@ -118,10 +118,12 @@ class Locks(Protocol):
     """Named locks shared by every process of a store: ``store`` (schema upgrades),
     ``budget`` (budgeted writes take turns) and one per group id (its writers).
 
-    ``hold(name, wait=False)`` yields False at once instead of waiting for a holder.
+    ``hold(name, wait=False)`` yields False at once instead of waiting for a holder;
+    ``shared=True`` holds it beside other shared holders (not beside an exclusive one).
     A second implementation (locks in a database server) plugs in here."""
 
-    def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]: ...
+    def hold(self, name: str, *, wait: bool = True,
+             shared: bool = False) -> AbstractContextManager[bool]: ...
 
     def confirm(self, session: Any) -> None:
         """Called inside a commit's transaction: raise if a lock this thread holds was
@@ -145,8 +147,9 @@ class FileLocks:
             check_gid(name)
         return self.directory / f"{name}.lock"
 
-    def hold(self, name: str, *, wait: bool = True) -> AbstractContextManager[bool]:
-        return file_lock(self.path(name), wait=wait)
+    def hold(self, name: str, *, wait: bool = True,
+             shared: bool = False) -> AbstractContextManager[bool]:
+        return file_lock(self.path(name), wait=wait, shared=shared)
 
     def confirm(self, session: Any) -> None:
         """An flock is held until its descriptor closes: it cannot be lost."""
