@@ -186,11 +186,10 @@ def retrieve_layerwise(eng: Any, tokens: torch.Tensor, out: torch.Tensor,
     """``eng.retrieve_layer`` run to its end; returns the tokens it counts as retrieved
     (what it yields first). As vLLM does, only after a lookup found some: LMCache's
     ``retrieve_layer`` fails when it finds nothing (UnboundLocalError, LMCache 0.5.6)."""
-    configs = kwargs.get("request_configs")
-    if not eng.lookup(tokens=tokens, **({"request_configs": configs} if configs else {})):
+    if not eng.lookup(tokens=tokens, request_configs=kwargs.get("request_configs")):
         return 0
     steps = iter(eng.retrieve_layer(tokens, kv_buffer=out, **kwargs))
-    first = next(steps)
+    first = next(steps)  # the count of retrieved tokens (a 0-d tensor), or a mask
     for _ in steps:
         pass
-    return int(first.sum()) if first is not None and first.dim() else int(first or 0)
+    return 0 if first is None else int(first.sum())

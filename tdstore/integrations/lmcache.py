@@ -205,6 +205,11 @@ def _cut(name: str, limit: int) -> str:
     return f"{name[:limit - len(digest) - 1]}#{digest}"
 
 
+def _layer_of(key: Any) -> Any:
+    """The layer of a layer's key (``LayerCacheEngineKey``, layerwise mode), else None."""
+    return getattr(key, "layer_id", None)
+
+
 def key_name(key: Any) -> str:
     """The chunk key of LMCache's key ``key`` (a ``CacheEngineKey``, or a
     ``LayerCacheEngineKey``): its fields as LMCache's ``to_string()`` writes them,
@@ -223,7 +228,7 @@ def key_name(key: Any) -> str:
     dtype = getattr(key, "_dtype_str", None) or _dtype_name(key.dtype)
     parts = [_text(key.model_name), _number(key.world_size), _number(key.worker_id),
              hash_text, _text(dtype)]
-    layer = getattr(key, "layer_id", None)
+    layer = _layer_of(key)
     if layer is not None:
         parts.append(_number(layer))
     parts += [f"{_text(k)}={_text(v)}" for k, v in key.tags or ()]
@@ -347,7 +352,7 @@ class TdStoreBackend(StoragePluginInterface):
     def _layers_of(self, key: Any) -> list[str] | None:
         """For a layer's key (layerwise mode), the names of every layer of its chunk;
         else None."""
-        if getattr(key, "layer_id", None) is None or not self.num_layers:
+        if _layer_of(key) is None or not self.num_layers:
             return None
         return [self._name(k) for k in key.split_layers(self.num_layers)]
 
@@ -417,7 +422,7 @@ class TdStoreBackend(StoragePluginInterface):
             share = None
             if group is not None and group != "":
                 # (layerwise mode: each layer shares with the same layer of the others)
-                layer = getattr(key, "layer_id", None)
+                layer = _layer_of(key)
                 share = (group_name(group) + ("" if layer is None else f"@{_number(layer)}"),
                          position)
             item = _Put(key, name, obj, shapes, dtypes, meta.fmt.name, on_complete_callback,
@@ -610,7 +615,7 @@ class TdStoreBackend(StoragePluginInterface):
         got = await asyncio.get_running_loop().run_in_executor(
             None, self.batched_get_blocking, keys)
         objs = [o for o in got if o is not None]
-        if len(objs) < len(keys) and getattr(keys[0], "layer_id", None) is not None:
+        if len(objs) < len(keys) and _layer_of(keys[0]) is not None:
             for obj in objs:
                 obj.ref_count_down()
             name = self._name(keys[len(objs)])

@@ -413,21 +413,23 @@ class GroupOps:
                 check=self._finite_check(g, dtype_name, f"{where}: kv_blocks"))
             mref = ArrayRef(path, spec, kv.shape[0], tuple(crcs))
             rederived = []
-            # a quarantined master is being restored: its mirrors' own blocks are
-            # intact and stay as stored (they cannot be rebuilt through damaged data),
-            # which is right only for the master's own values (its recorded checksums)
-            if (master is not None and same_master and mirrors and master.status != Status.OK
-                    and (master.chunk_blocks != spec.chunk_blocks
-                         or list(master.chunk_crcs or ()) != list(crcs))):
-                raise StateError(
-                    f"{where}: the master is quarantined, and its {len(mirrors)} mirror(s) "
-                    "were stored against its lost values: registering other values would "
-                    "change what they reconstruct to. Register the master's own values, or "
-                    "delete the mirrors (or the group: Store.discard_quarantined_group) first")
-            if master is not None and same_master and mirrors and master.status == Status.OK:
-                for m in mirrors:  # (checked: see _full_checked)
-                    old = self.read(m.name, self._full_checked, touch=False)
-                    rederived.append((m, self._write_diff(g, mref, old, w, room=room)))
+            # the master re-registered: its mirrors are re-derived against the new values;
+            # or, where it is quarantined and being restored, their own blocks are intact
+            # and stay as stored (they cannot be rebuilt through damaged data), which is
+            # right only for the master's own values (its recorded checksums)
+            if master is not None and same_master and mirrors:
+                if master.status == Status.OK:
+                    for m in mirrors:  # (checked: see _full_checked)
+                        old = self.read(m.name, self._full_checked, touch=False)
+                        rederived.append((m, self._write_diff(g, mref, old, w, room=room)))
+                elif (master.chunk_blocks != spec.chunk_blocks
+                      or list(master.chunk_crcs or ()) != list(crcs)):
+                    raise StateError(
+                        f"{where}: the master is quarantined, and its {len(mirrors)} "
+                        "mirror(s) were stored against its lost values: registering other "
+                        "values would change what they reconstruct to. Register the "
+                        "master's own values, or delete the mirrors (or the group: "
+                        "Store.discard_quarantined_group) first")
             kept_mirrors = same_master and not rederived
             t = now()
             with w.commit() as (s, row):
